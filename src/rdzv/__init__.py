@@ -1,0 +1,43 @@
+"""rdzv: an async-first etcd v3 rendezvous backend for PyTorch elastic training.
+
+The core is asyncio (`connect`, `AsyncEtcdBackend`); `EtcdBackend` is a thin synchronous facade
+over it for legacy launchers such as torchrun. rdzv runs on asyncio only: its etcd client (aetcd,
+over grpc.aio) does not support trio.
+"""
+
+from __future__ import annotations
+
+from rdzv._backend import DEFAULT_KEY_PREFIX, DEFAULT_TTL, AsyncEtcdBackend
+from rdzv._errors import (
+    RendezvousAuthError,
+    RendezvousConnectionError,
+    RendezvousError,
+    RendezvousStateError,
+    RendezvousStateTooLargeError,
+    RendezvousWatchCompactedError,
+)
+from rdzv._etcd import Connection, Endpoint, connect
+from rdzv._version import __version__
+
+__all__ = [
+    "DEFAULT_KEY_PREFIX",
+    "DEFAULT_TTL",
+    "AsyncEtcdBackend",
+    "Connection",
+    "Endpoint",
+    "RendezvousAuthError",
+    "RendezvousConnectionError",
+    "RendezvousError",
+    "RendezvousStateError",
+    "RendezvousStateTooLargeError",
+    "RendezvousWatchCompactedError",
+    "__version__",
+    "connect",
+]
+
+# Tracebacks and reprs show the public path, not the private module.
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("rdzv._"):
+        _obj.__module__ = __name__
+del _name, _obj

@@ -1,0 +1,277 @@
+"""`AsyncEtcdBackend`: PyTorch's rendezvous backend contract over etcd v3, on asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator
+from typing import Final, Literal
+
+from rdzv import _envelope
+from rdzv._errors import RendezvousWatchCompactedError
+from rdzv._etcd import (
+    Compare,
+    Connection,
+    Get,
+    KeyValue,
+    LeaseNotFoundError,
+    OutcomeUnknownError,
+    Put,
+    RevisionCompactedError,
+    TxnResult,
+)
+
+DEFAULT_KEY_PREFIX: Final = "/torch/elastic/rendezvous"
+DEFAULT_TTL: Final = 7200
+MAX_RUN_ID_LENGTH: Final = 256
+
+Token = int
+StateResult = tuple[bytes, Token]
+SetStateResult = tuple[bytes, Token, bool]
+
+_RETRY: Final = "retry"
+
+
+def validate_run_id(run_id: object) -> str:
+    """Return `run_id` if it can name a rendezvous; raise `ValueError` saying why not."""
+    if not isinstance(run_id, str):
+        raise ValueError(f"The run id must be a string, not {type(run_id).__name__}.")
+    if not run_id:
+        raise ValueError("The run id must not be empty.")
+    if len(run_id) > MAX_RUN_ID_LENGTH:
+        raise ValueError(f"The run id must be at most {MAX_RUN_ID_LENGTH} characters long.")
+    if "/" in run_id or not run_id.isprintable():
+        raise ValueError(
+            f"The run id {run_id!r} must not contain '/' or control characters: it is one etcd "
+            "key segment."
+        )
+    return run_id
+
+
+def validate_key_prefix(key_prefix: object) -> str:
+    """Return `key_prefix` without trailing slashes; raise `ValueError` if it is not absolute."""
+    if not isinstance(key_prefix, str) or not key_prefix.startswith("/"):
+        raise ValueError(
+            f"The key prefix must be a string that starts with '/', not {key_prefix!r}."
+        )
+    if not key_prefix.isprintable():
+        raise ValueError(f"The key prefix {key_prefix!r} must not contain control characters.")
+    return key_prefix.rstrip("/")
+
+
+def validate_ttl(ttl: object) -> int:
+    """Return `ttl` as whole seconds; raise `ValueError` if it is not a positive integer."""
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0:
+        raise ValueError(f"The TTL must be a positive whole number of seconds, not {ttl!r}.")
+    if isinstance(ttl, float) and not ttl.is_integer():
+        raise ValueError(f"The TTL must be a positive whole number of seconds, not {ttl!r}.")
+    return int(ttl)
+
+
+def is_valid_token(token: object) -> bool:
+    """Whether `token` can be an etcd mod revision (a positive `int`, not a `bool`)."""
+    return isinstance(token, int) and not isinstance(token, bool) and token > 0
+
+
+class AsyncEtcdBackend:
+    """The rendezvous state of one job, kept at `{key_prefix}/{run_id}` in etcd.
+
+    Implements the contract of PyTorch's `RendezvousBackend` (`get_state`, `set_state` with
+    compare-and-swap on a token) with one etcd round trip per call. The token is the key's etcd
+    mod revision. The state lives on a lease: it disappears between `ttl` and `2 * ttl` seconds
+    after the last write (see the docs for the exact bound).
+
+    Any number of backends may share one `rdzv.Connection`.
+    """
+
+    def __init__(
+        self,
+        connection: Connection,
+        run_id: str,
+        *,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+        ttl: int = DEFAULT_TTL,
+    ) -> None:
+        self._connection = connection
+        self._run_id = validate_run_id(run_id)
+        self._key = f"{validate_key_prefix(key_prefix)}/{self._run_id}"
+        self._key_bytes = self._key.encode()
+        self._ttl = validate_ttl(ttl)
+        self._lease_id: int | None = None
+        self._lease_sent_at = 0.0
+        self._lease_lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"<rdzv.AsyncEtcdBackend key={self._key!r} ttl={self._ttl} on {self._connection!r}>"
+
+    @property
+    def name(self) -> Literal["etcd-v3"]:
+        """The backend's name, as torchrun's `--rdzv-backend` knows it."""
+        return "etcd-v3"
+
+    @property
+    def key(self) -> str:
+        """The etcd key that holds the state."""
+        return self._key
+
+    @property
+    def ttl(self) -> int:
+        """Seconds without a write after which the state may expire."""
+        return self._ttl
+
+    @property
+    def connection(self) -> Connection:
+        """The connection this backend uses."""
+        return self._connection
+
+    async def get_state(self) -> StateResult | None:
+        """Return the state and its token, or `None` if there is no state.
+
+        Raises `RendezvousStateError` if the stored value is corrupt.
+        """
+        kv = await self._connection.get(self._key_bytes)
+        return None if kv is None else (self._decode(kv), kv.mod_revision)
+
+    async def set_state(self, state: bytes, token: object = None) -> SetStateResult | None:
+        """Write `state` if `token` is still the state's token (compare-and-swap).
+
+        Returns `(state, new_token, True)` when written. Otherwise nothing is written and it
+        returns `(current_state, current_token, False)`, or `None` if a token was given and there
+        is no state. A `None` token writes only if there is no state yet; a token that cannot be
+        an etcd revision (a string, a bool, a negative number) never writes.
+        """
+        if not isinstance(state, bytes | bytearray | memoryview):
+            raise TypeError(f"The state must be bytes, not {type(state).__name__}.")
+        state = bytes(state)
+        if token is None:
+            expected = None
+            condition = Compare.absent(self._key_bytes)
+        elif isinstance(token, int) and is_valid_token(token):
+            expected = token
+            condition = Compare.mod_revision_is(self._key_bytes, token)
+        else:
+            current = await self.get_state()
+            return None if current is None else (*current, False)
+        value = _envelope.encode(state)
+        deadline = self._connection.deadline()
+        lease_retried = False
+        while True:
+            lease = await self._lease()
+            try:
+                result = await self._connection.txn(
+                    [condition], [Put(self._key_bytes, value, lease)], [Get(self._key_bytes)]
+                )
+            except LeaseNotFoundError:
+                if lease_retried:
+                    raise
+                # The lease expired or was revoked under us: nothing was written.
+                lease_retried = True
+                self._forget_lease(lease)
+                continue
+            except OutcomeUnknownError:
+                resolved = await self._resolve_unknown_outcome(state, value, expected)
+                if resolved != _RETRY:
+                    return resolved
+                if time.monotonic() >= deadline:
+                    raise
+                continue
+            return self._outcome(state, result)
+
+    async def watch(self, token: object = None) -> AsyncGenerator[tuple[bytes | None, Token], None]:
+        """Yield `(state, token)` for every change after `token` (from now if `None`).
+
+        `state` is `None` when the state was deleted (or expired). Uses etcd's watch, resumes
+        after a reconnect without losing a change, and raises `RendezvousWatchCompactedError` if
+        etcd no longer holds the history after `token`.
+        """
+        if token is None:
+            start = 0
+        elif isinstance(token, int) and is_valid_token(token):
+            start = token + 1
+        else:
+            raise ValueError(f"Cannot watch from token {token!r}: it is not an etcd revision.")
+        changes = self._connection.watch(self._key_bytes, start_revision=start)
+        try:
+            async for event in changes:
+                if event.deleted:
+                    yield None, event.kv.mod_revision
+                else:
+                    yield self._decode(event.kv), event.kv.mod_revision
+        finally:
+            await changes.aclose()
+
+    # ------------------------------------------------------------------------------- internals
+
+    def _decode(self, kv: KeyValue) -> bytes:
+        return _envelope.decode(kv.value, self._key, kv.mod_revision)
+
+    def _outcome(self, state: bytes, result: TxnResult) -> SetStateResult | None:
+        if result.succeeded:
+            return state, result.revision, True
+        current = result.ranges[0]
+        if not current:
+            return None
+        kv = current[0]
+        return self._decode(kv), kv.mod_revision, False
+
+    async def _lease(self) -> int:
+        """A lease that outlives any write sent now by at least `ttl` seconds.
+
+        A lease of `2 * ttl` seconds is reused for `ttl` seconds after it was requested, so one
+        lease grant serves every write of a `ttl`-long window.
+        """
+        if self._lease_id is not None and time.monotonic() - self._lease_sent_at < self._ttl:
+            return self._lease_id
+        async with self._lease_lock:
+            sent_at = time.monotonic()
+            if self._lease_id is not None and sent_at - self._lease_sent_at < self._ttl:
+                return self._lease_id
+            lease_id = await self._connection.grant_lease(2 * self._ttl)
+            self._lease_id, self._lease_sent_at = lease_id, sent_at
+            return lease_id
+
+    def _forget_lease(self, lease_id: int) -> None:
+        if self._lease_id == lease_id:
+            self._lease_id = None
+
+    async def _resolve_unknown_outcome(
+        self, state: bytes, value: bytes, token: int | None
+    ) -> SetStateResult | Literal["retry"] | None:
+        """Find out whether a write whose answer was lost landed.
+
+        Every written value carries a random write id, so finding our exact bytes in etcd
+        proves that our write landed. Returns the outcome, or `"retry"` when the write did not
+        land and the condition still holds, so the same compare-and-swap may be sent again.
+        """
+        try:
+            return await self._find_own_write(state, value, token)
+        except (RevisionCompactedError, RendezvousWatchCompactedError) as error:
+            raise OutcomeUnknownError(
+                f"A write to '{self._key}' may or may not have landed, and etcd no longer holds "
+                "the history to tell. Read the state again."
+            ) from error
+
+    async def _find_own_write(
+        self, state: bytes, value: bytes, token: int | None
+    ) -> SetStateResult | Literal["retry"] | None:
+        kv = await self._connection.get(self._key_bytes)
+        if kv is not None and kv.value == value:
+            return state, kv.mod_revision, True
+        if token is None:
+            if kv is None:
+                return _RETRY
+            # Someone else's value is there now: was ours the one that created the key?
+            first = await self._connection.get(self._key_bytes, revision=kv.create_revision)
+            if first is not None and first.value == value:
+                return state, kv.create_revision, True
+            return self._decode(kv), kv.mod_revision, False
+        if kv is None:
+            return None
+        if kv.mod_revision == token:
+            return _RETRY
+        if kv.mod_revision > token:
+            # The key changed after `token`: was the first change ours?
+            change = await self._connection.first_change_after(self._key_bytes, token)
+            if not change.deleted and change.kv.value == value:
+                return state, change.kv.mod_revision, True
+        return self._decode(kv), kv.mod_revision, False

@@ -1,0 +1,790 @@
+"""The etcd boundary: the only module that speaks gRPC to etcd.
+
+aetcd 1.0 gives us the generated etcd v3 protobuf messages and stubs, which we use, and a client
+that we do not use, because it opens only an insecure channel to a single endpoint, builds
+transactions with an untyped operator-overloading mini-language, and tells errors apart by their
+message text. This module replaces those three pieces:
+
+- `Connection` opens a TLS or plain-text gRPC channel to one endpoint at a time, fails over to the
+  next endpoint when the current one stops answering, authenticates with etcd's auth, and retries
+  idempotent calls within the read timeout;
+- `Compare`, `Put`, `Get` and `Delete` are small typed values that build a `Txn`;
+- errors are told apart by their gRPC status code, and translated here, once, into the
+  `rdzv.RendezvousError` tree with the original error chained as `__cause__`.
+
+aetcd and grpc.aio are asyncio-only, so this module and everything above it runs on asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import random
+import time
+from collections.abc import AsyncGenerator, Sequence
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import anyio
+import grpc
+import grpc.aio
+from aetcd import rpc
+
+from rdzv._errors import (
+    CONNECTION_FAILED_MESSAGE,
+    RendezvousAuthError,
+    RendezvousConnectionError,
+    RendezvousError,
+    RendezvousStateTooLargeError,
+    RendezvousWatchCompactedError,
+)
+
+DEFAULT_PORT: Final = 2379
+
+_INITIAL_BACKOFF: Final = 0.025
+_MAX_BACKOFF: Final = 0.5
+# With several endpoints, one attempt gets a third of the read timeout, so that a member that
+# accepts connections but never answers (a paused process) leaves time to try the others.
+_ATTEMPT_SHARE: Final = 3
+_MIN_ATTEMPT_TIMEOUT: Final = 1.0
+
+_CHANNEL_OPTIONS: Final = (
+    # Keepalive pings find a dead or frozen peer under a long-lived watch stream. etcd refuses
+    # pings more often than every 5 s (--grpc-keepalive-min-time) and without an active stream.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.max_pings_without_data", 0),
+    # gRPC's default reconnect backoff grows to two minutes; a restarted member should be used
+    # again within about a second.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    # Every Connection owns its TCP connection instead of sharing one from gRPC's global pool.
+    ("grpc.use_local_subchannel_pool", 1),
+)
+
+# Codes after which the same request may succeed on a retry, here or on another member: the
+# transport failed, the attempt ran out of time, or etcd is between leaders.
+_TRANSIENT_CODES: Final = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Endpoints and parameters
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """One etcd client endpoint."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_endpoints(endpoints: str | Sequence[str]) -> tuple[Endpoint, ...]:
+    """Parse `"host:port"`, a comma-separated list of them, or a sequence of them.
+
+    The port defaults to 2379; IPv6 addresses go in brackets (`"[::1]:2379"`); an `http://` or
+    `https://` prefix is accepted and ignored (the `protocol` argument decides).
+    """
+    items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
+    parsed = tuple(_parse_endpoint(item) for item in items if item.strip())
+    if not parsed:
+        raise ValueError(f"No etcd endpoint was given (got {endpoints!r}).")
+    return parsed
+
+
+def _parse_endpoint(text: str) -> Endpoint:
+    stripped = text.strip()
+    for scheme in ("http://", "https://"):
+        if stripped.lower().startswith(scheme):
+            stripped = stripped[len(scheme) :]
+    stripped = stripped.rstrip("/")
+    port_text = ""
+    if stripped.startswith("["):
+        host, bracket, rest = stripped[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"The etcd endpoint {text!r} is malformed: expected '[ipv6]:port'.")
+        port_text = rest[1:]
+        _require_ipv6(host, text)
+    elif stripped.count(":") > 1:
+        host = stripped
+        _require_ipv6(host, text)
+    else:
+        host, _, port_text = stripped.partition(":")
+    if not host or any(c.isspace() or c in "/@?#" for c in host):
+        raise ValueError(f"The etcd endpoint {text!r} is malformed: expected 'host:port'.")
+    if not port_text:
+        return Endpoint(host, DEFAULT_PORT)
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"The etcd endpoint {text!r} has an invalid port {port_text!r}.")
+    return Endpoint(host, int(port_text))
+
+
+def _require_ipv6(host: str, text: str) -> None:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        raise ValueError(f"The etcd endpoint {text!r} is malformed: bad IPv6 address.") from None
+
+
+def validate_read_timeout(read_timeout: object) -> float:
+    """Return `read_timeout` as seconds, or raise `ValueError` if it is not a positive number."""
+    if isinstance(read_timeout, bool) or not isinstance(read_timeout, int | float):
+        raise ValueError("The read timeout must be a positive integer.")
+    if not read_timeout > 0 or read_timeout == float("inf"):
+        raise ValueError("The read timeout must be a positive integer.")
+    return float(read_timeout)
+
+
+def _read_file(path: str | Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        message = f"The {what} file {str(path)!r} cannot be read: {error.strerror}."
+        raise ValueError(message) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Typed transaction values
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyValue:
+    """A key as etcd stores it."""
+
+    key: bytes
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+    lease: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Compare:
+    """One condition of a transaction: `target(key) op operand`."""
+
+    key: bytes
+    target: Literal["mod_revision", "create_revision", "version", "value"]
+    op: Literal["==", "!=", "<", ">"]
+    operand: int | bytes
+
+    @classmethod
+    def mod_revision_is(cls, key: bytes, revision: int) -> Compare:
+        """The key was last written at `revision`."""
+        return cls(key, "mod_revision", "==", revision)
+
+    @classmethod
+    def absent(cls, key: bytes) -> Compare:
+        """The key does not exist."""
+        return cls(key, "create_revision", "==", 0)
+
+    @classmethod
+    def value_is(cls, key: bytes, value: bytes) -> Compare:
+        """The key exists and holds `value`."""
+        return cls(key, "value", "==", value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Put:
+    """Write `value` at `key`, attached to `lease` (0 for none)."""
+
+    key: bytes
+    value: bytes
+    lease: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Get:
+    """Read `key` (or every key under the prefix `key`)."""
+
+    key: bytes
+    prefix: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Delete:
+    """Delete `key` (or every key under the prefix `key`)."""
+
+    key: bytes
+    prefix: bool = False
+
+
+Operation = Put | Get | Delete
+
+
+@dataclasses.dataclass(frozen=True)
+class TxnResult:
+    """What a transaction did.
+
+    `revision` is etcd's revision after the transaction: the new mod revision of the keys that a
+    successful write put. `ranges` holds, for each operation of the branch that ran, the keys a
+    `Get` read (empty for `Put` and `Delete`).
+    """
+
+    succeeded: bool
+    revision: int
+    ranges: tuple[tuple[KeyValue, ...], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class WatchEvent:
+    """One change of a watched key.
+
+    For a deletion, `deleted` is true, `kv.value` is empty and `kv.mod_revision` is the revision
+    of the deletion.
+    """
+
+    kv: KeyValue
+    deleted: bool
+
+
+class OutcomeUnknownError(RendezvousConnectionError):
+    """A write may or may not have been applied: the request left, and no answer came back."""
+
+
+class RevisionCompactedError(RendezvousError):
+    """A read asked for a revision that etcd has compacted away."""
+
+
+class LeaseNotFoundError(RendezvousError):
+    """A write named a lease that etcd no longer has (it expired or was revoked)."""
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The smallest key greater than every key that starts with `prefix`."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return b"\0"
+    return stripped[:-1] + bytes([stripped[-1] + 1])
+
+
+_COMPARE_OPS: Final = {
+    "==": rpc.Compare.EQUAL,
+    "!=": rpc.Compare.NOT_EQUAL,
+    "<": rpc.Compare.LESS,
+    ">": rpc.Compare.GREATER,
+}
+
+
+def _compare_message(compare: Compare) -> Any:
+    message = rpc.Compare(key=compare.key, result=_COMPARE_OPS[compare.op])
+    if compare.target == "value":
+        message.target = rpc.Compare.VALUE
+        message.value = bytes(compare.operand)
+    elif compare.target == "version":
+        message.target = rpc.Compare.VERSION
+        message.version = int(compare.operand)
+    elif compare.target == "create_revision":
+        message.target = rpc.Compare.CREATE
+        message.create_revision = int(compare.operand)
+    else:
+        message.target = rpc.Compare.MOD
+        message.mod_revision = int(compare.operand)
+    return message
+
+
+def _range_request(key: bytes, *, prefix: bool = False, revision: int = 0) -> Any:
+    range_end = prefix_end(key) if prefix else b""
+    return rpc.RangeRequest(key=key, range_end=range_end, revision=revision)
+
+
+def _request_op(operation: Operation) -> Any:
+    if isinstance(operation, Put):
+        put = rpc.PutRequest(key=operation.key, value=operation.value, lease=operation.lease)
+        return rpc.RequestOp(request_put=put)
+    if isinstance(operation, Get):
+        return rpc.RequestOp(request_range=_range_request(operation.key, prefix=operation.prefix))
+    end = prefix_end(operation.key) if operation.prefix else b""
+    delete = rpc.DeleteRangeRequest(key=operation.key, range_end=end)
+    return rpc.RequestOp(request_delete_range=delete)
+
+
+def _key_value(message: Any) -> KeyValue:
+    return KeyValue(
+        key=message.key,
+        value=message.value,
+        create_revision=message.create_revision,
+        mod_revision=message.mod_revision,
+        version=message.version,
+        lease=message.lease,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The connection
+
+
+@dataclasses.dataclass(eq=False)
+class _Link:
+    """A gRPC channel to one endpoint, with its stubs."""
+
+    endpoint: Endpoint
+    channel: grpc.aio.Channel
+    kv: Any
+    lease: Any
+    watch: Any
+    maintenance: Any
+    auth: Any
+
+
+class Connection:
+    """A connection to an etcd cluster, shared by any number of backends and stores.
+
+    It holds one gRPC channel, to one endpoint at a time; when that endpoint stops answering, it
+    moves to the next one. Create it with `rdzv.connect` and use it as an async context manager.
+    Every call is bounded by `read_timeout`, inside which transient failures (a leader election,
+    a restarting member) are retried.
+    """
+
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        *,
+        protocol: str = "http",
+        read_timeout: float = 60,
+        ca_cert: str | Path | None = None,
+        ssl_cert: str | Path | None = None,
+        ssl_cert_key: str | Path | None = None,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        self._endpoints = parse_endpoints(endpoints)
+        self._read_timeout = validate_read_timeout(read_timeout)
+        if not isinstance(protocol, str) or protocol.lower() not in ("http", "https"):
+            raise ValueError("The protocol must be HTTP or HTTPS.")
+        self._protocol = protocol.lower()
+        self._credentials = self._channel_credentials(ca_cert, ssl_cert, ssl_cert_key)
+        if (username is None) != (password is None):
+            raise ValueError("etcd authentication needs both a username and a password.")
+        if username is not None and not username:
+            raise ValueError("The etcd username must not be empty.")
+        self._username = username
+        self._password = password
+        self._token: str | None = None
+        self._auth_lock = asyncio.Lock()
+        self._link: _Link | None = None
+        self._endpoint_index = 0
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def _channel_credentials(
+        self,
+        ca_cert: str | Path | None,
+        ssl_cert: str | Path | None,
+        ssl_cert_key: str | Path | None,
+    ) -> grpc.ChannelCredentials | None:
+        if self._protocol == "http":
+            if ca_cert or ssl_cert or ssl_cert_key:
+                raise ValueError(
+                    "TLS files (ca_cert, ssl_cert, ssl_cert_key) need protocol='https'."
+                )
+            return None
+        if (ssl_cert is None) != (ssl_cert_key is None):
+            raise ValueError("A client certificate needs both ssl_cert and ssl_cert_key.")
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read_file(ca_cert, "CA certificate") if ca_cert else None,
+            private_key=_read_file(ssl_cert_key, "client key") if ssl_cert_key else None,
+            certificate_chain=_read_file(ssl_cert, "client certificate") if ssl_cert else None,
+        )
+
+    def __repr__(self) -> str:
+        endpoints = ",".join(map(str, self._endpoints))
+        user = f", username={self._username!r}" if self._username else ""
+        return f"<rdzv.Connection {self._protocol}://{endpoints}{user}>"
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        """The endpoints, in the order they are tried."""
+        return self._endpoints
+
+    @property
+    def read_timeout(self) -> float:
+        """The bound, in seconds, on every call, retries included."""
+        return self._read_timeout
+
+    async def __aenter__(self) -> Connection:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def open(self) -> None:
+        """Check that etcd answers (and accepts the credentials) within the read timeout."""
+        await self.status()
+
+    async def aclose(self) -> None:
+        """Close the channel; calls in progress fail. Closing twice is harmless."""
+        self._closed = True
+        link, self._link = self._link, None
+        if link is not None:
+            await link.channel.close(grace=None)
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+
+    # ---------------------------------------------------------------------------- plumbing
+
+    def deadline(self) -> float:
+        """The monotonic time by which a call starting now must finish."""
+        return time.monotonic() + self._read_timeout
+
+    def _current_link(self) -> _Link:
+        if self._closed:
+            raise RendezvousError("This etcd connection is closed.")
+        if self._link is None:
+            endpoint = self._endpoints[self._endpoint_index]
+            target = str(endpoint)
+            if self._credentials is None:
+                channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+            else:
+                channel = grpc.aio.secure_channel(
+                    target, self._credentials, options=_CHANNEL_OPTIONS
+                )
+            self._link = _Link(
+                endpoint=endpoint,
+                channel=channel,
+                kv=rpc.KVStub(channel),
+                lease=rpc.LeaseStub(channel),
+                watch=rpc.WatchStub(channel),
+                maintenance=rpc.MaintenanceStub(channel),
+                auth=rpc.AuthStub(channel),
+            )
+        return self._link
+
+    def _fail_over(self, link: _Link) -> None:
+        """Move to the next endpoint after `link` failed (unless another call already moved)."""
+        if self._link is not link or len(self._endpoints) == 1:
+            # With one endpoint, gRPC's own reconnection is all we can do.
+            return
+        self._link = None
+        self._endpoint_index = (self._endpoint_index + 1) % len(self._endpoints)
+        # Calls still running on the old channel get an attempt's time to finish.
+        task = asyncio.get_running_loop().create_task(
+            link.channel.close(grace=self._attempt_timeout(self._read_timeout))
+        )
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    def _attempt_timeout(self, remaining: float) -> float:
+        if len(self._endpoints) == 1:
+            return remaining
+        share = max(_MIN_ATTEMPT_TIMEOUT, self._read_timeout / _ATTEMPT_SHARE)
+        return min(remaining, share)
+
+    def _metadata(self, *, require_leader: bool = False) -> tuple[tuple[str, str], ...]:
+        metadata: tuple[tuple[str, str], ...] = ()
+        if self._token is not None:
+            metadata += (("token", self._token),)
+        if require_leader:
+            # A member cut off from the leader cancels the watch instead of going silent.
+            metadata += (("hasleader", "true"),)
+        return metadata
+
+    def _needs_token(self) -> bool:
+        return self._username is not None and self._token is None
+
+    async def _authenticate(self, link: _Link, timeout: float) -> None:
+        if not self._needs_token():
+            return
+        async with self._auth_lock:
+            # Another call may have authenticated while this one waited for the lock.
+            if not self._needs_token():
+                return
+            request = rpc.AuthenticateRequest(name=self._username, password=self._password)
+            try:
+                response = await link.auth.Authenticate(request, timeout=timeout)
+            except grpc.aio.AioRpcError as error:
+                if error.code() in (
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    grpc.StatusCode.UNAUTHENTICATED,
+                ):
+                    raise RendezvousAuthError(
+                        f"etcd did not authenticate user {self._username!r}: {error.details()}"
+                    ) from error
+                raise
+            self._token = response.token
+
+    async def _backoff(self, delay: float, deadline: float) -> float:
+        jittered = delay * random.uniform(0.5, 1.0)
+        await asyncio.sleep(min(jittered, max(0.0, deadline - time.monotonic())))
+        return min(delay * 2, _MAX_BACKOFF)
+
+    def _translate(self, error: grpc.aio.AioRpcError, what: str) -> RendezvousError:
+        code = error.code()
+        if code in _TRANSIENT_CODES:
+            return RendezvousConnectionError(CONNECTION_FAILED_MESSAGE)
+        if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+            return RendezvousAuthError(
+                f"etcd refused to let user {self._username!r} {what}: {error.details()}"
+            )
+        if code is grpc.StatusCode.OUT_OF_RANGE:
+            return RevisionCompactedError(f"etcd cannot {what}: {error.details()}")
+        return RendezvousError(f"etcd refused to {what}: {code.name}: {error.details()}")
+
+    async def _unary(self, stub: str, method: str, request: Any, *, what: str) -> Any:
+        """Run an idempotent call, retrying transient failures until the read timeout."""
+        deadline = self.deadline()
+        delay = _INITIAL_BACKOFF
+        reauthenticated = False
+        last_error: BaseException | None = None
+        while (remaining := deadline - time.monotonic()) > 0:
+            link = self._current_link()
+            timeout = self._attempt_timeout(remaining)
+            try:
+                await self._authenticate(link, timeout)
+                call = getattr(getattr(link, stub), method)
+                return await call(request, timeout=timeout, metadata=self._metadata())
+            except grpc.aio.AioRpcError as error:
+                last_error = error
+                if error.code() in _TRANSIENT_CODES:
+                    self._fail_over(link)
+                    delay = await self._backoff(delay, deadline)
+                elif error.code() is grpc.StatusCode.UNAUTHENTICATED and not reauthenticated:
+                    # The auth token expired: authenticate again, once.
+                    self._token = None
+                    reauthenticated = True
+                else:
+                    raise self._translate(error, what) from error
+        raise RendezvousConnectionError(CONNECTION_FAILED_MESSAGE) from last_error
+
+    async def _wait_ready(self, link: _Link, timeout: float) -> bool:
+        """Connect `link` if needed; false if it could not connect within `timeout`."""
+        if link.channel.get_state(try_to_connect=True) is grpc.ChannelConnectivity.READY:
+            return True
+        try:
+            await asyncio.wait_for(link.channel.channel_ready(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    # ---------------------------------------------------------------------------- operations
+
+    async def status(self) -> Any:
+        """Ask the current member for its status (a cheap check that etcd answers)."""
+        return await self._unary("maintenance", "Status", rpc.StatusRequest(), what="report status")
+
+    async def range(
+        self, key: bytes, *, prefix: bool = False, revision: int = 0
+    ) -> tuple[tuple[KeyValue, ...], int]:
+        """Read `key` (or a prefix), linearizably; return the keys and etcd's revision.
+
+        With `revision`, read the keys as they were at that revision.
+        """
+        request = _range_request(key, prefix=prefix, revision=revision)
+        response = await self._unary("kv", "Range", request, what=f"read {key!r}")
+        return tuple(_key_value(kv) for kv in response.kvs), response.header.revision
+
+    async def get(self, key: bytes, *, revision: int = 0) -> KeyValue | None:
+        """Read one key, or `None` if it does not exist."""
+        kvs, _ = await self.range(key, revision=revision)
+        return kvs[0] if kvs else None
+
+    async def delete(self, key: bytes, *, prefix: bool = False) -> int:
+        """Delete `key` (or a prefix); return how many keys were deleted."""
+        request = rpc.DeleteRangeRequest(key=key, range_end=prefix_end(key) if prefix else b"")
+        response = await self._unary("kv", "DeleteRange", request, what=f"delete {key!r}")
+        return int(response.deleted)
+
+    async def grant_lease(self, ttl: int) -> int:
+        """Grant a lease of `ttl` seconds and return its id."""
+        request = rpc.LeaseGrantRequest(TTL=ttl, ID=0)
+        response = await self._unary("lease", "LeaseGrant", request, what="grant a lease")
+        return int(response.ID)
+
+    async def txn(
+        self,
+        compare: Sequence[Compare],
+        success: Sequence[Operation],
+        failure: Sequence[Operation] = (),
+    ) -> TxnResult:
+        """Run one transaction: if every `compare` holds, `success`, else `failure`.
+
+        A transaction is not retried once it may have reached etcd: then `OutcomeUnknownError`
+        says that it may or may not have been applied, and the caller resolves it by reading.
+        Raises `LeaseNotFoundError` if a `Put` names an expired lease (nothing was written).
+        """
+        request = rpc.TxnRequest(
+            compare=[_compare_message(c) for c in compare],
+            success=[_request_op(op) for op in success],
+            failure=[_request_op(op) for op in failure],
+        )
+        written = sum(len(op.value) for op in (*success, *failure) if isinstance(op, Put))
+        deadline = self.deadline()
+        delay = _INITIAL_BACKOFF
+        reauthenticated = False
+        last_error: BaseException | None = None
+        while (remaining := deadline - time.monotonic()) > 0:
+            link = self._current_link()
+            timeout = self._attempt_timeout(remaining)
+            try:
+                await self._authenticate(link, timeout)
+                if not await self._wait_ready(link, timeout):
+                    # Nothing was sent: safe to try again, elsewhere.
+                    self._fail_over(link)
+                    delay = await self._backoff(delay, deadline)
+                    continue
+                response = await link.kv.Txn(request, timeout=timeout, metadata=self._metadata())
+            except grpc.aio.AioRpcError as error:
+                last_error = error
+                code = error.code()
+                if code in _TRANSIENT_CODES:
+                    self._fail_over(link)
+                    raise OutcomeUnknownError(CONNECTION_FAILED_MESSAGE) from error
+                if code is grpc.StatusCode.UNAUTHENTICATED and not reauthenticated:
+                    self._token = None
+                    reauthenticated = True
+                    continue
+                if code is grpc.StatusCode.NOT_FOUND:
+                    message = f"etcd has no such lease: {error.details()}"
+                    raise LeaseNotFoundError(message) from error
+                if written and code in (
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                ):
+                    raise RendezvousStateTooLargeError(
+                        f"etcd refused to store {written} bytes: {error.details()}. Nothing was "
+                        "written; raise etcd's --max-request-bytes or store less."
+                    ) from error
+                raise self._translate(error, "run a transaction") from error
+            ranges = tuple(
+                tuple(_key_value(kv) for kv in op.response_range.kvs)
+                if op.WhichOneof("response") == "response_range"
+                else ()
+                for op in response.responses
+            )
+            return TxnResult(bool(response.succeeded), int(response.header.revision), ranges)
+        raise RendezvousConnectionError(CONNECTION_FAILED_MESSAGE) from last_error
+
+    async def watch(
+        self, key: bytes, *, start_revision: int, prefix: bool = False
+    ) -> AsyncGenerator[WatchEvent, None]:
+        """Yield every change of `key` (or a prefix) from `start_revision` on, forever.
+
+        `start_revision=0` means "from now". When the stream breaks, the watch resumes after
+        the last event it yielded, on this or another member; if it cannot for a whole read
+        timeout, it raises `RendezvousConnectionError`. If etcd has compacted the revisions it
+        needs, it raises `RendezvousWatchCompactedError`.
+        """
+        next_revision = start_revision
+        range_end = prefix_end(key) if prefix else b""
+        delay = _INITIAL_BACKOFF
+        failing_since: float | None = None
+        last_error: BaseException | None = None
+        reauthenticated = False
+        while True:
+            link = self._current_link()
+            call = None
+            try:
+                await self._authenticate(link, self._attempt_timeout(self._read_timeout))
+                call = link.watch.Watch(metadata=self._metadata(require_leader=True))
+                create = rpc.WatchCreateRequest(
+                    key=key, range_end=range_end, start_revision=next_revision
+                )
+                await call.write(rpc.WatchRequest(create_request=create))
+                while True:
+                    response = await call.read()
+                    if response is grpc.aio.EOF:
+                        break
+                    if response.compact_revision:
+                        raise RendezvousWatchCompactedError(
+                            f"Cannot watch {key!r} from revision {next_revision}: etcd has "
+                            f"compacted history up to revision {response.compact_revision}. "
+                            "Read the current state and watch from its token.",
+                            compact_revision=int(response.compact_revision),
+                        )
+                    if response.canceled:
+                        break
+                    if response.created:
+                        failing_since, delay, reauthenticated = None, _INITIAL_BACKOFF, False
+                    for event in response.events:
+                        kv = _key_value(event.kv)
+                        next_revision = kv.mod_revision + 1
+                        yield WatchEvent(kv=kv, deleted=event.type == rpc.Event.DELETE)
+            except grpc.aio.AioRpcError as error:
+                last_error = error
+                if error.code() is grpc.StatusCode.UNAUTHENTICATED and not reauthenticated:
+                    self._token = None
+                    reauthenticated = True
+                elif error.code() in _TRANSIENT_CODES:
+                    self._fail_over(link)
+                else:
+                    raise self._translate(error, f"watch {key!r}") from error
+            finally:
+                if call is not None:
+                    call.cancel()
+            now = time.monotonic()
+            failing_since = now if failing_since is None else failing_since
+            if now - failing_since > self._read_timeout:
+                raise RendezvousConnectionError(CONNECTION_FAILED_MESSAGE) from last_error
+            delay = await self._backoff(delay, failing_since + self._read_timeout)
+
+    async def first_change_after(self, key: bytes, revision: int) -> WatchEvent:
+        """The first change of `key` after `revision`; the caller knows that there is one."""
+        changes = self.watch(key, start_revision=revision + 1)
+        try:
+            with anyio.fail_after(self._read_timeout):
+                async for event in changes:
+                    return event
+        except TimeoutError:
+            pass
+        finally:
+            await changes.aclose()
+        raise RendezvousConnectionError(CONNECTION_FAILED_MESSAGE)
+
+
+def connect(
+    endpoints: str | Sequence[str],
+    *,
+    protocol: str = "http",
+    read_timeout: float = 60,
+    ca_cert: str | Path | None = None,
+    ssl_cert: str | Path | None = None,
+    ssl_cert_key: str | Path | None = None,
+    username: str | None = None,
+    password: str | None = None,
+) -> Connection:
+    """Make a `Connection` to etcd; use it as `async with rdzv.connect(...) as connection:`.
+
+    Args:
+        endpoints: `"host:port"`, or several separated by commas, tried in order: the connection
+            moves to the next when one stops answering. The port defaults to 2379; IPv6
+            addresses go in brackets.
+        protocol: `"http"` or `"https"` (TLS), in any case.
+        read_timeout: seconds that any one call may take, retries included.
+        ca_cert: with https, the CA certificate that signed the server's (PEM file); the
+            system's trusted CAs if omitted.
+        ssl_cert: with https, a client certificate (PEM file), for servers that require one.
+        ssl_cert_key: the client certificate's private key (PEM file).
+        username: an etcd user, when etcd has authentication enabled.
+        password: that user's password.
+
+    Bad arguments raise `ValueError` here, before anything is sent. Entering the connection
+    checks that etcd answers, and raises `RendezvousConnectionError` within `read_timeout` if
+    it does not (`RendezvousAuthError` if it rejects the credentials).
+    """
+    return Connection(
+        endpoints,
+        protocol=protocol,
+        read_timeout=read_timeout,
+        ca_cert=ca_cert,
+        ssl_cert=ssl_cert,
+        ssl_cert_key=ssl_cert_key,
+        username=username,
+        password=password,
+    )
