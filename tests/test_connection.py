@@ -1,0 +1,83 @@
+"""Connecting: unreachable servers fail within the read timeout; several endpoints fail over."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+import rdzv
+
+pytestmark = pytest.mark.anyio
+
+
+def _closed_port() -> int:
+    """A loopback port with nothing listening on it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_unreachable_endpoint_fails_within_read_timeout() -> None:
+    """Opening a connection to a dead endpoint raises RendezvousConnectionError in time."""
+    started = time.monotonic()
+    with pytest.raises(rdzv.RendezvousConnectionError) as caught:
+        async with rdzv.connect(f"127.0.0.1:{_closed_port()}", read_timeout=1.5):
+            pass
+    assert time.monotonic() - started < 1.5 + 1.0
+    assert str(caught.value) == (
+        "The connection to etcd has failed. See inner exception for details."
+    )
+    assert caught.value.__cause__ is not None
+
+
+async def test_backend_call_on_unreachable_endpoint_fails_within_read_timeout(
+    etcd_key_prefix: str,
+) -> None:
+    """get_state against a dead endpoint raises RendezvousConnectionError instead of hanging."""
+    connection = rdzv.connect(f"127.0.0.1:{_closed_port()}", read_timeout=1)
+    backend = rdzv.AsyncEtcdBackend(connection, "job", key_prefix=etcd_key_prefix)
+    started = time.monotonic()
+    try:
+        with pytest.raises(rdzv.RendezvousConnectionError):
+            await backend.get_state()
+        with pytest.raises(rdzv.RendezvousConnectionError):
+            await backend.set_state(b"x")
+    finally:
+        await connection.aclose()
+    assert time.monotonic() - started < 2 * 1 + 2.0
+
+
+async def test_dead_first_endpoint_fails_over_to_the_next(
+    etcd_endpoints: str, etcd_key_prefix: str
+) -> None:
+    """With a dead endpoint listed first, calls succeed on the live one."""
+    endpoints = f"127.0.0.1:{_closed_port()},{etcd_endpoints}"
+    async with rdzv.connect(endpoints, read_timeout=10) as connection:
+        backend = rdzv.AsyncEtcdBackend(connection, "job", key_prefix=etcd_key_prefix)
+        _, token, written = await backend.set_state(b"state")  # type: ignore[misc]
+        assert written
+        assert await backend.get_state() == (b"state", token)
+
+
+async def test_closed_connection_refuses_calls(
+    etcd_endpoints: str, etcd_key_prefix: str
+) -> None:
+    """After aclose, calls raise RendezvousError instead of reopening silently."""
+    async with rdzv.connect(etcd_endpoints) as connection:
+        backend = rdzv.AsyncEtcdBackend(connection, "job", key_prefix=etcd_key_prefix)
+    with pytest.raises(rdzv.RendezvousError, match="closed"):
+        await backend.get_state()
+
+
+async def test_one_connection_serves_many_backends(
+    connection: rdzv.Connection, etcd_key_prefix: str
+) -> None:
+    """Backends for many run ids share one connection."""
+    backends = [
+        rdzv.AsyncEtcdBackend(connection, f"run-{i}", key_prefix=etcd_key_prefix) for i in range(5)
+    ]
+    for i, backend in enumerate(backends):
+        await backend.set_state(str(i).encode())
+    assert [(await b.get_state())[0] for b in backends] == [b"0", b"1", b"2", b"3", b"4"]  # type: ignore[index]
