@@ -13,7 +13,7 @@ from rdzv.testing import EtcdServer
 
 @pytest.fixture
 def anyio_backend() -> str:
-    """rdzv's etcd client (aetcd over grpc.aio) runs on asyncio only."""
+    """Rdzv's etcd client (aetcd over grpc.aio) runs on asyncio only."""
     return "asyncio"
 
 

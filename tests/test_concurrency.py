@@ -48,7 +48,8 @@ async def test_concurrent_writers_lose_no_update(etcd_endpoints: str, etcd_key_p
             tasks.start_soon(writer)
 
     async with rdzv.connect(etcd_endpoints) as check:
-        final = await rdzv.AsyncEtcdBackend(check, "counter", key_prefix=etcd_key_prefix).get_state()
+        counter = rdzv.AsyncEtcdBackend(check, "counter", key_prefix=etcd_key_prefix)
+        final = await counter.get_state()
     assert final is not None
     assert final[0] == str(writers * rounds).encode()
     assert len(set(acknowledged)) == writers * rounds

@@ -61,9 +61,7 @@ async def test_dead_first_endpoint_fails_over_to_the_next(
         assert await backend.get_state() == (b"state", token)
 
 
-async def test_closed_connection_refuses_calls(
-    etcd_endpoints: str, etcd_key_prefix: str
-) -> None:
+async def test_closed_connection_refuses_calls(etcd_endpoints: str, etcd_key_prefix: str) -> None:
     """After aclose, calls raise RendezvousError instead of reopening silently."""
     async with rdzv.connect(etcd_endpoints) as connection:
         backend = rdzv.AsyncEtcdBackend(connection, "job", key_prefix=etcd_key_prefix)

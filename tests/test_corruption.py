@@ -64,6 +64,6 @@ async def test_corrupt_value_is_overwritten_with_its_token(
     with pytest.raises(rdzv.RendezvousStateError) as caught:
         await backend.get_state()
     assert caught.value.token is not None
-    state, token, written = await backend.set_state(b"fresh", caught.value.token)  # type: ignore[misc]
+    _, token, written = await backend.set_state(b"fresh", caught.value.token)  # type: ignore[misc]
     assert written
     assert await backend.get_state() == (b"fresh", token)

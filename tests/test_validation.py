@@ -73,7 +73,7 @@ def test_tls_files_need_https() -> None:
 def test_missing_certificate_file_is_named(tmp_path: Path) -> None:
     """A CA file that cannot be read is a ValueError naming the file."""
     missing = tmp_path / "nope.pem"
-    with pytest.raises(ValueError, match="nope.pem"):
+    with pytest.raises(ValueError, match=r"nope\.pem"):
         rdzv.connect("h:1", protocol="https", ca_cert=missing)
 
 
@@ -106,7 +106,7 @@ def test_key_prefix_must_start_with_slash(prefix: object) -> None:
 
 
 def test_trailing_slash_of_key_prefix_is_dropped() -> None:
-    """"/p/" and "/p" name the same key."""
+    """ "/p/" and "/p" name the same key."""
     backend = rdzv.AsyncEtcdBackend(rdzv.connect("h:1"), "job", key_prefix="/p/")
     assert backend.key == "/p/job"
 
