@@ -264,6 +264,16 @@ class LeaseNotFoundError(RendezvousError):
     """A write named a lease that etcd no longer has (it expired or was revoked)."""
 
 
+# etcd sends RESOURCE_EXHAUSTED both for a full database and (through gRPC) for an oversize
+# request. Like etcd's own Go client (rpctypes.ErrorDesc), we tell them apart by etcd's fixed
+# error description, in this one place.
+_ETCD_NO_SPACE: Final = "etcdserver: mvcc: database space exceeded"
+
+
+def _is_no_space(error: grpc.aio.AioRpcError) -> bool:
+    return error.details() == _ETCD_NO_SPACE
+
+
 def prefix_end(prefix: bytes) -> bytes:
     """The smallest key greater than every key that starts with `prefix`."""
     stripped = prefix.rstrip(b"\xff")
@@ -653,6 +663,11 @@ class Connection:
                 if code is grpc.StatusCode.NOT_FOUND:
                     message = f"etcd has no such lease: {error.details()}"
                     raise LeaseNotFoundError(message) from error
+                if code is grpc.StatusCode.RESOURCE_EXHAUSTED and _is_no_space(error):
+                    raise RendezvousError(
+                        f"etcd is out of space and refuses writes: {error.details()}. Compact "
+                        "and defragment it, then disarm its NOSPACE alarm."
+                    ) from error
                 if written and code in (
                     grpc.StatusCode.INVALID_ARGUMENT,
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
