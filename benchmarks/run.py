@@ -91,59 +91,66 @@ class RawAetcd:
         self.token = responses[0].response_put.header.revision
 
 
+async def bench_core_size(
+    connection: rdzv.Connection,
+    client: aetcd.Client,
+    prefix: str,
+    size: int,
+    *,
+    quick: bool,
+) -> dict[str, Any]:
+    """get_state and set_state of one state size, rdzv async against raw aetcd."""
+    # Large states get fewer samples, to keep the bytes written (and the run) bounded.
+    rounds, batch, warmup = (10, 20, 20) if quick or size > 64 * 1024 else (30, 50, 50)
+    state = random.randbytes(size)
+    backend = rdzv.AsyncEtcdBackend(connection, f"core-{size}", key_prefix=prefix)
+    lease = await client.lease(ttl=3600)
+    raw = RawAetcd(client, f"{prefix}/raw-{size}".encode(), lease.id)
+    await raw.set(state)
+    written = await backend.set_state(state)
+    assert written is not None
+    token = written[1]
+
+    async def rdzv_set() -> None:
+        nonlocal token
+        result = await backend.set_state(state, token)
+        assert result is not None
+        assert result[2], "rdzv lost an uncontended compare-and-swap"
+        token = result[1]
+
+    async def rdzv_get() -> None:
+        await backend.get_state()
+
+    async def raw_set() -> None:
+        await raw.set(state)
+
+    get_samples = await interleave(
+        {"raw aetcd": raw.get, "rdzv async": rdzv_get}, rounds=rounds, batch=batch, warmup=warmup
+    )
+    set_samples = await interleave(
+        {"raw aetcd": raw_set, "rdzv async": rdzv_set}, rounds=rounds, batch=batch, warmup=warmup
+    )
+    # Old revisions of large values fill etcd's quota; drop them before the next size.
+    await client.compact(raw.token)
+    return {
+        "get_state": summarize(get_samples, "raw aetcd"),
+        "set_state": summarize(set_samples, "raw aetcd"),
+    }
+
+
 async def bench_core(endpoint: str, *, quick: bool) -> dict[str, Any]:
     """get_state and set_state: rdzv's async core against raw aetcd, per state size."""
     sizes = [1024] if quick else [1024, 16 * 1024, 160 * 1024, 1024 * 1024]
     host, port = endpoint.rsplit(":", 1)
     prefix = f"/rdzv-bench/{uuid.uuid4().hex[:8]}"
-    results: dict[str, Any] = {}
     async with (
         rdzv.connect(endpoint) as connection,
         aetcd.Client(host=host, port=int(port)) as client,
     ):
-        for size in sizes:
-            # Large states get fewer samples, to keep the bytes written (and the run) bounded.
-            rounds, batch, warmup = (10, 20, 20) if quick or size > 64 * 1024 else (30, 50, 50)
-            state = random.randbytes(size)
-            backend = rdzv.AsyncEtcdBackend(connection, f"core-{size}", key_prefix=prefix)
-            lease = await client.lease(ttl=3600)
-            raw = RawAetcd(client, f"{prefix}/raw-{size}".encode(), lease.id)
-            await raw.set(state)
-            written = await backend.set_state(state)
-            assert written is not None
-            token = written[1]
-
-            async def rdzv_set() -> None:
-                nonlocal token
-                result = await backend.set_state(state, token)
-                assert result is not None and result[2], "rdzv lost an uncontended CAS"
-                token = result[1]
-
-            async def rdzv_get() -> None:
-                await backend.get_state()
-
-            async def raw_set() -> None:
-                await raw.set(state)
-
-            get_samples = await interleave(
-                {"raw aetcd": raw.get, "rdzv async": rdzv_get},
-                rounds=rounds,
-                batch=batch,
-                warmup=warmup,
-            )
-            set_samples = await interleave(
-                {"raw aetcd": raw_set, "rdzv async": rdzv_set},
-                rounds=rounds,
-                batch=batch,
-                warmup=warmup,
-            )
-            # Old revisions of large values fill etcd's quota; drop them between sizes.
-            await client.compact(raw.token)
-            results[str(size)] = {
-                "get_state": summarize(get_samples, "raw aetcd"),
-                "set_state": summarize(set_samples, "raw aetcd"),
-            }
-    return results
+        return {
+            str(size): await bench_core_size(connection, client, prefix, size, quick=quick)
+            for size in sizes
+        }
 
 
 def print_core(results: dict[str, Any]) -> None:

@@ -271,7 +271,7 @@ _ETCD_NO_SPACE: Final = "etcdserver: mvcc: database space exceeded"
 
 
 def _is_no_space(error: grpc.aio.AioRpcError) -> bool:
-    return error.details() == _ETCD_NO_SPACE
+    return bool(error.details() == _ETCD_NO_SPACE)
 
 
 def prefix_end(prefix: bytes) -> bytes:
