@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncGenerator
 from typing import Final, Literal
@@ -14,12 +13,12 @@ from rdzv._etcd import (
     Connection,
     Get,
     KeyValue,
-    LeaseNotFoundError,
     OutcomeUnknownError,
     Put,
     RevisionCompactedError,
     TxnResult,
 )
+from rdzv._lease import RollingLease
 
 DEFAULT_KEY_PREFIX: Final = "/torch/elastic/rendezvous"
 DEFAULT_TTL: Final = 7200
@@ -97,9 +96,7 @@ class AsyncEtcdBackend:
         self._key = f"{validate_key_prefix(key_prefix)}/{self._run_id}"
         self._key_bytes = self._key.encode()
         self._ttl = validate_ttl(ttl)
-        self._lease_id: int | None = None
-        self._lease_sent_at = 0.0
-        self._lease_lock = asyncio.Lock()
+        self._lease = RollingLease(connection, self._ttl)
 
     def __repr__(self) -> str:
         return f"<rdzv.AsyncEtcdBackend key={self._key!r} ttl={self._ttl} on {self._connection!r}>"
@@ -154,20 +151,14 @@ class AsyncEtcdBackend:
             return None if current is None else (*current, False)
         value = _envelope.encode(state)
         deadline = self._connection.deadline()
-        lease_retried = False
+
+        async def write(lease: int) -> TxnResult:
+            put = Put(self._key_bytes, value, lease)
+            return await self._connection.txn([condition], [put], [Get(self._key_bytes)])
+
         while True:
-            lease = await self._lease()
             try:
-                result = await self._connection.txn(
-                    [condition], [Put(self._key_bytes, value, lease)], [Get(self._key_bytes)]
-                )
-            except LeaseNotFoundError:
-                if lease_retried:
-                    raise
-                # The lease expired or was revoked under us: nothing was written.
-                lease_retried = True
-                self._forget_lease(lease)
-                continue
+                result = await self._lease.run(write)
             except OutcomeUnknownError:
                 resolved = await self._resolve_unknown_outcome(state, value, expected)
                 if resolved != _RETRY:
@@ -213,26 +204,6 @@ class AsyncEtcdBackend:
             return None
         kv = current[0]
         return self._decode(kv), kv.mod_revision, False
-
-    async def _lease(self) -> int:
-        """A lease that outlives any write sent now by at least `ttl` seconds.
-
-        A lease of `2 * ttl` seconds is reused for `ttl` seconds after it was requested, so one
-        lease grant serves every write of a `ttl`-long window.
-        """
-        if self._lease_id is not None and time.monotonic() - self._lease_sent_at < self._ttl:
-            return self._lease_id
-        async with self._lease_lock:
-            sent_at = time.monotonic()
-            if self._lease_id is not None and sent_at - self._lease_sent_at < self._ttl:
-                return self._lease_id
-            lease_id = await self._connection.grant_lease(2 * self._ttl)
-            self._lease_id, self._lease_sent_at = lease_id, sent_at
-            return lease_id
-
-    def _forget_lease(self, lease_id: int) -> None:
-        if self._lease_id == lease_id:
-            self._lease_id = None
 
     async def _resolve_unknown_outcome(
         self, state: bytes, value: bytes, token: int | None

@@ -543,6 +543,9 @@ class Connection:
             return RendezvousAuthError(
                 f"etcd refused to let user {self._username!r} {what}: {error.details()}"
             )
+        if code is grpc.StatusCode.NOT_FOUND:
+            # The only thing our calls name that etcd can fail to find is a lease.
+            return LeaseNotFoundError(f"etcd cannot {what}: {error.details()}")
         if code is grpc.StatusCode.OUT_OF_RANGE:
             return RevisionCompactedError(f"etcd cannot {what}: {error.details()}")
         return RendezvousError(f"etcd refused to {what}: {code.name}: {error.details()}")
@@ -611,6 +614,24 @@ class Connection:
         response = await self._unary("kv", "DeleteRange", request, what=f"delete {key!r}")
         return int(response.deleted)
 
+    async def put(self, key: bytes, value: bytes, *, lease: int = 0) -> int:
+        """Write `value` at `key` unconditionally; return the write's revision.
+
+        Retried like a read: writing the same value twice leaves the same value.
+        """
+        request = rpc.PutRequest(key=key, value=value, lease=lease)
+        try:
+            response = await self._unary("kv", "Put", request, what=f"write {key!r}")
+        except RendezvousError as error:
+            cause = error.__cause__
+            if (
+                isinstance(cause, grpc.aio.AioRpcError)
+                and cause.code() is grpc.StatusCode.NOT_FOUND
+            ):
+                raise LeaseNotFoundError(f"etcd has no such lease: {cause.details()}") from cause
+            raise
+        return int(response.header.revision)
+
     async def grant_lease(self, ttl: int) -> int:
         """Grant a lease of `ttl` seconds and return its id."""
         request = rpc.LeaseGrantRequest(TTL=ttl, ID=0)
@@ -660,9 +681,6 @@ class Connection:
                     self._token = None
                     reauthenticated = True
                     continue
-                if code is grpc.StatusCode.NOT_FOUND:
-                    message = f"etcd has no such lease: {error.details()}"
-                    raise LeaseNotFoundError(message) from error
                 if code is grpc.StatusCode.RESOURCE_EXHAUSTED and _is_no_space(error):
                     raise RendezvousError(
                         f"etcd is out of space and refuses writes: {error.details()}. Compact "
