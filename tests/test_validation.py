@@ -106,7 +106,7 @@ def test_key_prefix_must_start_with_slash(prefix: object) -> None:
 
 
 def test_trailing_slash_of_key_prefix_is_dropped() -> None:
-    """ "/p/" and "/p" name the same key."""
+    """A key prefix with a trailing slash names the same key as one without."""
     backend = rdzv.AsyncEtcdBackend(rdzv.connect("h:1"), "job", key_prefix="/p/")
     assert backend.key == "/p/job"
 

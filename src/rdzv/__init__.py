@@ -15,6 +15,7 @@ from rdzv._errors import (
     RendezvousStateError,
     RendezvousStateTooLargeError,
     RendezvousWatchCompactedError,
+    StoreTimeoutError,
 )
 from rdzv._etcd import Connection, Endpoint, connect
 from rdzv._version import __version__
@@ -31,6 +32,7 @@ __all__ = [
     "RendezvousStateError",
     "RendezvousStateTooLargeError",
     "RendezvousWatchCompactedError",
+    "StoreTimeoutError",
     "__version__",
     "connect",
 ]

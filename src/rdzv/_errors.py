@@ -40,6 +40,10 @@ class RendezvousStateTooLargeError(RendezvousStateError, ValueError):
     """The state is larger than the etcd server accepts; nothing was written."""
 
 
+class StoreTimeoutError(RendezvousError, TimeoutError):
+    """A store operation waited for keys that did not appear within its timeout."""
+
+
 class RendezvousWatchCompactedError(RendezvousError):
     """A watch asked for changes from a revision that etcd has already compacted away.
 
