@@ -18,14 +18,19 @@ from rdzv._errors import (
     StoreTimeoutError,
 )
 from rdzv._etcd import Connection, Endpoint, connect
+from rdzv._store import DEFAULT_STORE_PREFIX, AsyncEtcdStore
+from rdzv._sync import EtcdBackend
 from rdzv._version import __version__
 
 __all__ = [
     "DEFAULT_KEY_PREFIX",
+    "DEFAULT_STORE_PREFIX",
     "DEFAULT_TTL",
     "AsyncEtcdBackend",
+    "AsyncEtcdStore",
     "Connection",
     "Endpoint",
+    "EtcdBackend",
     "RendezvousAuthError",
     "RendezvousConnectionError",
     "RendezvousError",

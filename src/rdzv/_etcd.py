@@ -390,6 +390,8 @@ class Connection:
         self._endpoint_index = 0
         self._retiring: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._resumed = asyncio.Event()
+        self._resumed.set()
 
     def _channel_credentials(
         self,
@@ -440,11 +442,30 @@ class Connection:
     async def aclose(self) -> None:
         """Close the channel; calls in progress fail. Closing twice is harmless."""
         self._closed = True
+        self._resumed.set()
         link, self._link = self._link, None
         if link is not None:
             await link.channel.close(grace=None)
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
+
+    async def suspend(self) -> None:
+        """Close the channel and hold new calls until `resume()`.
+
+        gRPC cannot survive a fork() while its threads are busy: the synchronous facade calls
+        this before a fork, so the child starts with no live channel. Calls in progress are
+        retried once the connection resumes.
+        """
+        self._resumed.clear()
+        link, self._link = self._link, None
+        if link is not None:
+            await link.channel.close(grace=None)
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+
+    def resume(self) -> None:
+        """Let calls held by `suspend()` go on; they open a new channel."""
+        self._resumed.set()
 
     # ---------------------------------------------------------------------------- plumbing
 
@@ -452,7 +473,9 @@ class Connection:
         """The monotonic time by which a call starting now must finish."""
         return time.monotonic() + self._read_timeout
 
-    def _current_link(self) -> _Link:
+    async def _acquire_link(self) -> _Link:
+        if not self._resumed.is_set():
+            await self._resumed.wait()
         if self._closed:
             raise RendezvousError("This etcd connection is closed.")
         if self._link is None:
@@ -557,7 +580,7 @@ class Connection:
         reauthenticated = False
         last_error: BaseException | None = None
         while (remaining := deadline - time.monotonic()) > 0:
-            link = self._current_link()
+            link = await self._acquire_link()
             timeout = self._attempt_timeout(remaining)
             try:
                 await self._authenticate(link, timeout)
@@ -607,6 +630,14 @@ class Connection:
         """Read one key, or `None` if it does not exist."""
         kvs, _ = await self.range(key, revision=revision)
         return kvs[0] if kvs else None
+
+    async def count(self, key: bytes, *, prefix: bool = False) -> int:
+        """Count the keys at `key` (or under a prefix), linearizably, without reading them."""
+        request = rpc.RangeRequest(
+            key=key, range_end=prefix_end(key) if prefix else b"", count_only=True
+        )
+        response = await self._unary("kv", "Range", request, what=f"count {key!r}")
+        return int(response.count)
 
     async def delete(self, key: bytes, *, prefix: bool = False) -> int:
         """Delete `key` (or a prefix); return how many keys were deleted."""
@@ -661,7 +692,7 @@ class Connection:
         reauthenticated = False
         last_error: BaseException | None = None
         while (remaining := deadline - time.monotonic()) > 0:
-            link = self._current_link()
+            link = await self._acquire_link()
             timeout = self._attempt_timeout(remaining)
             try:
                 await self._authenticate(link, timeout)
@@ -721,7 +752,7 @@ class Connection:
         last_error: BaseException | None = None
         reauthenticated = False
         while True:
-            link = self._current_link()
+            link = await self._acquire_link()
             call = None
             try:
                 await self._authenticate(link, self._attempt_timeout(self._read_timeout))

@@ -16,8 +16,9 @@ fast raft timings (50 ms heartbeats, 500 ms election timeout, so the smallest le
 log errors only, to a file: `EtcdServer.log_file`.
 
 Every process started here is killed, and every temporary directory removed, when the Python
-process exits normally (through `atexit`); a Python process that is killed with SIGKILL cannot
-clean up after itself. The pytest plugin `rdzv._pytest_plugin` offers fixtures built on this module.
+process exits: through `atexit` when it exits normally, and otherwise (SIGKILL, SIGTERM, a crash)
+through a small watchdog process that notices the death of its parent. The pytest plugin
+`rdzv._pytest_plugin` offers fixtures built on this module.
 
 Only the standard library is used, so importing this module is cheap. The classes are not
 thread-safe: drive one server from one thread at a time.
@@ -39,6 +40,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -249,11 +251,116 @@ def _check_extra_args(extra_args: Sequence[str]) -> tuple[str, ...]:
 # reference: a server with a live process must not be garbage collected before it is stopped.
 _LIVE_SERVERS: set[EtcdServer] = set()
 
+# The reaper: a tiny Python process, one per Python process that starts etcd, that reads "watch"
+# and "unwatch" lines from a pipe and, when the pipe closes (that is, when this process is gone,
+# however it died: SIGKILL and SIGTERM included, where `atexit` does not run), kills the etcd
+# processes and removes the directories still watched. It ignores SIGINT and runs in its own
+# session, so a Ctrl-C or a closed terminal leaves it to clean up after the test process.
+_REAPER_SCRIPT = """
+import os, shutil, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+pids, dirs = set(), set()
+for line in sys.stdin:
+    op, _, arg = line.rstrip("\\n").partition(" ")
+    if op == "+pid": pids.add(int(arg))
+    elif op == "-pid": pids.discard(int(arg))
+    elif op == "+dir": dirs.add(arg)
+    elif op == "-dir": dirs.discard(arg)
+for pid in pids:
+    try:
+        if os.path.isdir("/proc"):
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"etcd" not in f.read():
+                    continue
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+for path in dirs:
+    shutil.rmtree(path, ignore_errors=True)
+"""
+
+
+class _Reaper:
+    """The parent side of the reaper process (see `_REAPER_SCRIPT`); best effort."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[str] | None = None
+        self._owner_pid = -1
+        self._lock = threading.Lock()
+        # A forked child's copies of its parent's reaper, kept so they are never waited for.
+        self._inherited: list[subprocess.Popen[str]] = []
+
+    def after_fork_in_child(self) -> None:
+        """Drop the parent's reaper in a forked child, so the child does not keep it waiting."""
+        self._lock = threading.Lock()
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            self._inherited.append(proc)
+            with contextlib.suppress(OSError, ValueError):
+                if proc.stdin is not None:
+                    proc.stdin.close()
+
+    def _send(self, line: str) -> None:
+        with self._lock:
+            if self._owner_pid != os.getpid():  # first use, or in a forked child
+                self._owner_pid = os.getpid()
+                with contextlib.suppress(OSError, ValueError):
+                    self._proc = subprocess.Popen(
+                        [sys.executable, "-S", "-c", _REAPER_SCRIPT],
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                        text=True,
+                        start_new_session=True,
+                    )
+            if self._proc is None or self._proc.stdin is None:
+                return
+            try:
+                self._proc.stdin.write(line + "\n")
+                self._proc.stdin.flush()
+            except (OSError, ValueError):
+                self._proc = None
+
+    def watch_pid(self, pid: int) -> None:
+        self._send(f"+pid {pid}")
+
+    def unwatch_pid(self, pid: int) -> None:
+        self._send(f"-pid {pid}")
+
+    def watch_dir(self, path: Path) -> None:
+        self._send(f"+dir {path}")
+
+    def unwatch_dir(self, path: Path) -> None:
+        self._send(f"-dir {path}")
+
+    def close(self) -> None:
+        """Let the reaper exit (after a normal cleanup it has nothing left to do) and reap it."""
+        with self._lock:
+            proc, self._proc = self._proc, None
+            if proc is None or self._owner_pid != os.getpid():
+                return
+            with contextlib.suppress(OSError, ValueError):
+                if proc.stdin is not None:
+                    proc.stdin.close()
+            try:
+                proc.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5.0)
+
+
+_REAPER = _Reaper()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_REAPER.after_fork_in_child)
+
 
 def _cleanup_at_exit() -> None:
     for server in list(_LIVE_SERVERS):
-        with contextlib.suppress(Exception):
-            server._cleanup_now()
+        if server._owner_pid == os.getpid():  # never a forked child's parent's servers
+            with contextlib.suppress(Exception):
+                server._cleanup_now()
+    with contextlib.suppress(Exception):
+        _REAPER.close()
 
 
 atexit.register(_cleanup_at_exit)
@@ -301,8 +408,8 @@ class EtcdServer:
     ) -> None:
         if startup_timeout <= 0:
             raise ValueError("startup_timeout must be positive")
-        self.name = name
-        self.tls = tls
+        self._name = name
+        self._tls = tls
         self.extra_args = _check_extra_args(extra_args)
         self.startup_timeout = startup_timeout
         self._binary = None if binary is None else os.fspath(binary)
@@ -320,9 +427,21 @@ class EtcdServer:
         self._proc: subprocess.Popen[bytes] | None = None
         self._paused = False
         self._log_offset = 0
+        self._member_id: int | None = None
+        self._owner_pid = os.getpid()
         self._opener = self._build_opener()
 
     # -- properties ----------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The etcd member name."""
+        return self._name
+
+    @property
+    def tls(self) -> EtcdTLS | None:
+        """The TLS settings for clients, or `None` for plain http."""
+        return self._tls
 
     @property
     def endpoint(self) -> str:
@@ -380,6 +499,11 @@ class EtcdServer:
         return self._scratch_dir / "etcd.log"
 
     @property
+    def member_id(self) -> int | None:
+        """The etcd member id, known once the server has been ready (`None` before)."""
+        return self._member_id
+
+    @property
     def pid(self) -> int | None:
         """The etcd process id, or `None` when no process runs."""
         return self._proc.pid if self.is_running and self._proc is not None else None
@@ -412,7 +536,8 @@ class EtcdServer:
         """Start etcd and, with `wait`, wait until it is ready (see `wait_ready`).
 
         On a fresh data directory with automatically picked ports, a port that was taken in the
-        meantime leads to a new try with new ports.
+        meantime leads to a new try with new ports. Without `wait`, this returns as soon as the
+        process is launched (and a port conflict is not retried): call `wait_ready()` later.
 
         Raises:
             RuntimeError: the server is already running; or etcd exited, or was not ready
@@ -522,7 +647,9 @@ class EtcdServer:
         `int(status["header"]["member_id"])` and `int(status.get("leader", 0))`.
 
         Raises:
-            OSError: the member did not answer within `timeout` (`TimeoutError`, `URLError`, ...).
+            OSError: the member did not answer within `timeout` (`TimeoutError`, `URLError`, ...)
+                or answered with an HTTP error (`HTTPError`).
+            ValueError: the answer was not JSON.
         """
         return self._post_json("/v3/maintenance/status", {}, timeout=timeout)
 
@@ -605,6 +732,7 @@ class EtcdServer:
         binary = self.binary  # raises EtcdBinaryNotFoundError before anything is created
         if self._scratch_dir is None:
             self._scratch_dir = Path(tempfile.mkdtemp(prefix=f"rdzv-etcd-{self.name}-"))
+            _REAPER.watch_dir(self._scratch_dir)
             _LIVE_SERVERS.add(self)
         data_dir = self.data_dir
         log_file = self.log_file
@@ -631,6 +759,8 @@ class EtcdServer:
                 close_fds=True,
             )
         self._paused = False
+        self._owner_pid = os.getpid()
+        _REAPER.watch_pid(self._proc.pid)
         _LIVE_SERVERS.add(self)
         return fresh
 
@@ -651,11 +781,32 @@ class EtcdServer:
         )
 
     def _is_ready(self, probe_timeout: float) -> bool:
+        """Whether this member answers, knows a leader, and is really this server's process.
+
+        A port freed by `kill()` can be taken by another etcd (say, another test's) before
+        `restart()` binds it again: until the new process notices and exits, the other etcd
+        would answer in its place. So the answering member's name and peer URL are checked
+        (once; then its member id is remembered).
+        """
         try:
             status = self.status(timeout=probe_timeout)
-        except (OSError, ValueError):
+            member_id = _uint(status["header"]["member_id"])
+            if _uint(status.get("leader")) == 0:
+                return False
+            if member_id == self._member_id:
+                return True
+            members = self._post_json("/v3/cluster/member/list", {}, timeout=probe_timeout)
+            for member in members.get("members", []):
+                if (
+                    _uint(member.get("ID")) == member_id
+                    and member.get("name") == self.name
+                    and self.peer_url in member.get("peerURLs", [])
+                ):
+                    self._member_id = member_id
+                    return True
+        except (OSError, ValueError, KeyError, TypeError):
             return False
-        return _uint(status.get("leader")) != 0
+        return False
 
     def _log_tail(self) -> str:
         log_file = self.log_file
@@ -703,6 +854,7 @@ class EtcdServer:
         proc = self._proc
         if proc is not None:
             proc.wait(timeout=timeout)
+            _REAPER.unwatch_pid(proc.pid)
         self._proc = None
         self._paused = False
         if self._scratch_dir is None:
@@ -711,7 +863,10 @@ class EtcdServer:
     def _remove_scratch(self) -> None:
         if self._scratch_dir is not None:
             shutil.rmtree(self._scratch_dir, ignore_errors=True)
+            _REAPER.unwatch_dir(self._scratch_dir)
             self._scratch_dir = None
+            if self._given_data_dir is None:
+                self._member_id = None
         if self._proc is None:
             _LIVE_SERVERS.discard(self)
 
@@ -908,6 +1063,8 @@ class EtcdCluster:
                     leader_id = _uint(status.get("leader"))
                 except (OSError, ValueError, KeyError, TypeError):
                     continue
+                if member.member_id is not None and member.member_id != member_id:
+                    continue  # another process answers on this member's port
                 reports.append((member, member_id, leader_id))
             known = {leader_id for _, _, leader_id in reports if leader_id}
             if len(known) == 1:

@@ -1,0 +1,470 @@
+"""`AsyncEtcdStore`: the async core of a c10d `Store` over etcd v3, with TCPStore's semantics.
+
+A `torch.distributed.Store` subclass wraps it elsewhere, through a blocking portal; this module
+does not import torch. Keys are `str`, values `bytes`, timeouts float seconds.
+
+Each operation costs one etcd round trip in the common case: reads of several keys are one
+transaction of `Get`s, `multi_set` is one transaction of `Put`s, and `add`, `append` and
+`compare_set` are compare-and-swap transactions whose `Else` branch reads the key, so that a
+conflict costs no extra read. Waiting for keys uses etcd's watch, started right after the read
+that found them missing, never polling.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import Final
+
+import anyio
+
+from rdzv._backend import DEFAULT_TTL, validate_ttl
+from rdzv._errors import RendezvousWatchCompactedError, StoreTimeoutError
+from rdzv._etcd import (
+    Compare,
+    Connection,
+    Get,
+    KeyValue,
+    OutcomeUnknownError,
+    Put,
+    RevisionCompactedError,
+    TxnResult,
+)
+from rdzv._lease import RollingLease
+
+DEFAULT_STORE_PREFIX: Final = "/torch/elastic/store/"
+
+# etcd refuses a transaction of more operations than its --max-txn-ops, 128 by default.
+_MAX_TXN_OPS: Final = 128
+
+# What TCPStore's `add` writes (std::to_string of an int64), with an optional sign.
+_INTEGER: Final = re.compile(rb"[+-]?[0-9]+")
+
+
+def _validate_prefix(prefix: object) -> str:
+    if not isinstance(prefix, str) or not prefix.startswith("/"):
+        raise ValueError(f"The store prefix must be a string that starts with '/', not {prefix!r}.")
+    if not prefix.isprintable():
+        raise ValueError(f"The store prefix {prefix!r} must not contain control characters.")
+    return prefix if prefix.endswith("/") else prefix + "/"
+
+
+def _validate_timeout(timeout: object) -> float:
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or math.isnan(timeout)
+        or timeout < 0
+    ):
+        raise ValueError(
+            "The timeout must be a number of seconds, at least 0 (math.inf waits forever), "
+            f"not {timeout!r}."
+        )
+    return float(timeout)
+
+
+def _as_bytes(value: object, what: str) -> bytes:
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise TypeError(
+            f"The store {what} must be bytes, not {type(value).__name__} (encode strings first)."
+        )
+    return bytes(value)
+
+
+def _parse_integer(key: str, value: bytes) -> int:
+    if not _INTEGER.fullmatch(value):
+        shown = value if len(value) <= 40 else value[:40] + b"..."
+        raise ValueError(
+            f"Cannot add to the store key {key!r}: its value {shown!r} is not a decimal integer."
+        )
+    return int(value)
+
+
+class AsyncEtcdStore:
+    """A c10d key-value store kept in etcd under one key prefix, with TCPStore's semantics.
+
+    Key `k` lives at the etcd key `prefix + k` (UTF-8), and its value is stored as it is, with no
+    envelope, so that etcdctl and other tools read it plainly. Every write is attached to a
+    lease, so a finished job's keys expire between `ttl` and `2 * ttl` seconds after the last
+    write to them. Any number of stores may share one `rdzv.Connection`.
+
+    Every call is bounded by the connection's read timeout, and the calls that wait for keys
+    also by their own `timeout`.
+    """
+
+    def __init__(
+        self,
+        connection: Connection,
+        *,
+        prefix: str = DEFAULT_STORE_PREFIX,
+        ttl: int = DEFAULT_TTL,
+    ) -> None:
+        self._connection = connection
+        self._prefix = _validate_prefix(prefix)
+        self._prefix_bytes = self._prefix.encode()
+        self._ttl = validate_ttl(ttl)
+        self._lease = RollingLease(connection, self._ttl)
+
+    def __repr__(self) -> str:
+        return (
+            f"<rdzv.AsyncEtcdStore prefix={self._prefix!r} ttl={self._ttl} on {self._connection!r}>"
+        )
+
+    @property
+    def prefix(self) -> str:
+        """The etcd key prefix of the store's keys; it ends with '/'."""
+        return self._prefix
+
+    # ------------------------------------------------------------------------------- writes
+
+    async def set(self, key: str, value: bytes) -> None:
+        """Write `value` at `key`, replacing any value it has."""
+        key_bytes, data = self._key(key), _as_bytes(value, "value")
+        await self._lease.run(lambda lease: self._connection.put(key_bytes, data, lease=lease))
+
+    async def multi_set(self, keys: Sequence[str], values: Sequence[bytes]) -> None:
+        """Write `values[i]` at `keys[i]` for every `i`, in one transaction.
+
+        A key given twice gets its last value. Beyond 128 distinct keys (etcd's default limit on
+        the operations of one transaction), the keys are written 128 at a time: each group
+        atomically, but not all of them at once.
+        """
+        self._names(keys)  # rejects a single str, or a key that is not a str, up front
+        if isinstance(values, bytes | bytearray | memoryview | str):
+            raise TypeError("multi_set needs a sequence of values, not a single value.")
+        if len(values) != len(keys):
+            raise ValueError(
+                f"multi_set needs one value per key: got {len(keys)} keys and {len(values)} values."
+            )
+        # etcd refuses a transaction that names a key twice; the last value wins, as it would
+        # if the keys were set one after another.
+        pairs = {
+            self._key(key): _as_bytes(value, "value")
+            for key, value in zip(keys, values, strict=True)
+        }
+        items = list(pairs.items())
+        for start in range(0, len(items), _MAX_TXN_OPS):
+            await self._put_all(items[start : start + _MAX_TXN_OPS])
+
+    async def add(self, key: str, amount: int) -> int:
+        """Add `amount` to the integer at `key` (0 if absent), atomically; return the new value.
+
+        The value is stored as decimal ASCII (`b"5"`). Raises `ValueError`, writing nothing, if
+        the key holds something else.
+        """
+        if isinstance(amount, bool) or not isinstance(amount, int):
+            raise TypeError(f"The amount to add must be an int, not {type(amount).__name__}.")
+
+        def increment(current: bytes | None) -> bytes:
+            base = 0 if current is None else _parse_integer(key, current)
+            return str(base + amount).encode()
+
+        return int(await self._update(key, increment))
+
+    async def append(self, key: str, value: bytes) -> None:
+        """Append `value` to the bytes at `key`, atomically; create the key if it is absent."""
+        data = _as_bytes(value, "value")
+        await self._update(key, lambda current: data if current is None else current + data)
+
+    async def compare_set(self, key: str, expected: bytes, desired: bytes) -> bytes:
+        """Set `key` to `desired` if it holds `expected`; return `desired` if so.
+
+        Otherwise nothing is written and the key's current value is returned. As in TCPStore,
+        an absent key matches an empty `expected`; an absent key with a non-empty `expected`
+        returns `expected`.
+        """
+        key_bytes = self._key(key)
+        expected = _as_bytes(expected, "expected value")
+        desired = _as_bytes(desired, "desired value")
+        # An empty `expected` matches an absent key or an empty value. etcd's value comparison
+        # never matches an absent key, so an empty value found instead takes a second
+        # transaction, conditioned on its revision (`empty_at`).
+        empty_at: int | None = None
+        while True:
+            if expected:
+                condition = Compare.value_is(key_bytes, expected)
+            elif empty_at is None:
+                condition = Compare.absent(key_bytes)
+            else:
+                condition = Compare.mod_revision_is(key_bytes, empty_at)
+            result = await self._put_if(condition, key_bytes, desired)
+            if result.succeeded:
+                return desired
+            current = result.ranges[0]
+            if not current:
+                if expected:
+                    return expected
+                empty_at = None
+                continue
+            if expected or current[0].value:
+                return current[0].value
+            empty_at = current[0].mod_revision
+
+    async def delete_key(self, key: str) -> bool:
+        """Delete `key`; return whether it existed."""
+        # A delete retried after its first attempt landed unseen reports False: a rare
+        # misreport, but never a wrong store.
+        return await self._connection.delete(self._key(key)) > 0
+
+    # -------------------------------------------------------------------------------- reads
+
+    async def get(self, key: str, *, timeout: float) -> bytes:
+        """Return the value of `key`, waiting up to `timeout` seconds for the key to be set.
+
+        Raises:
+            StoreTimeoutError: the key did not exist within `timeout` seconds.
+        """
+        [value] = await self.multi_get([key], timeout=timeout)
+        return value
+
+    async def multi_get(self, keys: Sequence[str], *, timeout: float) -> list[bytes]:
+        """Return the values of `keys`, in order, once they all exist; wait up to `timeout`.
+
+        The values are read together: they are the keys' values at one etcd revision.
+
+        Raises:
+            StoreTimeoutError: some keys did not exist within `timeout` seconds.
+        """
+        names = self._names(keys)
+        values = await self._wait_for(names, timeout)
+        return [values[self._key(key)] for key in keys]
+
+    async def wait(self, keys: Sequence[str], *, timeout: float) -> None:
+        """Return once every key in `keys` exists; wait up to `timeout` seconds.
+
+        Raises:
+            StoreTimeoutError: some keys did not exist within `timeout` seconds; the message
+                names them.
+        """
+        await self._wait_for(self._names(keys), timeout)
+
+    async def check(self, keys: Sequence[str]) -> bool:
+        """Return whether every key in `keys` exists now, without waiting."""
+        names = self._names(keys)
+        if not names:
+            return True
+        found, _ = await self._read(names)
+        return len(found) == len(names)
+
+    async def num_keys(self) -> int:
+        """Return the number of keys in the store (every etcd key under its prefix)."""
+        return await self._connection.count(self._prefix_bytes, prefix=True)
+
+    # ---------------------------------------------------------------------------- internals
+
+    def _key(self, key: str) -> bytes:
+        if not isinstance(key, str):
+            raise TypeError(f"A store key must be a str, not {type(key).__name__}.")
+        return (self._prefix + key).encode()
+
+    def _names(self, keys: Sequence[str]) -> dict[bytes, str]:
+        """The distinct etcd keys of `keys`, in order, each with the name it was given by."""
+        if isinstance(keys, str):
+            raise TypeError(f"Expected a sequence of store keys, not the single str {keys!r}.")
+        return {self._key(key): key for key in keys}
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[TxnResult]]) -> TxnResult:
+        """Run a transaction that may run twice, again while its outcome is unknown."""
+        deadline = self._connection.deadline()
+        while True:
+            try:
+                return await attempt()
+            except OutcomeUnknownError:
+                if time.monotonic() >= deadline:
+                    raise
+
+    async def _put_all(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        async def write(lease: int) -> TxnResult:
+            return await self._connection.txn([], [Put(key, value, lease) for key, value in items])
+
+        # Unconditional writes of the same values: landing twice is landing once.
+        await self._retrying(lambda: self._lease.run(write))
+
+    async def _put_if(self, condition: Compare, key: bytes, value: bytes) -> TxnResult:
+        """If `condition` holds, write `value` at `key`; else read `key`."""
+
+        async def write(lease: int) -> TxnResult:
+            return await self._connection.txn([condition], [Put(key, value, lease)], [Get(key)])
+
+        # Retried blindly when its answer is lost, which suits compare_set: if the lost write
+        # landed, the key holds `value` and the retry's condition fails (or, if `value` is
+        # what it compares with, writes it again), and either way reports `value`. Only a write
+        # by someone else in between makes the retry report theirs instead.
+        return await self._retrying(lambda: self._lease.run(write))
+
+    async def _read(self, keys: Collection[bytes]) -> tuple[dict[bytes, bytes], int]:
+        """The values of those of `keys` that exist, and the etcd revision they were read at."""
+        if len(keys) == 1:
+            kvs, revision = await self._connection.range(next(iter(keys)))
+        elif len(keys) <= _MAX_TXN_OPS:
+            gets = [Get(key) for key in keys]
+            result = await self._retrying(lambda: self._connection.txn([], gets))
+            kvs = tuple(kv for found in result.ranges for kv in found)
+            revision = result.revision
+        else:
+            # Too many keys for one transaction: read the whole store instead, still at one
+            # revision.
+            kvs, revision = await self._connection.range(self._prefix_bytes, prefix=True)
+        return {kv.key: kv.value for kv in kvs if kv.key in keys}, revision
+
+    async def _wait_for(self, names: dict[bytes, str], timeout: float) -> dict[bytes, bytes]:
+        """The values of the keys `names`, once they all exist at once; bounded by `timeout`."""
+        seconds = _validate_timeout(timeout)
+        if not names:
+            return {}
+        deadline = anyio.current_time() + seconds
+        while True:
+            found, revision = await self._read(names)
+            if len(found) == len(names):
+                return found
+            try:
+                with anyio.CancelScope(deadline=deadline):
+                    await self._watch_until_present(names, found, revision)
+                    return found
+            except RendezvousWatchCompactedError:
+                # etcd compacted away the revisions just after our read: read again.
+                continue
+            missing = ", ".join(repr(name) for key, name in names.items() if key not in found)
+            raise StoreTimeoutError(
+                f"The store keys {missing} (under {self._prefix!r}) did not appear within the "
+                f"timeout of {seconds:g} s."
+            )
+
+    async def _watch_until_present(
+        self, keys: Collection[bytes], found: dict[bytes, bytes], revision: int
+    ) -> None:
+        """Apply every change of `keys` after `revision` to `found` until all of them exist."""
+        # Starting right after the read's revision, no write between the read and the watch is
+        # missed. Several keys share one stream, on the store's prefix.
+        watched = next(iter(keys)) if len(keys) == 1 else self._prefix_bytes
+        changes = self._connection.watch(watched, start_revision=revision + 1, prefix=len(keys) > 1)
+        try:
+            async for event in changes:
+                key = event.kv.key
+                if key not in keys:
+                    continue
+                if event.deleted:
+                    found.pop(key, None)
+                else:
+                    found[key] = event.kv.value
+                if len(found) == len(keys):
+                    return
+        finally:
+            await changes.aclose()
+
+    async def _update(self, key: str, change: Callable[[bytes | None], bytes]) -> bytes:
+        """Replace the value `v` at `key` (`None` if absent) by `change(v)`, atomically.
+
+        A compare-and-swap loop, one transaction per attempt: the first assumes the key is
+        absent; a failed attempt reads the key in the same transaction, and the next is
+        conditioned on the revision it read. Returns the value written.
+        """
+        key_bytes = self._key(key)
+        expected: int | None = None  # the mod revision the next attempt requires; None: absent
+        value = change(None)
+        lost: set[int] = set()  # leases of attempts under `expected` whose answers were lost
+        sent = 0
+
+        async def write(lease: int) -> TxnResult:
+            nonlocal sent
+            sent = lease
+            condition = (
+                Compare.absent(key_bytes)
+                if expected is None
+                else Compare.mod_revision_is(key_bytes, expected)
+            )
+            return await self._connection.txn(
+                [condition], [Put(key_bytes, value, lease)], [Get(key_bytes)]
+            )
+
+        deadline = self._connection.deadline()
+        while True:
+            try:
+                result = await self._lease.run(write)
+            except OutcomeUnknownError:
+                # Sending it again blindly could apply the change twice: look for it first.
+                lost.add(sent)
+                current = await self._connection.get(key_bytes)
+                landed, current = await self._find_lost_write(key, value, lost, expected, current)
+                if landed:
+                    return value
+                if time.monotonic() >= deadline:
+                    raise
+            else:
+                if result.succeeded:
+                    return value
+                current = result.ranges[0][0] if result.ranges[0] else None
+                if lost:
+                    # An earlier attempt under the same condition lost its answer; it may have
+                    # landed only since we looked, and be why this one failed.
+                    landed, current = await self._find_lost_write(
+                        key, value, lost, expected, current
+                    )
+                    if landed:
+                        return value
+            now_expected = None if current is None else current.mod_revision
+            if now_expected != expected:
+                # The key has moved past the condition of the lost attempts: they can no
+                # longer land.
+                lost.clear()
+            expected = now_expected
+            value = change(None if current is None else current.value)
+
+    # How a lost answer of `_update` (add, append) is resolved, and what is guaranteed.
+    #
+    # An attempt conditioned on mod revision R, if it landed, is the first change of the key
+    # after R: its condition held, so nothing came between. We call it landed iff that first
+    # change is a put of exactly our bytes with one of our attempts' leases. So:
+    #
+    # - A write that landed is always recognised, so an add is never applied twice, as long as
+    #   etcd still holds the history after R (else OutcomeUnknownError: we do not guess).
+    #   Attempts that lost their answer and may still land late are also recognised, when a
+    #   later attempt under the same condition fails.
+    # - A write that did not land is taken for ours only if another write was the first change
+    #   after R with the same bytes and the same lease. Leases are per store object, so only a
+    #   concurrent call on this same AsyncEtcdStore can do that: e.g. two `add(k, n)` with the
+    #   same n, from the same value, or a `set` of our exact result. Then our add is lost and
+    #   both calls return the same value.
+    #
+    # An attempt conditioned on absence (the first one) has no revision to start from, so we
+    # look at the key's current incarnation: if it was created by a put of our bytes and lease,
+    # ours landed. Same caveat as above; and if our create landed but the key was deleted (by
+    # delete_key, or its lease expired) before we looked, we cannot see it and apply the change
+    # again, to the new key.
+
+    async def _find_lost_write(
+        self,
+        key: str,
+        value: bytes,
+        leases: Collection[int],
+        expected: int | None,
+        current: KeyValue | None,
+    ) -> tuple[bool, KeyValue | None]:
+        """Whether a write of `value` conditioned on `expected` landed; and the current key.
+
+        `current` is the key as read after the write was sent.
+        """
+        key_bytes = self._key(key)
+        try:
+            if expected is None:
+                if current is None:
+                    return False, None
+                created = (
+                    current
+                    if current.version == 1
+                    else await self._connection.get(key_bytes, revision=current.create_revision)
+                )
+                ours = created is not None and created.value == value and created.lease in leases
+            elif current is not None and current.mod_revision == expected:
+                return False, current
+            else:
+                first = await self._connection.first_change_after(key_bytes, expected)
+                ours = not first.deleted and first.kv.value == value and first.kv.lease in leases
+        except (RevisionCompactedError, RendezvousWatchCompactedError) as error:
+            raise OutcomeUnknownError(
+                f"A write to the store key {key!r} may or may not have landed, and etcd no "
+                "longer holds the history to tell."
+            ) from error
+        return ours, current
