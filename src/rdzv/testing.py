@@ -595,13 +595,20 @@ class EtcdServer:
         directory when `data_dir` was not given, and its log file when `log_file` was not given)
         is removed; a later `start()` then begins with an empty etcd. With `keep_data`, a later
         `start()` or `restart()` continues with the same data.
+
+        In a child process forked from the one that started etcd, this does nothing (as does
+        `kill()`): the server belongs to the parent.
         """
+        if self._in_forked_child():
+            return
         self._terminate()
         if not keep_data:
             self._remove_scratch()
 
     def kill(self) -> None:
         """Kill etcd with SIGKILL, as a crash would, keeping its data for `restart()`."""
+        if self._in_forked_child():
+            return
         proc = self._proc
         if proc is not None and proc.poll() is None:
             proc.kill()
@@ -693,6 +700,9 @@ class EtcdServer:
         if not isinstance(result, dict):
             raise ConnectionError(f"unexpected answer from {self.client_url}: {payload!r}")
         return result
+
+    def _in_forked_child(self) -> bool:
+        return os.getpid() != self._owner_pid
 
     def _running_proc(self) -> subprocess.Popen[bytes]:
         proc = self._proc

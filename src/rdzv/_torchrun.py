@@ -1,0 +1,25 @@
+"""torchrun's entry point for `--rdzv-backend=etcd-v3`.
+
+torch loads the `torchrun.handlers` entry points while its rendezvous package is still being
+imported, and calls each with no arguments to get a handler creator. So this module imports
+nothing from torch, and the creator imports `rdzv.torch` only when torchrun asks for a handler.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousParameters
+
+
+def create_etcd_v3_handler(params: RendezvousParameters) -> RendezvousHandler:
+    """Create the `etcd-v3` rendezvous handler (see `rdzv.torch.create_handler`)."""
+    from rdzv.torch import create_handler
+
+    return create_handler(params)
+
+
+def handler_creator() -> object:
+    """The `torchrun.handlers` entry point: returns the creator torch registers as `etcd-v3`."""
+    return create_etcd_v3_handler

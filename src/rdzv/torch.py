@@ -1,0 +1,323 @@
+r"""PyTorch integration: torchrun's `etcd-v3` rendezvous backend, and a c10d Store over etcd v3.
+
+After `pip install 'rdzv[torch]'`::
+
+    torchrun --rdzv-backend=etcd-v3 --rdzv-endpoint=10.0.0.1:2379,10.0.0.2:2379 \\
+        --rdzv-id=job-42 --nnodes=2 --nproc-per-node=8 train.py
+
+Everything here runs the async core through the synchronous facade's event-loop thread; errors
+come out as torch's own classes (`torch.distributed.elastic.rendezvous.api`), so torch's handler
+and user code catch them.
+"""
+
+from __future__ import annotations
+
+try:
+    import torch.distributed as dist
+
+    # torch.distributed re-exports Store only when distributed support is built in, which type
+    # checkers cannot see; this is where it is defined.
+    from torch._C._distributed_c10d import Store
+    from torch.distributed.elastic.rendezvous import api as torch_api
+    from torch.distributed.elastic.rendezvous import dynamic_rendezvous
+except ImportError as error:  # pragma: no cover - exercised without torch installed
+    raise ImportError(
+        "rdzv.torch needs PyTorch; install it with: pip install 'rdzv[torch]'"
+    ) from error
+
+import contextlib
+import datetime
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from rdzv._backend import (
+    DEFAULT_KEY_PREFIX,
+    DEFAULT_TTL,
+    AsyncEtcdBackend,
+    SetStateResult,
+    validate_ttl,
+)
+from rdzv._errors import (
+    RendezvousConnectionError,
+    RendezvousError,
+    RendezvousStateError,
+    StoreTimeoutError,
+)
+from rdzv._etcd import Connection
+from rdzv._store import DEFAULT_STORE_PREFIX, AsyncEtcdStore
+from rdzv._sync import EtcdBackend, LoopThread
+
+__all__ = [
+    "PASSWORD_ENVIRONMENT_VARIABLE",
+    "EtcdStore",
+    "TorchEtcdBackend",
+    "create_backend",
+    "create_handler",
+]
+
+PASSWORD_ENVIRONMENT_VARIABLE = "RDZV_ETCD_PASSWORD"
+DEFAULT_ENDPOINT = "localhost:2379"
+
+# (our class, torch's class), most specific first.
+_TORCH_ERRORS: tuple[tuple[type[RendezvousError], type[Exception]], ...] = (
+    (StoreTimeoutError, dist.DistStoreError),
+    (RendezvousConnectionError, torch_api.RendezvousConnectionError),
+    (RendezvousStateError, torch_api.RendezvousStateError),
+    (RendezvousError, torch_api.RendezvousError),
+)
+
+
+@contextlib.contextmanager
+def _as_torch_errors() -> Iterator[None]:
+    """Re-raise rdzv's errors as torch's, with the same message and the original chained."""
+    try:
+        yield
+    except RendezvousError as error:
+        for ours, theirs in _TORCH_ERRORS:
+            if isinstance(error, ours):
+                raise theirs(str(error)) from error
+        raise  # pragma: no cover - the last pair catches every RendezvousError
+
+
+class TorchEtcdBackend(dynamic_rendezvous.RendezvousBackend):
+    """torch's `RendezvousBackend` over `rdzv.EtcdBackend`; its name is `"etcd-v3"`."""
+
+    def __init__(self, facade: EtcdBackend) -> None:
+        self._facade = facade
+
+    def __repr__(self) -> str:
+        return f"<rdzv.torch.TorchEtcdBackend {self._facade!r}>"
+
+    @property
+    def name(self) -> str:
+        """`"etcd-v3"`, the name torchrun's `--rdzv-backend` uses."""
+        return self._facade.name
+
+    @property
+    def facade(self) -> EtcdBackend:
+        """The rdzv facade this backend delegates to."""
+        return self._facade
+
+    def get_state(self) -> tuple[bytes, Any] | None:
+        """See `rdzv.AsyncEtcdBackend.get_state`; raises torch's error classes."""
+        with _as_torch_errors():
+            return self._facade.get_state()
+
+    def set_state(self, state: bytes, token: Any | None = None) -> SetStateResult | None:
+        """See `rdzv.AsyncEtcdBackend.set_state`; raises torch's error classes."""
+        with _as_torch_errors():
+            return self._facade.set_state(state, token)
+
+
+def _as_bytes(value: str | bytes) -> bytes:
+    # C++ callers pass bytes; Python callers often pass str.
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
+class EtcdStore(Store):
+    """A c10d `Store` whose keys live in etcd v3 under a prefix (default `/torch/elastic/store/`).
+
+    Blocking calls (`get`, `wait`, `multi_get`) wait with etcd's watch and give up after the
+    store's `timeout` (a zero timeout waits forever, as in c10d), raising `DistStoreError`.
+    """
+
+    def __init__(
+        self,
+        loop: LoopThread,
+        store: AsyncEtcdStore,
+        timeout: datetime.timedelta | None = None,
+    ) -> None:
+        super().__init__()  # the pybind11 trampoline needs it
+        self._loop = loop
+        self._store = store
+        if timeout is not None:
+            self.set_timeout(timeout)
+
+    def __repr__(self) -> str:
+        return f"<rdzv.torch.EtcdStore prefix={self._store.prefix!r}>"
+
+    def _seconds(self, timeout: datetime.timedelta | None = None) -> float:
+        # Read the timeout on every call: C++ (PrefixStore) changes it without calling Python.
+        if timeout is None:
+            timeout = self.timeout  # type: ignore[attr-defined]  # missing from torch's stub
+        seconds = timeout.total_seconds()
+        return math.inf if seconds == 0 else seconds
+
+    def set(self, key: str, value: str | bytes) -> None:
+        """Write `value` at `key`."""
+        with _as_torch_errors():
+            self._loop.call(self._store.set, key, _as_bytes(value))
+
+    def get(self, key: str) -> bytes:
+        """Return the value at `key`, waiting up to the store's timeout for it to appear."""
+        with _as_torch_errors():
+            return self._loop.call(self._store.get, key, timeout=self._seconds())
+
+    def add(self, key: str, value: int) -> int:
+        """Add `value` to the integer at `key` (0 if absent), atomically; return the sum."""
+        with _as_torch_errors():
+            return self._loop.call(self._store.add, key, value)
+
+    def compare_set(
+        self, key: str, expected_value: str | bytes, desired_value: str | bytes
+    ) -> bytes:
+        """Set `key` to `desired_value` if it holds `expected_value`; return its value then.
+
+        An empty `expected_value` also matches an absent key (c10d's "set if absent").
+        """
+        with _as_torch_errors():
+            return self._loop.call(
+                self._store.compare_set, key, _as_bytes(expected_value), _as_bytes(desired_value)
+            )
+
+    def wait(self, keys: list[str], timeout: datetime.timedelta | None = None) -> None:
+        """Wait until every key exists, up to `timeout` (default: the store's timeout)."""
+        with _as_torch_errors():
+            self._loop.call(self._store.wait, keys, timeout=self._seconds(timeout))
+
+    def check(self, keys: list[str]) -> bool:
+        """Whether every key exists now."""
+        with _as_torch_errors():
+            return self._loop.call(self._store.check, keys)
+
+    def delete_key(self, key: str) -> bool:
+        """Delete `key`; whether it existed."""
+        with _as_torch_errors():
+            return self._loop.call(self._store.delete_key, key)
+
+    def num_keys(self) -> int:
+        """The number of keys in the store."""
+        with _as_torch_errors():
+            return self._loop.call(self._store.num_keys)
+
+    # c10d's C++ side looks these two up by their C++ names.
+    deleteKey = delete_key
+    getNumKeys = num_keys
+
+    def multi_get(self, keys: list[str]) -> list[bytes]:
+        """The values of `keys`, in one transaction, waiting for missing keys."""
+        with _as_torch_errors():
+            return self._loop.call(self._store.multi_get, keys, timeout=self._seconds())
+
+    def multi_set(self, keys: list[str], values: Sequence[str | bytes]) -> None:
+        """Write every key, in one transaction."""
+        with _as_torch_errors():
+            self._loop.call(self._store.multi_set, keys, [_as_bytes(v) for v in values])
+
+    def append(self, key: str, value: str | bytes) -> None:
+        """Append `value` to the bytes at `key` (creating it)."""
+        with _as_torch_errors():
+            self._loop.call(self._store.append, key, _as_bytes(value))
+
+
+def _first(params: torch_api.RendezvousParameters, *names: str) -> str | None:
+    """The first of `names` set in `--rdzv-conf` (a name and its legacy aliases)."""
+    for name in names:
+        value = params.get(name)
+        if value:
+            return str(value).strip()
+    return None
+
+
+def _password(params: torch_api.RendezvousParameters, username: str | None) -> str | None:
+    if params.get("password") is not None:
+        raise ValueError(
+            "Do not put the etcd password in --rdzv-conf, where every process listing shows it; "
+            f"use password_file=PATH or the {PASSWORD_ENVIRONMENT_VARIABLE} environment variable."
+        )
+    password_file = _first(params, "password_file")
+    if username is None:
+        if password_file:
+            raise ValueError("password_file was given without a username.")
+        return None
+    if password_file:
+        try:
+            return Path(password_file).read_text().rstrip("\r\n")
+        except OSError as error:
+            raise ValueError(
+                f"The etcd password file {password_file!r} cannot be read: {error.strerror}."
+            ) from None
+    password = os.environ.get(PASSWORD_ENVIRONMENT_VARIABLE)
+    if password is None:
+        raise ValueError(
+            f"The etcd user {username!r} needs a password: set password_file=PATH in "
+            f"--rdzv-conf, or the {PASSWORD_ENVIRONMENT_VARIABLE} environment variable."
+        )
+    return password
+
+
+def _connection(params: torch_api.RendezvousParameters) -> Connection:
+    read_timeout = params.get_as_int("read_timeout", 60)
+    if read_timeout is None or read_timeout <= 0:
+        raise ValueError("The read timeout must be a positive integer.")
+    protocol = str(params.get("protocol", "http")).strip().lower()
+    if protocol not in ("http", "https"):
+        raise ValueError("The protocol must be HTTP or HTTPS.")
+    username = _first(params, "username")
+    return Connection(
+        params.endpoint.strip() or DEFAULT_ENDPOINT,
+        protocol=protocol,
+        read_timeout=read_timeout,
+        ca_cert=_first(params, "ca_cert", "cacert"),
+        ssl_cert=_first(params, "ssl_cert", "cert"),
+        ssl_cert_key=_first(params, "ssl_cert_key", "key"),
+        username=username,
+        password=_password(params, username),
+    )
+
+
+def create_backend(
+    params: torch_api.RendezvousParameters,
+) -> tuple[TorchEtcdBackend, EtcdStore]:
+    """Create the `etcd-v3` rendezvous backend and its c10d store from torchrun's parameters.
+
+    `params.endpoint` is `host:port`, or several separated by commas (IPv6 in brackets).
+    `--rdzv-conf` options (values arrive as strings):
+
+    | option | default | meaning |
+    |---|---|---|
+    | `read_timeout` | 60 | seconds any etcd call may take, retries included |
+    | `protocol` | `http` | `http` or `https` |
+    | `ca_cert` (alias `cacert`) | system CAs | CA certificate for https |
+    | `ssl_cert` (alias `cert`) | none | client certificate for https |
+    | `ssl_cert_key` (alias `key`) | none | the client certificate's key |
+    | `username` | none | etcd user; its password from `password_file` or `RDZV_ETCD_PASSWORD` |
+    | `password_file` | none | a file holding the password |
+    | `key_prefix` | `/torch/elastic/rendezvous` | where the rendezvous state lives |
+    | `store_prefix` | `/torch/elastic/store/` | where the store's keys live |
+    | `ttl` | 7200 | seconds an unwritten state (and store key) lives, at least |
+
+    The backend and the store share one connection on one event-loop thread. Raises
+    `ValueError` for bad parameters, and torch's `RendezvousConnectionError` if etcd does not
+    answer within `read_timeout`.
+    """
+    connection = _connection(params)
+    ttl = validate_ttl(params.get_as_int("ttl", DEFAULT_TTL))
+    backend = AsyncEtcdBackend(
+        connection,
+        params.run_id,
+        key_prefix=_first(params, "key_prefix") or DEFAULT_KEY_PREFIX,
+        ttl=ttl,
+    )
+    store = AsyncEtcdStore(
+        connection, prefix=_first(params, "store_prefix") or DEFAULT_STORE_PREFIX, ttl=ttl
+    )
+    with _as_torch_errors():
+        loop = LoopThread(connection)
+    return TorchEtcdBackend(EtcdBackend._on(loop, backend)), EtcdStore(loop, store)
+
+
+def create_handler(
+    params: torch_api.RendezvousParameters,
+) -> dynamic_rendezvous.DynamicRendezvousHandler:
+    """torch's `DynamicRendezvousHandler` over the `etcd-v3` backend and store.
+
+    torchrun finds it through the `torchrun.handlers` entry point `etcd-v3`. The handler's own
+    options (`join_timeout`, `last_call_timeout`, `close_timeout`, `heartbeat_timeout`,
+    `keep_alive_interval`, `keep_alive_max_attempt`) come from `--rdzv-conf` too.
+    """
+    backend, store = create_backend(params)
+    return dynamic_rendezvous.create_handler(store, backend, params)
