@@ -1,0 +1,154 @@
+"""The synchronous facade: the async core on one event-loop thread, usable from any thread."""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import rdzv
+
+
+@pytest.fixture
+def facade(etcd_endpoints: str, etcd_key_prefix: str) -> Iterator[rdzv.EtcdBackend]:
+    """A facade for run id "job" under this test's key prefix."""
+    with rdzv.EtcdBackend(etcd_endpoints, "job", key_prefix=etcd_key_prefix) as backend:
+        yield backend
+
+
+def test_facade_follows_the_contract(facade: rdzv.EtcdBackend) -> None:
+    """Create, conflict and compare-and-swap behave as in the async core."""
+    assert facade.get_state() is None
+    _, token, written = facade.set_state(b"one")  # type: ignore[misc]
+    assert written
+    assert facade.set_state(b"two") == (b"one", token, False)
+    _, new_token, written = facade.set_state(b"two", token)  # type: ignore[misc]
+    assert written
+    assert facade.get_state() == (b"two", new_token)
+
+
+def test_facade_is_named_etcd_v3(facade: rdzv.EtcdBackend) -> None:
+    """The facade reports the backend name torchrun uses."""
+    assert facade.name == "etcd-v3"
+
+
+def test_watch_iterates_over_changes(facade: rdzv.EtcdBackend) -> None:
+    """The blocking watch iterator yields a change made by another thread."""
+    _, token, _ = facade.set_state(b"zero")  # type: ignore[misc]
+    writer = threading.Timer(0.2, facade.set_state, (b"one", token))
+    writer.start()
+    changes = facade.watch(token)
+    try:
+        state, new_token = next(changes)
+    finally:
+        changes.close()  # type: ignore[attr-defined]
+        writer.join()
+    assert state == b"one"
+    assert new_token > token
+
+
+def test_many_threads_share_one_facade_without_losing_updates(facade: rdzv.EtcdBackend) -> None:
+    """Eight threads incrementing a counter through one facade end at the exact total."""
+    facade.set_state(b"0")
+    threads, rounds = 8, 10
+
+    def increment() -> None:
+        for _ in range(rounds):
+            state, token = facade.get_state()  # type: ignore[misc]
+            while True:
+                result = facade.set_state(str(int(state) + 1).encode(), token)
+                assert result is not None
+                state, token, written = result
+                if written:
+                    break
+
+    workers = [threading.Thread(target=increment) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert facade.get_state()[0] == str(threads * rounds).encode()  # type: ignore[index]
+
+
+def test_close_leaves_no_thread_behind(etcd_endpoints: str, etcd_key_prefix: str) -> None:
+    """Closing the facade stops its event-loop thread and gRPC's poller thread."""
+    before = set(threading.enumerate())
+    backend = rdzv.EtcdBackend(etcd_endpoints, "job", key_prefix=etcd_key_prefix)
+    backend.get_state()
+    started = {thread.name for thread in set(threading.enumerate()) - before}
+    assert "rdzv-event-loop" in started
+    backend.close()
+    assert set(threading.enumerate()) == before
+
+
+def test_close_is_idempotent_and_later_calls_fail(
+    etcd_endpoints: str, etcd_key_prefix: str
+) -> None:
+    """A second close is harmless; calls after close raise RendezvousError."""
+    backend = rdzv.EtcdBackend(etcd_endpoints, "job", key_prefix=etcd_key_prefix)
+    backend.close()
+    backend.close()
+    with pytest.raises(rdzv.RendezvousError, match="closed"):
+        backend.get_state()
+
+
+def test_unreachable_etcd_fails_construction_within_read_timeout(etcd_key_prefix: str) -> None:
+    """Creating a facade for a dead endpoint raises RendezvousConnectionError in time."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    before = set(threading.enumerate())
+    started = time.monotonic()
+    with pytest.raises(rdzv.RendezvousConnectionError):
+        rdzv.EtcdBackend(f"127.0.0.1:{port}", "job", key_prefix=etcd_key_prefix, read_timeout=1)
+    assert time.monotonic() - started < 3
+    # The traceback kept the closed channel alive; gRPC's poller stops once it is freed.
+    gc.collect()
+    assert set(threading.enumerate()) == before
+
+
+def test_bad_run_id_fails_before_a_thread_starts(etcd_endpoints: str) -> None:
+    """Invalid arguments raise ValueError without starting an event-loop thread."""
+    before = set(threading.enumerate())
+    with pytest.raises(ValueError, match="run id"):
+        rdzv.EtcdBackend(etcd_endpoints, "")
+    assert set(threading.enumerate()) == before
+
+
+def _use_parent_facade_then_own(
+    parent: rdzv.EtcdBackend, endpoints: str, key_prefix: str, results: multiprocessing.Queue
+) -> None:
+    """In a forked child: the parent's facade refuses; a new facade works."""
+    try:
+        parent.get_state()
+        results.put("parent's facade worked in the child")
+    except rdzv.RendezvousError as error:
+        results.put(f"refused: {error}")
+    with rdzv.EtcdBackend(endpoints, "job", key_prefix=key_prefix, read_timeout=10) as own:
+        results.put(own.set_state(b"from the child", own.get_state()[1]))  # type: ignore[index]
+
+
+def test_forked_child_can_create_and_use_its_own_facade(
+    facade: rdzv.EtcdBackend, etcd_endpoints: str, etcd_key_prefix: str
+) -> None:
+    """After fork(), the child makes a working facade and the parent's keeps working."""
+    facade.set_state(b"from the parent")
+    context = multiprocessing.get_context("fork")
+    results: multiprocessing.Queue = context.Queue()  # type: ignore[type-arg]
+    child = context.Process(
+        target=_use_parent_facade_then_own, args=(facade, etcd_endpoints, etcd_key_prefix, results)
+    )
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    refused = results.get(timeout=5)
+    assert refused.startswith("refused: ")
+    assert "forked process" in refused
+    state, token, written = results.get(timeout=5)
+    assert (state, written) == (b"from the child", True)
+    assert facade.get_state() == (b"from the child", token)
