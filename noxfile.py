@@ -15,7 +15,7 @@ TORCH = "torch==2.13.0"
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite against real etcd servers the tests start themselves."""
-    session.install("-e", ".[test]")
+    session.install("-e", ".[test,torch]", TORCH)
     session.run("pytest", *session.posargs)
 
 
@@ -30,14 +30,14 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package."""
-    session.install("-e", ".", "mypy")
+    session.install("-e", ".[torch]", TORCH, "mypy")
     session.run("mypy")
 
 
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks side by side on one etcd server; `-- --quick` for a short run."""
-    session.install("-e", ".[server]")
+    session.install("-e", ".[server,torch]", TORCH)
     session.run("python", "benchmarks/run.py", *session.posargs)
 
 
