@@ -99,6 +99,7 @@ def test_binary_lookup_honours_the_environment_variable(
     link.symlink_to(find_etcd_binary())
     monkeypatch.setenv("RDZV_ETCD_BINARY", str(link))
     assert find_etcd_binary() == str(link)
+    assert EtcdServer().binary == str(link)
 
 
 @pytest.mark.parametrize("kind", ["missing", "not executable", "directory"])
@@ -247,7 +248,7 @@ def test_pause_makes_requests_hang_until_resume(server: EtcdServer) -> None:
     with pytest.raises((TimeoutError, urllib.error.URLError)):
         _get(server.client_url, "k", timeout=0.5)
     server.resume()
-    assert not server.is_paused
+    assert " running " in repr(server)  # not " paused "
     assert _get(server.client_url, "k") is None
 
 

@@ -59,8 +59,16 @@ def _etcd_endpoints(endpoints: str | None) -> Iterator[str]:
 @click.option("--run-id", default=None, help="Rendezvous run id; default: a fresh one.")
 @click.option("--key-prefix", default=DEFAULT_KEY_PREFIX, show_default=True)
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds before giving up.")
+@click.option(
+    "--read-timeout", default=10.0, show_default=True, help="Seconds any one etcd call may take."
+)
 def demo(
-    nodes: int, endpoints: str | None, run_id: str | None, key_prefix: str, timeout: float
+    nodes: int,
+    endpoints: str | None,
+    run_id: str | None,
+    key_prefix: str,
+    timeout: float,
+    read_timeout: float,
 ) -> None:
     """Rendezvous N asyncio agents through etcd and print who got which rank."""
     run_id = run_id or f"demo-{uuid.uuid4().hex[:8]}"
@@ -81,6 +89,7 @@ def demo(
                     run_id=run_id,
                     key_prefix=key_prefix,
                     timeout=timeout,
+                    read_timeout=read_timeout,
                     on_progress=show,
                 ),
                 backend="asyncio",

@@ -12,8 +12,10 @@ import time
 from collections.abc import Callable
 
 import anyio
+import anyio.abc
 
 from rdzv._backend import AsyncEtcdBackend
+from rdzv._errors import RendezvousError
 from rdzv._etcd import connect
 
 
@@ -38,9 +40,10 @@ async def _agent(
     endpoints: str,
     run_id: str,
     key_prefix: str,
+    read_timeout: float,
     progress: _Progress,
 ) -> int:
-    async with connect(endpoints, read_timeout=30) as connection:
+    async with connect(endpoints, read_timeout=read_timeout) as connection:
         backend = AsyncEtcdBackend(connection, run_id, key_prefix=key_prefix)
         current = await backend.get_state()
         state, token = current if current is not None else (b"[]", None)
@@ -75,15 +78,28 @@ async def run_demo(
     run_id: str,
     key_prefix: str,
     timeout: float,
+    read_timeout: float = 10,
     on_progress: Callable[[int, int, float], None] | None = None,
 ) -> DemoResult:
-    """Run `nodes` agents to one rendezvous; raise `TimeoutError` if it takes over `timeout`."""
+    """Run `nodes` agents to one rendezvous.
+
+    Raises `TimeoutError` if it takes over `timeout` seconds, and the first agent's
+    `RendezvousError` if one fails (the others are then cancelled).
+    """
     progress = _Progress()
     ranks: dict[str, int] = {}
+    failures: list[RendezvousError] = []
     started = time.perf_counter()
 
-    async def agent(name: str) -> None:
-        ranks[name] = await _agent(name, nodes, endpoints, run_id, key_prefix, progress)
+    async def agent(name: str, joining: anyio.abc.TaskGroup) -> None:
+        try:
+            ranks[name] = await _agent(
+                name, nodes, endpoints, run_id, key_prefix, read_timeout, progress
+            )
+        except RendezvousError as error:
+            # One failure is enough to report; a task group would wrap them all in a group.
+            failures.append(error)
+            joining.cancel_scope.cancel()
 
     async def report() -> None:
         while True:
@@ -96,8 +112,10 @@ async def run_demo(
             agents.start_soon(report)
             async with anyio.create_task_group() as joining:
                 for index in range(nodes):
-                    joining.start_soon(agent, f"node-{index}")
+                    joining.start_soon(agent, f"node-{index}", joining)
             agents.cancel_scope.cancel()
+    if failures:
+        raise failures[0]
     seconds = time.perf_counter() - started
     if on_progress is not None:
         on_progress(progress.joined, progress.conflicts, seconds)
