@@ -5,9 +5,11 @@ from __future__ import annotations
 import socket
 import time
 
+import anyio
 import pytest
 
 import rdzv
+from rdzv.testing import EtcdCluster, EtcdServer
 
 pytestmark = pytest.mark.anyio
 
@@ -79,3 +81,40 @@ async def test_one_connection_serves_many_backends(
     for i, backend in enumerate(backends):
         await backend.set_state(str(i).encode())
     assert [(await b.get_state())[0] for b in backends] == [b"0", b"1", b"2", b"3", b"4"]  # type: ignore[index]
+
+
+async def test_call_made_while_the_server_restarts_succeeds_once_it_is_back(
+    etcd_key_prefix: str,
+) -> None:
+    """A server that is down for a moment is retried within the read timeout, not reported."""
+    with EtcdServer() as server:
+        async with rdzv.connect(server.endpoint, read_timeout=20) as connection:
+            backend = rdzv.AsyncEtcdBackend(connection, "job", key_prefix=etcd_key_prefix)
+            _, token, _ = await backend.set_state(b"before")  # type: ignore[misc]
+            await anyio.to_thread.run_sync(server.kill)
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(_restart_after, server, 1.0)
+                assert await backend.get_state() == (b"before", token)
+                assert (await backend.set_state(b"after", token))[2]  # type: ignore[index]
+
+
+async def _restart_after(server: EtcdServer, seconds: float) -> None:
+    await anyio.sleep(seconds)
+    await anyio.to_thread.run_sync(server.restart)
+
+
+async def test_writes_continue_after_the_leader_of_a_cluster_dies(
+    etcd_cluster: EtcdCluster, etcd_key_prefix: str
+) -> None:
+    """Killing the leader of a 3-member cluster only delays compare-and-swap writes."""
+    async with rdzv.connect(etcd_cluster.endpoints, read_timeout=15) as connection:
+        backend = rdzv.AsyncEtcdBackend(connection, "job", key_prefix=etcd_key_prefix)
+        _, token, _ = await backend.set_state(b"0")  # type: ignore[misc]
+        leader = await anyio.to_thread.run_sync(etcd_cluster.leader)
+        await anyio.to_thread.run_sync(leader.kill)
+        for value in range(1, 6):
+            result = await backend.set_state(str(value).encode(), token)
+            assert result is not None
+            assert result[2]
+            token = result[1]
+        assert await backend.get_state() == (b"5", token)
