@@ -10,6 +10,7 @@ nox.options.error_on_missing_interpreters = True
 
 # A CPU build that installs from the local wheel cache; an unpinned torch pulls CUDA wheels.
 TORCH = "torch==2.13.0"
+RUFF = "ruff==0.17.6"
 
 
 @nox.session
@@ -22,7 +23,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff: lint and formatting."""
-    session.install("ruff")
+    session.install(RUFF)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 
