@@ -669,6 +669,14 @@ class Connection:
         response = await self._unary("lease", "LeaseGrant", request, what="grant a lease")
         return int(response.ID)
 
+    async def lease_time_to_live(self, lease_id: int) -> int:
+        """Seconds left before lease `lease_id` expires; -1 if etcd no longer has it."""
+        request = rpc.LeaseTimeToLiveRequest(ID=lease_id, keys=False)
+        response = await self._unary(
+            "lease", "LeaseTimeToLive", request, what=f"read lease {lease_id:x}"
+        )
+        return int(response.TTL)
+
     async def txn(
         self,
         compare: Sequence[Compare],
