@@ -20,7 +20,7 @@ async def test_landed_write_is_reported_written(
 ) -> None:
     """If etcd holds exactly our value, the write landed: (state, its token, True)."""
     _, token, _ = await backend.set_state(b"before")  # type: ignore[misc]
-    ours = _envelope.encode(b"ours")
+    ours = _envelope.encode(b"ours", backend.key)
     await raw_etcd.put(backend.key.encode(), ours)
     landed = await raw_etcd.get(backend.key.encode())
     assert landed is not None
@@ -31,7 +31,7 @@ async def test_landed_write_is_reported_written(
 async def test_untouched_key_means_retry(backend: rdzv.AsyncEtcdBackend) -> None:
     """If the key still has the token's revision, the write did not land: send it again."""
     _, token, _ = await backend.set_state(b"before")  # type: ignore[misc]
-    ours = _envelope.encode(b"ours")
+    ours = _envelope.encode(b"ours", backend.key)
     assert await backend._resolve_unknown_outcome(b"ours", ours, token) == "retry"
 
 
@@ -40,7 +40,7 @@ async def test_landed_then_overwritten_write_is_reported_written(
 ) -> None:
     """If our value was the first change after the token, it landed even if overwritten since."""
     _, token, _ = await backend.set_state(b"before")  # type: ignore[misc]
-    ours = _envelope.encode(b"ours")
+    ours = _envelope.encode(b"ours", backend.key)
     await raw_etcd.put(backend.key.encode(), ours)
     landed = await raw_etcd.get(backend.key.encode())
     assert landed is not None
@@ -54,7 +54,7 @@ async def test_lost_race_is_reported_as_conflict(backend: rdzv.AsyncEtcdBackend)
     """If another write came first after the token, ours did not land: the current state."""
     _, token, _ = await backend.set_state(b"before")  # type: ignore[misc]
     _, theirs, _ = await backend.set_state(b"theirs", token)  # type: ignore[misc]
-    ours = _envelope.encode(b"ours")
+    ours = _envelope.encode(b"ours", backend.key)
     assert await backend._resolve_unknown_outcome(b"ours", ours, token) == (
         b"theirs",
         theirs,
@@ -66,7 +66,7 @@ async def test_created_then_overwritten_state_is_reported_written(
     backend: rdzv.AsyncEtcdBackend, raw_etcd: aetcd.Client
 ) -> None:
     """For a create (None token), finding our value at the key's creation means it landed."""
-    ours = _envelope.encode(b"ours")
+    ours = _envelope.encode(b"ours", backend.key)
     await raw_etcd.put(backend.key.encode(), ours)
     created = await raw_etcd.get(backend.key.encode())
     assert created is not None
@@ -77,5 +77,5 @@ async def test_created_then_overwritten_state_is_reported_written(
 
 async def test_create_that_did_not_land_is_retried(backend: rdzv.AsyncEtcdBackend) -> None:
     """For a create, an absent key means the write did not land: send it again."""
-    ours = _envelope.encode(b"ours")
+    ours = _envelope.encode(b"ours", backend.key)
     assert await backend._resolve_unknown_outcome(b"ours", ours, None) == "retry"

@@ -14,6 +14,7 @@ from rdzv._errors import (
     RendezvousError,
     RendezvousStateError,
     RendezvousStateTooLargeError,
+    RendezvousTLSError,
     RendezvousWatchCompactedError,
     StoreTimeoutError,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "RendezvousError",
     "RendezvousStateError",
     "RendezvousStateTooLargeError",
+    "RendezvousTLSError",
     "RendezvousWatchCompactedError",
     "StoreTimeoutError",
     "__version__",

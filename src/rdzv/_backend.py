@@ -80,6 +80,10 @@ class AsyncEtcdBackend:
     mod revision. The state lives on a lease: it disappears between `ttl` and `2 * ttl` seconds
     after the last write (see the docs for the exact bound).
 
+    With `state_key` (at least 16 secret bytes shared by every node of the job), every value
+    is signed with HMAC-SHA256 and a value without a valid signature is rejected as corrupt: who
+    can write to etcd but lacks the key cannot inject a state.
+
     Any number of backends may share one `rdzv.Connection`.
     """
 
@@ -90,8 +94,10 @@ class AsyncEtcdBackend:
         *,
         key_prefix: str = DEFAULT_KEY_PREFIX,
         ttl: int = DEFAULT_TTL,
+        state_key: bytes | None = None,
     ) -> None:
         self._connection = connection
+        self._state_key = _envelope.validate_state_key(state_key)
         self._run_id = validate_run_id(run_id)
         self._key = f"{validate_key_prefix(key_prefix)}/{self._run_id}"
         self._key_bytes = self._key.encode()
@@ -149,12 +155,14 @@ class AsyncEtcdBackend:
         else:
             current = await self.get_state()
             return None if current is None else (*current, False)
-        value = _envelope.encode(state)
+        value = _envelope.encode(state, self._key, self._state_key)
         deadline = self._connection.deadline()
 
         async def write(lease: int) -> TxnResult:
             put = Put(self._key_bytes, value, lease)
-            return await self._connection.txn([condition], [put], [Get(self._key_bytes)])
+            return await self._connection.txn(
+                [condition], [put], [Get(self._key_bytes)], what=f"write the state at {self._key!r}"
+            )
 
         while True:
             try:
@@ -194,7 +202,7 @@ class AsyncEtcdBackend:
     # ------------------------------------------------------------------------------- internals
 
     def _decode(self, kv: KeyValue) -> bytes:
-        return _envelope.decode(kv.value, self._key, kv.mod_revision)
+        return _envelope.decode(kv.value, self._key, kv.mod_revision, self._state_key)
 
     def _outcome(self, state: bytes, result: TxnResult) -> SetStateResult | None:
         if result.succeeded:

@@ -23,6 +23,15 @@ class RendezvousAuthError(RendezvousConnectionError):
     """
 
 
+class RendezvousTLSError(RendezvousConnectionError):
+    """TLS between rdzv and etcd cannot work as configured.
+
+    The handshake failed (an untrusted server certificate, a missing or rejected client
+    certificate), or a plain-text client met a TLS server. Raised at once, not after retrying
+    for the read timeout, since retrying cannot help.
+    """
+
+
 class RendezvousStateError(RendezvousError):
     """The stored state is corrupt or cannot be written (for example, it is too large).
 

@@ -18,9 +18,11 @@ aetcd and grpc.aio are asyncio-only, so this module and everything above it runs
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import ipaddress
 import random
+import ssl
 import time
 from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
@@ -37,6 +39,7 @@ from rdzv._errors import (
     RendezvousConnectionError,
     RendezvousError,
     RendezvousStateTooLargeError,
+    RendezvousTLSError,
     RendezvousWatchCompactedError,
 )
 
@@ -264,14 +267,38 @@ class LeaseNotFoundError(RendezvousError):
     """A write named a lease that etcd no longer has (it expired or was revoked)."""
 
 
-# etcd sends RESOURCE_EXHAUSTED both for a full database and (through gRPC) for an oversize
-# request. Like etcd's own Go client (rpctypes.ErrorDesc), we tell them apart by etcd's fixed
-# error description, in this one place.
+# etcd gives several errors one status code: INVALID_ARGUMENT is an oversize request, a missing
+# user name, and more; RESOURCE_EXHAUSTED is a full database and (from gRPC itself) an oversize
+# message. Like etcd's own Go client (rpctypes.ErrorDesc), we tell them apart by etcd's fixed
+# error descriptions, here and nowhere else.
+_ETCD_TOO_LARGE: Final = "etcdserver: request is too large"
 _ETCD_NO_SPACE: Final = "etcdserver: mvcc: database space exceeded"
+_ETCD_AUTH_REQUIRED: Final = frozenset(
+    {"etcdserver: user name is empty", "etcdserver: invalid auth token"}
+)
 
 
-def _is_no_space(error: grpc.aio.AioRpcError) -> bool:
-    return bool(error.details() == _ETCD_NO_SPACE)
+def _is_too_large(error: grpc.aio.AioRpcError) -> bool:
+    code, details = error.code(), error.details()
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        return bool(details == _ETCD_TOO_LARGE)
+    return code is grpc.StatusCode.RESOURCE_EXHAUSTED and details != _ETCD_NO_SPACE
+
+
+async def _speaks_tls(endpoint: Endpoint) -> bool:
+    """Whether `endpoint` completes a TLS handshake (its certificate unchecked: only asking)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with anyio.fail_after(2):
+            _, writer = await asyncio.open_connection(endpoint.host, endpoint.port, ssl=context)
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+    except (OSError, TimeoutError):  # ssl.SSLError is an OSError
+        return False
+    return True
 
 
 def prefix_end(prefix: bytes) -> bytes:
@@ -392,6 +419,10 @@ class Connection:
         self._closed = False
         self._resumed = asyncio.Event()
         self._resumed.set()
+        # What is known of TLS misconfiguration, to fail fast on it (see _misconfiguration).
+        self._answered = False
+        self._sniffed: set[Endpoint] = set()
+        self._misconfigured: dict[Endpoint, RendezvousTLSError] = {}
 
     def _channel_credentials(
         self,
@@ -512,6 +543,42 @@ class Connection:
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
+    async def _after_transient_failure(self, link: _Link, error: grpc.aio.AioRpcError) -> None:
+        """Fail over after a transient-looking failure, or raise if TLS cannot work at all."""
+        diagnosis = await self._misconfiguration(link, error)
+        if diagnosis is not None:
+            self._misconfigured[link.endpoint] = diagnosis
+            if len(self._misconfigured) == len(self._endpoints):
+                raise diagnosis from error
+        self._fail_over(link)
+
+    async def _misconfiguration(
+        self, link: _Link, error: grpc.aio.AioRpcError
+    ) -> RendezvousTLSError | None:
+        """A TLS misconfiguration behind a failure that gRPC reports as UNAVAILABLE.
+
+        gRPC gives a failed TLS handshake no status code of its own, so its fixed description
+        ("Tls handshake failed", "Handshake read failed") is what tells it from a dead server.
+        A plain-text client meeting a TLS server only sees the socket close; for that case the
+        endpoint is asked once, before anything has worked, whether it speaks TLS.
+        """
+        if self._credentials is not None:
+            if "handshake" not in (error.details() or "").lower():
+                return None
+            return RendezvousTLSError(
+                f"The TLS handshake with etcd at {link.endpoint} failed: check ca_cert, ssl_cert "
+                f"and ssl_cert_key, and that etcd serves TLS there. gRPC: {error.details()}"
+            )
+        if self._answered or link.endpoint in self._sniffed:
+            return None
+        self._sniffed.add(link.endpoint)
+        if not await _speaks_tls(link.endpoint):
+            return None
+        return RendezvousTLSError(
+            f"etcd at {link.endpoint} serves TLS, but this connection uses plain text: "
+            "connect with protocol='https'."
+        )
+
     def _attempt_timeout(self, remaining: float) -> float:
         if len(self._endpoints) == 1:
             return remaining
@@ -566,6 +633,16 @@ class Connection:
             return RendezvousAuthError(
                 f"etcd refused to let user {self._username!r} {what}: {error.details()}"
             )
+        if error.details() in _ETCD_AUTH_REQUIRED:
+            return RendezvousAuthError(
+                f"etcd requires authentication to {what}: connect with a username and password "
+                f"({error.details()})."
+            )
+        if error.details() == _ETCD_NO_SPACE:
+            return RendezvousError(
+                f"etcd is out of space and refuses to {what}: compact and defragment it, then "
+                "disarm its NOSPACE alarm."
+            )
         if code is grpc.StatusCode.NOT_FOUND:
             # The only thing our calls name that etcd can fail to find is a lease.
             return LeaseNotFoundError(f"etcd cannot {what}: {error.details()}")
@@ -585,11 +662,13 @@ class Connection:
             try:
                 await self._authenticate(link, timeout)
                 call = getattr(getattr(link, stub), method)
-                return await call(request, timeout=timeout, metadata=self._metadata())
+                response = await call(request, timeout=timeout, metadata=self._metadata())
+                self._answered = True
+                return response
             except grpc.aio.AioRpcError as error:
                 last_error = error
                 if error.code() in _TRANSIENT_CODES:
-                    self._fail_over(link)
+                    await self._after_transient_failure(link, error)
                     delay = await self._backoff(delay, deadline)
                 elif error.code() is grpc.StatusCode.UNAUTHENTICATED and not reauthenticated:
                     # The auth token expired: authenticate again, once.
@@ -682,6 +761,8 @@ class Connection:
         compare: Sequence[Compare],
         success: Sequence[Operation],
         failure: Sequence[Operation] = (),
+        *,
+        what: str = "run a transaction",
     ) -> TxnResult:
         """Run one transaction: if every `compare` holds, `success`, else `failure`.
 
@@ -714,26 +795,19 @@ class Connection:
                 last_error = error
                 code = error.code()
                 if code in _TRANSIENT_CODES:
-                    self._fail_over(link)
+                    await self._after_transient_failure(link, error)
                     raise OutcomeUnknownError(CONNECTION_FAILED_MESSAGE) from error
                 if code is grpc.StatusCode.UNAUTHENTICATED and not reauthenticated:
                     self._token = None
                     reauthenticated = True
                     continue
-                if code is grpc.StatusCode.RESOURCE_EXHAUSTED and _is_no_space(error):
-                    raise RendezvousError(
-                        f"etcd is out of space and refuses writes: {error.details()}. Compact "
-                        "and defragment it, then disarm its NOSPACE alarm."
-                    ) from error
-                if written and code in (
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                ):
+                if _is_too_large(error):
                     raise RendezvousStateTooLargeError(
                         f"etcd refused to store {written} bytes: {error.details()}. Nothing was "
                         "written; raise etcd's --max-request-bytes or store less."
                     ) from error
-                raise self._translate(error, "run a transaction") from error
+                raise self._translate(error, what) from error
+            self._answered = True
             ranges = tuple(
                 tuple(_key_value(kv) for kv in op.response_range.kvs)
                 if op.WhichOneof("response") == "response_range"
@@ -784,6 +858,7 @@ class Connection:
                         break
                     if response.created:
                         failing_since, delay, reauthenticated = None, _INITIAL_BACKOFF, False
+                        self._answered = True
                     for event in response.events:
                         kv = _key_value(event.kv)
                         next_revision = kv.mod_revision + 1
@@ -794,7 +869,7 @@ class Connection:
                     self._token = None
                     reauthenticated = True
                 elif error.code() in _TRANSIENT_CODES:
-                    self._fail_over(link)
+                    await self._after_transient_failure(link, error)
                 else:
                     raise self._translate(error, f"watch {key!r}") from error
             finally:

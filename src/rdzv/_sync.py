@@ -172,6 +172,7 @@ class EtcdBackend:
         ssl_cert_key: str | Path | None = None,
         username: str | None = None,
         password: str | None = None,
+        state_key: bytes | None = None,
     ) -> None:
         connection = Connection(
             endpoints,
@@ -184,7 +185,9 @@ class EtcdBackend:
             password=password,
         )
         # Validate the run id, prefix and ttl before a thread or a socket exists.
-        backend = AsyncEtcdBackend(connection, run_id, key_prefix=key_prefix, ttl=ttl)
+        backend = AsyncEtcdBackend(
+            connection, run_id, key_prefix=key_prefix, ttl=ttl, state_key=state_key
+        )
         self._loop = LoopThread(connection)
         self._backend = backend
 

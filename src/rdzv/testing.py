@@ -191,10 +191,10 @@ class EtcdTLS:
             f"--cert-file={os.fspath(self.cert_file)}",
             f"--key-file={os.fspath(self.key_file)}",
         ]
-        if self.ca_file is not None:
-            args.append(f"--trusted-ca-file={os.fspath(self.ca_file)}")
-        if self.client_cert_auth:
-            args.append("--client-cert-auth")
+        if self.client_cert_auth and self.ca_file is not None:
+            # etcd requires client certificates whenever it has a trusted CA file, whatever
+            # --client-cert-auth says; so the CA is only passed when they are wanted.
+            args += [f"--trusted-ca-file={os.fspath(self.ca_file)}", "--client-cert-auth"]
         return args
 
     def client_ssl_context(self) -> ssl.SSLContext:

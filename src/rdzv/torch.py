@@ -249,6 +249,22 @@ def _password(params: torch_api.RendezvousParameters, username: str | None) -> s
     return password
 
 
+def _state_key(params: torch_api.RendezvousParameters) -> bytes | None:
+    if params.get("state_key") is not None:
+        raise ValueError(
+            "Do not put the state key in --rdzv-conf, where every process listing shows it; "
+            "use state_key_file=PATH."
+        )
+    path = _first(params, "state_key_file")
+    if path is None:
+        return None
+    try:
+        # Surrounding whitespace is not part of the key: `openssl rand -hex 32 > FILE` works.
+        return Path(path).read_bytes().strip()
+    except OSError as error:
+        raise ValueError(f"The state key file {path!r} cannot be read: {error.strerror}.") from None
+
+
 def _connection(params: torch_api.RendezvousParameters) -> Connection:
     read_timeout = params.get_as_int("read_timeout", 60)
     if read_timeout is None or read_timeout <= 0:
@@ -289,6 +305,7 @@ def create_backend(
     | `key_prefix` | `/torch/elastic/rendezvous` | where the rendezvous state lives |
     | `store_prefix` | `/torch/elastic/store/` | where the store's keys live |
     | `ttl` | 7200 | seconds an unwritten state (and store key) lives, at least |
+    | `state_key_file` | none | a file holding a secret key (16+ bytes) that signs every state |
 
     The backend and the store share one connection on one event-loop thread. Raises
     `ValueError` for bad parameters, and torch's `RendezvousConnectionError` if etcd does not
@@ -301,6 +318,7 @@ def create_backend(
         params.run_id,
         key_prefix=_first(params, "key_prefix") or DEFAULT_KEY_PREFIX,
         ttl=ttl,
+        state_key=_state_key(params),
     )
     store = AsyncEtcdStore(
         connection, prefix=_first(params, "store_prefix") or DEFAULT_STORE_PREFIX, ttl=ttl

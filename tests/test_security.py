@@ -1,0 +1,273 @@
+"""TLS, mutual TLS, etcd authentication, signed states, and secrets kept out of sight."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trustme
+
+import rdzv
+from rdzv.testing import EtcdServer, EtcdTLS, find_etcd_binary
+
+pytestmark = pytest.mark.anyio
+
+PASSWORD = "s3cret-Passw0rd"
+STATE_KEY = b"a-shared-state-key-of-32-bytes!!"
+
+
+@dataclass(frozen=True)
+class Certificates:
+    """PEM files: a CA, a server certificate for 127.0.0.1, a client certificate, another CA."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    """Certificates made for this test run by trustme."""
+    directory = tmp_path_factory.mktemp("tls")
+    ca, other_ca = trustme.CA(), trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    client = ca.issue_cert("rdzv-client")
+    files = Certificates(*(directory / name for name in ("ca", "sc", "sk", "cc", "ck", "oca")))
+    ca.cert_pem.write_to_path(files.ca)
+    other_ca.cert_pem.write_to_path(files.other_ca)
+    server.cert_chain_pems[0].write_to_path(files.server_cert)
+    server.private_key_pem.write_to_path(files.server_key)
+    client.cert_chain_pems[0].write_to_path(files.client_cert)
+    client.private_key_pem.write_to_path(files.client_key)
+    return files
+
+
+@pytest.fixture(scope="module")
+def tls_server(certificates: Certificates) -> Iterator[EtcdServer]:
+    """An etcd that serves clients over TLS only."""
+    tls = EtcdTLS(certificates.server_cert, certificates.server_key, certificates.ca)
+    with EtcdServer(tls=tls) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def mtls_server(certificates: Certificates) -> Iterator[EtcdServer]:
+    """An etcd that requires a client certificate signed by the test CA."""
+    tls = EtcdTLS(
+        certificates.server_cert,
+        certificates.server_key,
+        certificates.ca,
+        client_cert_auth=True,
+        client_cert_file=certificates.client_cert,
+        client_key_file=certificates.client_key,
+    )
+    with EtcdServer(tls=tls) as server:
+        yield server
+
+
+async def _round_trip(connection: rdzv.Connection, key_prefix: str) -> None:
+    backend = rdzv.AsyncEtcdBackend(connection, "job", key_prefix=key_prefix)
+    _, token, written = await backend.set_state(b"over tls")  # type: ignore[misc]
+    assert written
+    assert await backend.get_state() == (b"over tls", token)
+
+
+async def test_https_with_the_servers_ca_works(
+    tls_server: EtcdServer, certificates: Certificates
+) -> None:
+    """protocol="https" with the CA that signed the server's certificate reads and writes."""
+    async with rdzv.connect(tls_server.endpoint, protocol="https", ca_cert=certificates.ca) as conn:
+        await _round_trip(conn, "/tls")
+
+
+async def test_mutual_tls_with_a_client_certificate_works(
+    mtls_server: EtcdServer, certificates: Certificates
+) -> None:
+    """A client certificate signed by the trusted CA gets through a server that requires one."""
+    async with rdzv.connect(
+        mtls_server.endpoint,
+        protocol="https",
+        ca_cert=certificates.ca,
+        ssl_cert=certificates.client_cert,
+        ssl_cert_key=certificates.client_key,
+    ) as conn:
+        await _round_trip(conn, "/mtls")
+
+
+async def _fails_fast_with_tls_error(endpoint: str, match: str, **options: object) -> None:
+    started = time.monotonic()
+    with pytest.raises(rdzv.RendezvousTLSError, match=match) as caught:
+        async with rdzv.connect(endpoint, read_timeout=30, **options):  # type: ignore[arg-type]
+            pass
+    assert time.monotonic() - started < 10  # far inside the 30 s read timeout
+    assert isinstance(caught.value, rdzv.RendezvousConnectionError)
+
+
+async def test_plain_text_client_against_tls_server_fails_fast(tls_server: EtcdServer) -> None:
+    """A plain-text client meeting a TLS server is told to use https, without a long wait."""
+    await _fails_fast_with_tls_error(tls_server.endpoint, "protocol='https'")
+
+
+async def test_wrong_ca_fails_fast(tls_server: EtcdServer, certificates: Certificates) -> None:
+    """A CA that did not sign the server's certificate fails the handshake, at once."""
+    await _fails_fast_with_tls_error(
+        tls_server.endpoint, "TLS handshake", protocol="https", ca_cert=certificates.other_ca
+    )
+
+
+async def test_missing_client_certificate_fails_fast(
+    mtls_server: EtcdServer, certificates: Certificates
+) -> None:
+    """Without a client certificate, a server that requires one fails the handshake, at once."""
+    await _fails_fast_with_tls_error(
+        mtls_server.endpoint, "TLS handshake", protocol="https", ca_cert=certificates.ca
+    )
+
+
+async def test_https_client_against_plain_server_fails_fast(
+    etcd_endpoints: str, certificates: Certificates
+) -> None:
+    """A TLS client meeting a plain-text server fails the handshake, at once."""
+    await _fails_fast_with_tls_error(
+        etcd_endpoints, "TLS handshake", protocol="https", ca_cert=certificates.ca
+    )
+
+
+# ------------------------------------------------------------------------------ authentication
+
+
+@pytest.fixture(scope="module")
+def auth_server() -> Iterator[EtcdServer]:
+    """An etcd with auth on: "alice" may read and write /allowed/ only; "bob" has no role."""
+    with EtcdServer() as server:
+        etcdctl = str(Path(find_etcd_binary()).with_name("etcdctl"))
+
+        def run(*arguments: str) -> None:
+            subprocess.run(
+                [etcdctl, f"--endpoints={server.endpoint}", *arguments],
+                check=True,
+                capture_output=True,
+                timeout=30,
+            )
+
+        run("user", "add", "root:root-password")
+        run("role", "add", "rendezvous")
+        run("role", "grant-permission", "rendezvous", "--prefix=true", "readwrite", "/allowed/")
+        run("user", "add", f"alice:{PASSWORD}")
+        run("user", "grant-role", "alice", "rendezvous")
+        run("user", "add", f"bob:{PASSWORD}")
+        run("auth", "enable")
+        yield server
+
+
+async def test_user_with_a_role_on_the_prefix_works(auth_server: EtcdServer) -> None:
+    """A user whose role grants the rendezvous prefix reads and writes the state."""
+    async with rdzv.connect(auth_server.endpoint, username="alice", password=PASSWORD) as conn:
+        await _round_trip(conn, "/allowed")
+
+
+async def test_wrong_password_is_a_clear_auth_error(auth_server: EtcdServer) -> None:
+    """A wrong password raises RendezvousAuthError naming the user, fast."""
+    started = time.monotonic()
+    with pytest.raises(rdzv.RendezvousAuthError, match=r"'alice'.*invalid user ID or password"):
+        async with rdzv.connect(auth_server.endpoint, username="alice", password="wrong"):
+            pass
+    assert time.monotonic() - started < 5
+
+
+async def test_user_without_permission_on_the_prefix_is_a_clear_auth_error(
+    auth_server: EtcdServer,
+) -> None:
+    """A user lacking permission on the state's key gets RendezvousAuthError naming the key."""
+    async with rdzv.connect(auth_server.endpoint, username="bob", password=PASSWORD) as conn:
+        backend = rdzv.AsyncEtcdBackend(conn, "job", key_prefix="/allowed")
+        with pytest.raises(
+            rdzv.RendezvousAuthError, match=r"'bob'.*/allowed/job.*permission denied"
+        ):
+            await backend.set_state(b"x")
+
+
+async def test_missing_credentials_on_an_auth_server_is_a_clear_auth_error(
+    auth_server: EtcdServer,
+) -> None:
+    """No credentials against an etcd with auth on says that a username is needed."""
+    async with rdzv.connect(auth_server.endpoint) as conn:
+        backend = rdzv.AsyncEtcdBackend(conn, "job", key_prefix="/allowed")
+        with pytest.raises(rdzv.RendezvousAuthError, match="requires authentication"):
+            await backend.get_state()
+
+
+async def test_password_appears_in_no_error_repr_or_log(
+    auth_server: EtcdServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The password is absent from reprs, error messages, their causes, and log records."""
+    caplog.set_level(logging.DEBUG)
+    seen: list[str] = []
+    connection = rdzv.connect(auth_server.endpoint, username="bob", password=PASSWORD)
+    seen.append(repr(connection))
+    async with connection:
+        backend = rdzv.AsyncEtcdBackend(connection, "job", key_prefix="/allowed")
+        seen.append(repr(backend))
+        with pytest.raises(rdzv.RendezvousAuthError) as denied:
+            await backend.set_state(b"x")
+    with pytest.raises(rdzv.RendezvousAuthError) as rejected:
+        async with rdzv.connect(auth_server.endpoint, username="bob", password=PASSWORD + "x"):
+            pass
+    for error in (denied.value, rejected.value):
+        seen += [str(error), repr(error), str(error.__cause__), repr(error.__cause__)]
+    facade = rdzv.EtcdBackend(auth_server.endpoint, "job", username="alice", password=PASSWORD)
+    seen.append(repr(facade))
+    facade.close()
+    seen += [record.getMessage() for record in caplog.records]
+    assert seen
+    assert not [text for text in seen if PASSWORD in text]
+
+
+# ------------------------------------------------------------------------------- signed states
+
+
+async def test_signed_states_round_trip(connection: rdzv.Connection, etcd_key_prefix: str) -> None:
+    """Backends sharing a state key read each other's states."""
+    writer = rdzv.AsyncEtcdBackend(
+        connection, "job", key_prefix=etcd_key_prefix, state_key=STATE_KEY
+    )
+    reader = rdzv.AsyncEtcdBackend(
+        connection, "job", key_prefix=etcd_key_prefix, state_key=STATE_KEY
+    )
+    _, token, _ = await writer.set_state(b"signed")  # type: ignore[misc]
+    assert await reader.get_state() == (b"signed", token)
+
+
+async def test_state_injected_without_the_key_is_rejected(
+    connection: rdzv.Connection, etcd_key_prefix: str
+) -> None:
+    """A state written by a writer without the key is rejected by backends that have it."""
+    intruder = rdzv.AsyncEtcdBackend(connection, "job", key_prefix=etcd_key_prefix)
+    member = rdzv.AsyncEtcdBackend(
+        connection, "job", key_prefix=etcd_key_prefix, state_key=STATE_KEY
+    )
+    await intruder.set_state(b"injected")
+    with pytest.raises(rdzv.RendezvousStateError, match="not signed"):
+        await member.get_state()
+    with pytest.raises(rdzv.RendezvousStateError, match="not signed"):
+        await member.set_state(b"mine")
+
+
+def test_short_state_key_is_rejected() -> None:
+    """A state key shorter than 16 bytes is a ValueError."""
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        rdzv.AsyncEtcdBackend(rdzv.connect("h:1"), "job", state_key=b"short")
+
+
+def test_state_key_is_not_in_the_backends_repr() -> None:
+    """The backend's repr does not show the state key."""
+    backend = rdzv.AsyncEtcdBackend(rdzv.connect("h:1"), "job", state_key=STATE_KEY)
+    assert STATE_KEY.decode() not in repr(backend)
