@@ -155,9 +155,10 @@ class EtcdTLS:
     Attributes:
         cert_file: the server certificate (PEM), passed as `--cert-file`.
         key_file: the server certificate's private key (PEM), passed as `--key-file`.
-        ca_file: the CA that signed the server certificate and the client certificates, passed as
-            `--trusted-ca-file`; also used to verify the server when probing it. `None` trusts
-            the system's CAs when probing (and requires no client certificates).
+        ca_file: the CA that signed the server certificate and the client certificates; used to
+            verify the server when probing it, and passed as `--trusted-ca-file` only with
+            `client_cert_auth` (etcd demands client certificates whenever it has that flag).
+            `None` trusts the system's CAs when probing.
         client_cert_auth: require clients to present a certificate signed by `ca_file`
             (`--client-cert-auth`).
         client_cert_file: a client certificate (PEM) signed by `ca_file`, used only by this
