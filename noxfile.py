@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import nox
 
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.sessions = ["tests", "tests-etcd34", "lint", "typecheck"]
 nox.options.error_on_missing_interpreters = True
 
 # A CPU build that installs from the local wheel cache; an unpinned torch pulls CUDA wheels.
@@ -18,6 +21,32 @@ def tests(session: nox.Session) -> None:
     """Run the test suite against real etcd servers the tests start themselves."""
     session.install("-e", ".[test,torch]", TORCH)
     session.run("pytest", *session.posargs)
+
+
+@nox.session(name="tests-etcd34")
+def tests_etcd34(session: nox.Session) -> None:
+    """The test suite against etcd 3.4: Debian's etcd-server and etcd-client packages.
+
+    The packages are unpacked into .nox, not installed: no service starts. Set
+    RDZV_ETCD34_BINARY to use an etcd 3.4 binary you already have.
+    """
+    binary = os.environ.get("RDZV_ETCD34_BINARY") or _debian_etcd34(session)
+    session.install("-e", ".[test,torch]", TORCH)
+    session.run("pytest", *session.posargs, env={"RDZV_ETCD_BINARY": binary})
+
+
+def _debian_etcd34(session: nox.Session) -> str:
+    root = Path(session.cache_dir) / "etcd34"
+    binary = root / "usr" / "bin" / "etcd"
+    if not binary.exists():
+        downloads = Path(session.cache_dir) / "etcd34-debs"
+        downloads.mkdir(parents=True, exist_ok=True)
+        with session.chdir(downloads):
+            session.run("apt-get", "download", "etcd-server", "etcd-client", external=True)
+        for package in sorted(downloads.glob("*.deb")):
+            session.run("dpkg-deb", "-x", str(package), str(root), external=True)
+    session.run(str(binary), "--version", external=True)
+    return str(binary)
 
 
 @nox.session

@@ -557,13 +557,16 @@ class Connection:
     ) -> RendezvousTLSError | None:
         """A TLS misconfiguration behind a failure that gRPC reports as UNAVAILABLE.
 
-        gRPC gives a failed TLS handshake no status code of its own, so its fixed description
-        ("Tls handshake failed", "Handshake read failed") is what tells it from a dead server.
+        gRPC gives TLS failures no status code of their own, so its fixed descriptions ("Tls
+        handshake failed", "Handshake read failed", and "TSI_..." errors of its transport
+        security layer, such as a client certificate rejected after a TLS 1.3 handshake) are
+        what tell them from a dead server.
         A plain-text client meeting a TLS server only sees the socket close; for that case the
         endpoint is asked once, before anything has worked, whether it speaks TLS.
         """
         if self._credentials is not None:
-            if "handshake" not in (error.details() or "").lower():
+            details = (error.details() or "").lower()
+            if "handshake" not in details and "tsi_" not in details:
                 return None
             return RendezvousTLSError(
                 f"The TLS handshake with etcd at {link.endpoint} failed: check ca_cert, ssl_cert "
