@@ -50,6 +50,19 @@ def _debian_etcd34(session: nox.Session) -> str:
 
 
 @nox.session
+def fuzz(session: nox.Session) -> None:
+    """The property tests with the "fuzz" Hypothesis profile: ten times the examples (~11 min)."""
+    session.install("-e", ".[test,torch]", TORCH)
+    session.run(
+        "pytest",
+        "-s",
+        "tests/test_properties.py",
+        *session.posargs,
+        env={"HYPOTHESIS_PROFILE": "fuzz"},
+    )
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff: lint and formatting."""
     session.install(RUFF)

@@ -57,6 +57,9 @@ _CHANNEL_OPTIONS: Final = (
     # pings more often than every 5 s (--grpc-keepalive-min-time) and without an active stream.
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
+    # grpcio 1.85 waits for a ping's answer for grpc.http2.ping_timeout_ms (60 s by default),
+    # not for keepalive_timeout_ms; without this a frozen member holds a watch for 70 s.
+    ("grpc.http2.ping_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.http2.max_pings_without_data", 0),
     # gRPC's default reconnect backoff grows to two minutes; a restarted member should be used
