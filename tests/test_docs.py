@@ -1,0 +1,332 @@
+"""Every code sample of the documentation runs, against real etcd servers.
+
+The samples are the fenced blocks of `docs/*.md` and `README.md`. How to write them:
+
+- A ```` ```python ```` block is a program: it runs on its own, in a fresh Python process, as a
+  reader would run it after copying it. It must finish by itself (within two minutes) and fail
+  with an exception (an `assert`) when what it shows is not so. Top-level `await` is allowed, as
+  in `python -m asyncio`: such a block runs inside `asyncio.run`.
+- Blocks that are not Python programs use another language: ```` ```console ```` for shell
+  sessions and command lines (torchrun, etcdctl, etcd), ```` ```json ````, ```` ```toml ````.
+  Aliases of Python (`py`, `python3`, `pycon`) and fences without a language are refused, so
+  that no sample escapes this test.
+- ```` ```python title="train.py" ```` is a file, not a program: it is written to a directory,
+  and the page's console lines that start with `$ torchrun` are run there (torchrun as
+  `python -m torch.distributed.run`). Console lines without the `$ ` prompt are not run.
+- Endpoints are written `10.0.0.1:2379` (`10.0.0.2:2379`, ...), `127.0.0.1:2379` or
+  `localhost:2379`: each is replaced by the endpoint of an etcd started for these tests. Every
+  block starts from an empty etcd, as a reader's would be. Other ports are left alone (a sample
+  may show an unreachable endpoint such as `127.0.0.1:1`).
+- Paths under `/etc/rdzv/` name files that the test provides: `ca.pem` (the CA of the test
+  servers), `client.pem` and `client-key.pem` (a client certificate it signed), and
+  `etcd-password` (the password of the etcd user `rdzv-job`).
+- A block that contains `protocol="https"` runs against an etcd that requires client
+  certificates (mutual TLS); a block that contains `username=` runs against an etcd with
+  authentication on, set up by running the `$ etcdctl` lines of `docs/operations.md`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+import trustme
+
+import rdzv
+from rdzv.testing import EtcdServer, EtcdTLS, find_etcd_binary
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
+
+PASSWORDS = {"etcd-password": "rdzv-job-Passw0rd\n", "root-password": "root-Passw0rd\n"}
+
+_FENCE = re.compile(r"^(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
+_ENDPOINT = re.compile(r"\b(?:10\.0\.0\.\d{1,3}|127\.0\.0\.1|localhost):2379\b")
+_PYTHON_ALIASES = {"py", "python3", "py3", "pycon", "pyi", "ipython"}
+_TITLE = re.compile(r'title="(?P<title>[^"]+)"')
+_SNIPPET_TIMEOUT = 120
+_TORCHRUN_TIMEOUT = 180
+
+# Runs one block as a program: top-level await inside asyncio.run, anything else as it is.
+_RUNNER = """\
+import ast, asyncio, inspect, sys
+path = sys.argv[1]
+with open(path) as file:
+    code = compile(file.read(), path, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+namespace = {"__name__": "__main__", "__file__": path}
+if code.co_flags & inspect.CO_COROUTINE:
+    asyncio.run(eval(code, namespace))
+else:
+    exec(code, namespace)
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """One fenced block of a page."""
+
+    page: Path
+    line: int
+    language: str
+    info: str
+    text: str
+
+    @property
+    def title(self) -> str | None:
+        """The block's `title="..."`, if it has one."""
+        match = _TITLE.search(self.info)
+        return match["title"] if match else None
+
+    @property
+    def name(self) -> str:
+        """`page.md:LINE`, for test ids and messages."""
+        return f"{self.page.relative_to(ROOT)}:{self.line}"
+
+
+def _blocks(page: Path) -> list[Block]:
+    """The fenced blocks of `page`, in order."""
+    blocks: list[Block] = []
+    lines = page.read_text().splitlines()
+    index = 0
+    while index < len(lines):
+        match = _FENCE.match(lines[index])
+        if not match:
+            index += 1
+            continue
+        fence, info = match["fence"], match["info"].strip()
+        end = index + 1
+        while end < len(lines) and lines[end].rstrip() != fence:
+            end += 1
+        text = "\n".join(lines[index + 1 : end]) + "\n"
+        language = info.split(maxsplit=1)[0] if info else ""
+        blocks.append(Block(page, index + 1, language, info, text))
+        index = end + 1
+    return blocks
+
+
+ALL_BLOCKS = [block for page in PAGES for block in _blocks(page)]
+PROGRAMS = [b for b in ALL_BLOCKS if b.language == "python" and b.title is None]
+FILES = [b for b in ALL_BLOCKS if b.language == "python" and b.title is not None]
+
+
+def _console_commands(block: Block, program: str) -> list[str]:
+    """The `$ PROGRAM ...` commands of a console block, continuation lines joined."""
+    commands: list[str] = []
+    current: str | None = None
+    for raw in block.text.splitlines():
+        line = raw.strip()
+        if current is not None:
+            current += " " + line.rstrip("\\").strip()
+            if not line.endswith("\\"):
+                commands.append(current)
+                current = None
+        elif line.startswith(f"$ {program} "):
+            command = line[2:].rstrip("\\").strip()
+            if line.endswith("\\"):
+                current = command
+            else:
+                commands.append(command)
+    return commands
+
+
+TORCHRUN_COMMANDS = [
+    (block, command)
+    for block in ALL_BLOCKS
+    if block.language == "console" and any(f.page == block.page for f in FILES)
+    for command in _console_commands(block, "torchrun")
+]
+
+
+# ------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The files that samples find under /etc/rdzv/, and certificates for the TLS server."""
+    directory = tmp_path_factory.mktemp("etc-rdzv")
+    ca = trustme.CA()
+    server, client = ca.issue_cert("127.0.0.1", "localhost"), ca.issue_cert("rdzv-client")
+    ca.cert_pem.write_to_path(directory / "ca.pem")
+    client.cert_chain_pems[0].write_to_path(directory / "client.pem")
+    client.private_key_pem.write_to_path(directory / "client-key.pem")
+    server.cert_chain_pems[0].write_to_path(directory / "server.pem")
+    server.private_key_pem.write_to_path(directory / "server-key.pem")
+    for name, content in PASSWORDS.items():
+        (directory / name).write_text(content)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def docs_etcd() -> Iterator[EtcdServer]:
+    """A plain etcd of the docs' own, whose keys every sample may change and which is wiped."""
+    with EtcdServer(name="rdzv-docs") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def tls_etcd(files: Path) -> Iterator[EtcdServer]:
+    """An etcd that requires client certificates signed by the test CA."""
+    tls = EtcdTLS(
+        files / "server.pem",
+        files / "server-key.pem",
+        files / "ca.pem",
+        client_cert_auth=True,
+        client_cert_file=files / "client.pem",
+        client_key_file=files / "client-key.pem",
+    )
+    with EtcdServer(name="rdzv-docs-tls", tls=tls) as server:
+        yield server
+
+
+def _etcdctl_environment(endpoint: str) -> dict[str, str]:
+    etcd_bin = str(Path(find_etcd_binary()).parent)
+    return {**os.environ, "PATH": f"{etcd_bin}{os.pathsep}{os.environ['PATH']}"} | {
+        "ETCDCTL_API": "3",
+        "ETCDCTL_ENDPOINTS": endpoint,
+    }
+
+
+@pytest.fixture(scope="module")
+def auth_etcd(files: Path) -> Iterator[EtcdServer]:
+    """An etcd with authentication on, set up with the etcdctl commands of operations.md."""
+    [operations] = [page for page in PAGES if page.name == "operations.md"]
+    commands = [
+        command
+        for block in _blocks(operations)
+        if block.language == "console"
+        for command in _console_commands(block, "etcdctl")
+    ]
+    assert any(command.endswith("auth enable") for command in commands)
+    with EtcdServer(name="rdzv-docs-auth") as server:
+        for command in commands:
+            completed = subprocess.run(
+                ["bash", "-c", _localized(command, server.endpoint, files)],
+                cwd=files,
+                env=_etcdctl_environment(server.endpoint),
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert completed.returncode == 0, f"{command}\n{completed.stdout}{completed.stderr}"
+        yield server
+
+
+def _localized(text: str, endpoint: str, files: Path) -> str:
+    """`text` with the docs' endpoints and /etc/rdzv/ paths pointing at the test's own."""
+    return _ENDPOINT.sub(endpoint, text).replace("/etc/rdzv/", f"{files}/")
+
+
+def _wipe(server: EtcdServer) -> None:
+    """Delete every key that a sample may have written (they all start with '/')."""
+
+    async def wipe() -> None:
+        async with rdzv.connect(server.endpoint, read_timeout=10) as connection:
+            await connection.delete(b"/", prefix=True)
+
+    anyio.run(wipe)
+
+
+def _clean_environment() -> dict[str, str]:
+    """The environment, without the variables that configure rdzv or etcdctl."""
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("RDZV_", "ETCDCTL_", "TORCHELASTIC_"))
+    }
+
+
+def _report(what: str, completed: subprocess.CompletedProcess[str]) -> str:
+    return (
+        f"{what} exited with {completed.returncode}\n--- stdout\n{completed.stdout}"
+        f"\n--- stderr\n{completed.stderr}"
+    )
+
+
+# ---------------------------------------------------------------------------------- tests
+
+
+def test_every_page_has_samples_and_no_python_escapes_the_test() -> None:
+    """Fences name a language, Python is spelled `python`, and there are samples to run."""
+    for block in ALL_BLOCKS:
+        assert block.language, f"{block.name}: a fence without a language"
+        assert block.language not in _PYTHON_ALIASES, (
+            f"{block.name}: write ```python (run by this test) or ```console, not "
+            f"```{block.language}"
+        )
+    assert len(PROGRAMS) >= 20
+    indented = [
+        f"{page.relative_to(ROOT)}:{number}"
+        for page in PAGES
+        for number, line in enumerate(page.read_text().splitlines(), 1)
+        if re.match(r"^\s+(`{3,}|~{3,})\s*python", line)
+    ]
+    assert not indented, f"indented python fences are not run: {indented}"
+
+
+@pytest.mark.parametrize("block", PROGRAMS, ids=[block.name for block in PROGRAMS])
+def test_python_sample_runs(
+    block: Block, tmp_path: Path, files: Path, request: pytest.FixtureRequest
+) -> None:
+    """The sample runs to its end against a real etcd."""
+    if 'protocol="https"' in block.text:
+        server: EtcdServer = request.getfixturevalue("tls_etcd")
+    elif "username=" in block.text:
+        server = request.getfixturevalue("auth_etcd")
+    else:
+        server = request.getfixturevalue("docs_etcd")
+        _wipe(server)
+    script = tmp_path / "sample.py"
+    script.write_text(_localized(block.text, server.endpoint, files))
+    completed = subprocess.run(
+        [sys.executable, "-c", _RUNNER, str(script)],
+        cwd=tmp_path,
+        env=_clean_environment(),
+        capture_output=True,
+        text=True,
+        timeout=_SNIPPET_TIMEOUT,
+        check=False,
+    )
+    assert completed.returncode == 0, _report(f"{block.name}\n{block.text}", completed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("block", "command"),
+    TORCHRUN_COMMANDS,
+    ids=[f"{block.name}:torchrun" for block, _ in TORCHRUN_COMMANDS],
+)
+def test_torchrun_sample_runs(
+    block: Block, command: str, tmp_path: Path, files: Path, docs_etcd: EtcdServer
+) -> None:
+    """The page's torchrun command runs its training script to success."""
+    for file in FILES:
+        if file.page == block.page:
+            assert file.title is not None
+            (tmp_path / file.title).write_text(file.text)
+    _wipe(docs_etcd)
+    arguments = shlex.split(_localized(command, docs_etcd.endpoint, files))
+    assert arguments[0] == "torchrun"
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", *arguments[1:]],
+        cwd=tmp_path,
+        env=_clean_environment(),
+        capture_output=True,
+        text=True,
+        timeout=_TORCHRUN_TIMEOUT,
+        check=False,
+    )
+    assert completed.returncode == 0, _report(command, completed)
+
+
+def test_there_is_a_torchrun_sample() -> None:
+    """The torchrun quickstart's command is among the samples that run."""
+    assert any(block.page.name == "quickstart-torchrun.md" for block, _ in TORCHRUN_COMMANDS)
