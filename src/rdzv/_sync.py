@@ -202,6 +202,11 @@ class EtcdBackend:
         return f"<rdzv.EtcdBackend key={self.key!r} on {self._loop.connection!r}>"
 
     @property
+    def connection(self) -> Connection:
+        """The connection this facade uses (shared with its store, under `rdzv.torch`)."""
+        return self._loop.connection
+
+    @property
     def name(self) -> str:
         """The backend's name, as torchrun's `--rdzv-backend` knows it: `"etcd-v3"`."""
         return self._backend.name
