@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import aetcd
 import pytest
 
 import rdzv
-from rdzv.testing import EtcdServer
+from rdzv.testing import EtcdServer, find_etcd_binary
 
 
 @pytest.fixture
@@ -36,3 +38,33 @@ async def raw_etcd(etcd_server: EtcdServer) -> AsyncIterator[aetcd.Client]:
     host, port = etcd_server.endpoint.rsplit(":", 1)
     async with aetcd.Client(host=host, port=int(port), timeout=10) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def auth_password() -> str:
+    """The password of the users of `auth_server`."""
+    return "s3cret-Passw0rd"
+
+
+@pytest.fixture(scope="session")
+def auth_server(auth_password: str) -> Iterator[EtcdServer]:
+    """An etcd with auth on: "alice" may read and write under /allowed/; "bob" has no role."""
+    with EtcdServer() as server:
+        etcdctl = str(Path(find_etcd_binary()).with_name("etcdctl"))
+
+        def run(*arguments: str) -> None:
+            subprocess.run(
+                [etcdctl, f"--endpoints={server.endpoint}", *arguments],
+                check=True,
+                capture_output=True,
+                timeout=30,
+            )
+
+        run("user", "add", "root:root-password")
+        run("role", "add", "rendezvous")
+        run("role", "grant-permission", "rendezvous", "--prefix=true", "readwrite", "/allowed/")
+        for user in ("alice", "bob"):
+            run("user", "add", f"{user}:{auth_password}")
+        run("user", "grant-role", "alice", "rendezvous")
+        run("auth", "enable")
+        yield server

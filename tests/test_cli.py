@@ -32,10 +32,9 @@ from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
 import rdzv
 from rdzv._cli import main
 from rdzv._inspect import NotATorchStateError, load_torch_state
-from rdzv.testing import EtcdServer, EtcdTLS, find_etcd_binary
+from rdzv.testing import EtcdServer, EtcdTLS
 from rdzv.torch import TorchEtcdBackend, create_handler
 
-PASSWORD = "cli-Passw0rd"
 STATE_KEY = b"a-shared-state-key-of-32-bytes!!"
 
 # ----------------------------------------------------------------------------------- helpers
@@ -557,43 +556,23 @@ def test_short_state_key_is_a_usage_error(tmp_path: Path) -> None:
     assert "The state key must be at least 16 bytes." in outcome.stderr
 
 
-@pytest.fixture(scope="module")
-def auth_server() -> Iterator[EtcdServer]:
-    """An etcd with auth on, where "alice" may read and write /allowed/."""
-    with EtcdServer() as server:
-        etcdctl = str(Path(find_etcd_binary()).with_name("etcdctl"))
-
-        def run(*arguments: str) -> None:
-            subprocess.run(
-                [etcdctl, f"--endpoints={server.endpoint}", *arguments],
-                check=True,
-                capture_output=True,
-                timeout=30,
-            )
-
-        run("user", "add", "root:root-password")
-        run("role", "add", "rendezvous")
-        run("role", "grant-permission", "rendezvous", "--prefix=true", "readwrite", "/allowed/")
-        run("user", "add", f"alice:{PASSWORD}")
-        run("user", "grant-role", "alice", "rendezvous")
-        run("auth", "enable")
-        yield server
-
-
 def test_credentials_from_a_file_or_the_environment(
-    auth_server: EtcdServer, tmp_path: Path
+    auth_server: EtcdServer, tmp_path: Path, auth_password: str
 ) -> None:
     """The password comes from --password-file or RDZV_ETCD_PASSWORD."""
-    _set_state(auth_server.endpoint, "/allowed", b"x", username="alice", password=PASSWORD)
+    _set_state(auth_server.endpoint, "/allowed", b"x", username="alice", password=auth_password)
     password_file = tmp_path / "password"
-    password_file.write_text(PASSWORD + "\n")
+    password_file.write_text(auth_password + "\n")
     base = ["inspect", "--endpoints", auth_server.endpoint, "--key-prefix", "/allowed"]
     from_file = _invoke(
         *base, "--run-id", "job", "--username", "alice", "--password-file", str(password_file)
     )
     assert from_file.exit_code == 0, from_file.output
     from_env = _invoke(
-        *base, "--run-id", "job", env={"RDZV_USERNAME": "alice", "RDZV_ETCD_PASSWORD": PASSWORD}
+        *base,
+        "--run-id",
+        "job",
+        env={"RDZV_USERNAME": "alice", "RDZV_ETCD_PASSWORD": auth_password},
     )
     assert from_env.exit_code == 0, from_env.output
 

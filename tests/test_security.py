@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,11 +12,10 @@ import pytest
 import trustme
 
 import rdzv
-from rdzv.testing import EtcdServer, EtcdTLS, find_etcd_binary
+from rdzv.testing import EtcdServer, EtcdTLS
 
 pytestmark = pytest.mark.anyio
 
-PASSWORD = "s3cret-Passw0rd"
 STATE_KEY = b"a-shared-state-key-of-32-bytes!!"
 
 
@@ -144,33 +142,11 @@ async def test_https_client_against_plain_server_fails_fast(
 # ------------------------------------------------------------------------------ authentication
 
 
-@pytest.fixture(scope="module")
-def auth_server() -> Iterator[EtcdServer]:
-    """An etcd with auth on: "alice" may read and write /allowed/ only; "bob" has no role."""
-    with EtcdServer() as server:
-        etcdctl = str(Path(find_etcd_binary()).with_name("etcdctl"))
-
-        def run(*arguments: str) -> None:
-            subprocess.run(
-                [etcdctl, f"--endpoints={server.endpoint}", *arguments],
-                check=True,
-                capture_output=True,
-                timeout=30,
-            )
-
-        run("user", "add", "root:root-password")
-        run("role", "add", "rendezvous")
-        run("role", "grant-permission", "rendezvous", "--prefix=true", "readwrite", "/allowed/")
-        run("user", "add", f"alice:{PASSWORD}")
-        run("user", "grant-role", "alice", "rendezvous")
-        run("user", "add", f"bob:{PASSWORD}")
-        run("auth", "enable")
-        yield server
-
-
-async def test_user_with_a_role_on_the_prefix_works(auth_server: EtcdServer) -> None:
+async def test_user_with_a_role_on_the_prefix_works(
+    auth_server: EtcdServer, auth_password: str
+) -> None:
     """A user whose role grants the rendezvous prefix reads and writes the state."""
-    async with rdzv.connect(auth_server.endpoint, username="alice", password=PASSWORD) as conn:
+    async with rdzv.connect(auth_server.endpoint, username="alice", password=auth_password) as conn:
         await _round_trip(conn, "/allowed")
 
 
@@ -184,10 +160,10 @@ async def test_wrong_password_is_a_clear_auth_error(auth_server: EtcdServer) -> 
 
 
 async def test_user_without_permission_on_the_prefix_is_a_clear_auth_error(
-    auth_server: EtcdServer,
+    auth_server: EtcdServer, auth_password: str
 ) -> None:
     """A user lacking permission on the state's key gets RendezvousAuthError naming the key."""
-    async with rdzv.connect(auth_server.endpoint, username="bob", password=PASSWORD) as conn:
+    async with rdzv.connect(auth_server.endpoint, username="bob", password=auth_password) as conn:
         backend = rdzv.AsyncEtcdBackend(conn, "job", key_prefix="/allowed")
         with pytest.raises(
             rdzv.RendezvousAuthError, match=r"'bob'.*/allowed/job.*permission denied"
@@ -206,12 +182,12 @@ async def test_missing_credentials_on_an_auth_server_is_a_clear_auth_error(
 
 
 async def test_password_appears_in_no_error_repr_or_log(
-    auth_server: EtcdServer, caplog: pytest.LogCaptureFixture
+    auth_server: EtcdServer, caplog: pytest.LogCaptureFixture, auth_password: str
 ) -> None:
     """The password is absent from reprs, error messages, their causes, and log records."""
     caplog.set_level(logging.DEBUG)
     seen: list[str] = []
-    connection = rdzv.connect(auth_server.endpoint, username="bob", password=PASSWORD)
+    connection = rdzv.connect(auth_server.endpoint, username="bob", password=auth_password)
     seen.append(repr(connection))
     async with connection:
         backend = rdzv.AsyncEtcdBackend(connection, "job", key_prefix="/allowed")
@@ -219,16 +195,16 @@ async def test_password_appears_in_no_error_repr_or_log(
         with pytest.raises(rdzv.RendezvousAuthError) as denied:
             await backend.set_state(b"x")
     with pytest.raises(rdzv.RendezvousAuthError) as rejected:
-        async with rdzv.connect(auth_server.endpoint, username="bob", password=PASSWORD + "x"):
+        async with rdzv.connect(auth_server.endpoint, username="bob", password=auth_password + "x"):
             pass
     for error in (denied.value, rejected.value):
         seen += [str(error), repr(error), str(error.__cause__), repr(error.__cause__)]
-    facade = rdzv.EtcdBackend(auth_server.endpoint, "job", username="alice", password=PASSWORD)
+    facade = rdzv.EtcdBackend(auth_server.endpoint, "job", username="alice", password=auth_password)
     seen.append(repr(facade))
     facade.close()
     seen += [record.getMessage() for record in caplog.records]
     assert seen
-    assert not [text for text in seen if PASSWORD in text]
+    assert not [text for text in seen if auth_password in text]
 
 
 # ------------------------------------------------------------------------------- signed states

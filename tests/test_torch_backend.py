@@ -576,37 +576,3 @@ def test_three_handlers_complete_one_rendezvous(etcd_endpoints: str, etcd_key_pr
     finally:
         for handler in handlers:
             _close_handler(handler)
-
-
-# ---------------------------------------------------------------------- the sync facade
-
-
-def test_facade_loses_no_update_from_eight_threads(
-    etcd_endpoints: str, etcd_key_prefix: str
-) -> None:
-    """Eight threads doing compare-and-swap increments through one EtcdBackend lose none."""
-    threads, rounds = 8, 10
-    with rdzv.EtcdBackend(etcd_endpoints, "job", key_prefix=etcd_key_prefix) as facade:
-        facade.set_state(b"0")
-
-        def increment() -> None:
-            for _ in range(rounds):
-                current = facade.get_state()
-                assert current is not None
-                state, token = current
-                while True:
-                    result = facade.set_state(str(int(state) + 1).encode(), token)
-                    assert result is not None
-                    state, token, written = result
-                    if written:
-                        break
-
-        workers = [threading.Thread(target=increment) for _ in range(threads)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join(timeout=60)
-        assert not any(worker.is_alive() for worker in workers)
-        final = facade.get_state()
-    assert final is not None
-    assert final[0] == str(threads * rounds).encode()
