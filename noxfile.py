@@ -74,7 +74,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package."""
-    session.install("-e", ".[torch]", TORCH, "mypy")
+    session.install("-e", ".[test,torch]", TORCH, "mypy")
     session.run("mypy")
 
 

@@ -35,12 +35,6 @@ pytest_plugins = ("pytester",)
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    """Run the async tests of this module on asyncio only."""
-    return "asyncio"
-
-
 # -- helpers: plain HTTP calls to etcd's v3 JSON gateway ------------------------------------------
 
 
