@@ -557,13 +557,15 @@ def test_short_state_key_is_a_usage_error(tmp_path: Path) -> None:
 
 
 def test_credentials_from_a_file_or_the_environment(
-    auth_server: EtcdServer, tmp_path: Path, auth_password: str
+    auth_server: EtcdServer, tmp_path: Path, auth_password: str, etcd_key_prefix: str
 ) -> None:
     """The password comes from --password-file or RDZV_ETCD_PASSWORD."""
-    _set_state(auth_server.endpoint, "/allowed", b"x", username="alice", password=auth_password)
+    # The auth server is shared by the session: this test's keys go under its own prefix.
+    prefix = f"/allowed{etcd_key_prefix}"
+    _set_state(auth_server.endpoint, prefix, b"x", username="alice", password=auth_password)
     password_file = tmp_path / "password"
     password_file.write_text(auth_password + "\n")
-    base = ["inspect", "--endpoints", auth_server.endpoint, "--key-prefix", "/allowed"]
+    base = ["inspect", "--endpoints", auth_server.endpoint, "--key-prefix", prefix]
     from_file = _invoke(
         *base, "--run-id", "job", "--username", "alice", "--password-file", str(password_file)
     )

@@ -143,11 +143,12 @@ async def test_https_client_against_plain_server_fails_fast(
 
 
 async def test_user_with_a_role_on_the_prefix_works(
-    auth_server: EtcdServer, auth_password: str
+    auth_server: EtcdServer, auth_password: str, etcd_key_prefix: str
 ) -> None:
     """A user whose role grants the rendezvous prefix reads and writes the state."""
     async with rdzv.connect(auth_server.endpoint, username="alice", password=auth_password) as conn:
-        await _round_trip(conn, "/allowed")
+        # The auth server is shared by the session: this test's key goes under its own prefix.
+        await _round_trip(conn, f"/allowed{etcd_key_prefix}")
 
 
 async def test_wrong_password_is_a_clear_auth_error(auth_server: EtcdServer) -> None:
