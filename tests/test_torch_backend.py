@@ -576,3 +576,28 @@ def test_three_handlers_complete_one_rendezvous(etcd_endpoints: str, etcd_key_pr
     finally:
         for handler in handlers:
             _close_handler(handler)
+
+
+# ------------------------------------------------------------------------------ signed states
+
+
+def test_state_key_file_signs_states_and_rejects_unsigned_ones(
+    make_backend: MakeBackend, etcd_endpoints: str, etcd_key_prefix: str, tmp_path: Path
+) -> None:
+    """With state_key_file, states round-trip signed; an unsigned one is torch's state error."""
+    key_file = tmp_path / "state.key"
+    key_file.write_text("0123456789abcdef0123456789abcdef\n")
+    signed, _ = make_backend(_params(etcd_endpoints, etcd_key_prefix, state_key_file=str(key_file)))
+    unsigned, _ = make_backend(_params(etcd_endpoints, etcd_key_prefix))
+    _, token, written = signed.set_state(b"signed")  # type: ignore[misc]
+    assert written
+    assert signed.get_state() == (b"signed", token)
+    unsigned.set_state(b"injected", token)
+    with pytest.raises(torch_api.RendezvousStateError, match="not signed"):
+        signed.get_state()
+
+
+def test_state_key_in_the_conf_is_refused(etcd_endpoints: str, etcd_key_prefix: str) -> None:
+    """A state key given on the command line is refused: it belongs in state_key_file."""
+    with pytest.raises(ValueError, match="state_key_file"):
+        create_backend(_params(etcd_endpoints, etcd_key_prefix, state_key="x" * 32))
