@@ -1,7 +1,8 @@
 """`AsyncEtcdStore`: the async core of a c10d `Store` over etcd v3, with TCPStore's semantics.
 
-A `torch.distributed.Store` subclass wraps it elsewhere, through a blocking portal; this module
-does not import torch. Keys are `str`, values `bytes`, timeouts float seconds.
+A `torch.distributed.Store` subclass (`rdzv.torch.EtcdStore`) runs it on the facade's
+event-loop thread; this module does not import torch. Keys are `str`, values `bytes`, timeouts
+float seconds.
 
 Each operation costs one etcd round trip in the common case: reads of several keys are one
 transaction of `Get`s, `multi_set` is one transaction of `Put`s, and `add`, `append` and

@@ -387,6 +387,8 @@ class EtcdServer:
         peer_port: the port for raft traffic between members; `None` picks a free one.
         binary: the etcd executable; `None` uses `find_etcd_binary()` when first started.
         tls: serve clients over https with these settings; `None` serves plain http.
+        enable_v2: also serve etcd's v2 API (etcd 3.5 and older), for the benchmark that
+            compares rdzv with PyTorch's `etcd-v2` backend and nothing else; rdzv never needs it.
         extra_args: more etcd flags, appended last (so they override ours). `--enable-v2` is
             refused.
         startup_timeout: seconds that `start()` may take at most, retries included.
@@ -406,9 +408,11 @@ class EtcdServer:
         extra_args: Sequence[str] = (),
         startup_timeout: float = 30.0,
         log_file: str | os.PathLike[str] | None = None,
+        enable_v2: bool = False,
     ) -> None:
         if startup_timeout <= 0:
             raise ValueError("startup_timeout must be positive")
+        self._enable_v2 = enable_v2
         self._name = name
         self._tls = tls
         self.extra_args = _check_extra_args(extra_args)
@@ -735,6 +739,8 @@ class EtcdServer:
         ]
         if self.tls is not None:
             args.extend(self.tls.server_args())
+        if self._enable_v2:
+            args.append("--enable-v2")
         args.extend(self.extra_args)
         return args
 

@@ -1,0 +1,164 @@
+"""The targets of the benchmarks, judged from the results files, and the summary in Markdown.
+
+Every ratio compares two contenders measured in the same run, interleaved on the same server.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import contention
+import latency
+import rendezvous
+from contenders import ASYNC, SYNC
+from harness import markdown_table, read_json, results_dir, write_json
+
+SUITES = ("latency", "overhead", "contention", "rendezvous")
+
+
+def load(*, quick: bool) -> dict[str, dict[str, Any]]:
+    """Every suite's latest results (of the full or the quick run)."""
+    found = {}
+    for suite in SUITES:
+        data = read_json(results_dir(quick=quick) / f"{suite}.json")
+        if data is not None:
+            found[suite] = data
+    return found
+
+
+def _verdict(row: dict[str, Any]) -> str:
+    if row["met"] is None:
+        return "not measured"
+    if row["met"]:
+        return "met"
+    missed = row.get("missed_at")
+    return "**missed**" + (f" at {', '.join(missed)}" if missed else "")
+
+
+def targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets: what was measured, and whether it is met."""
+    rows: list[dict[str, Any]] = []
+
+    overhead = results.get("overhead")
+    core_ratios = facade_added = None
+    if overhead is not None:
+        by_call = {row["call"]: row for row in latency.ratios(overhead)}
+        core_ratios = {call: row["async_over_raw"] for call, row in by_call.items()}
+        facade_added = {call: row["facade_added_us"] for call, row in by_call.items()}
+    rows.append(
+        {
+            "target": "rdzv async within 10% of raw aetcd (1 KiB)",
+            "measured": _join(core_ratios, "{:.3f}x"),
+            "met": None if core_ratios is None else max(core_ratios.values()) <= 1.10,
+            "missed_at": [call for call, value in (core_ratios or {}).items() if value > 1.10],
+            "source": "overhead",
+        }
+    )
+    rows.append(
+        {
+            "target": "the sync facade adds at most ~100 µs per call (1 KiB)",
+            "measured": _join(facade_added, "{:+.0f} µs"),
+            "met": None if facade_added is None else max(facade_added.values()) <= 100,
+            "missed_at": [call for call, value in (facade_added or {}).items() if value > 100],
+            "source": "overhead",
+        }
+    )
+
+    lat = results.get("latency")
+    for call, goal, label in (
+        (latency.SET, 1.3, "rdzv set_state at least 1.3x faster than etcd-v2"),
+        (latency.GET, 1.0, "rdzv get_state no slower than etcd-v2"),
+    ):
+        for name, key in ((SYNC, "v2_over_sync"), (ASYNC, "v2_over_async")):
+            measured = None
+            if lat is not None:
+                measured = {
+                    latency.size_label(row["size"]): row[key]
+                    for row in latency.ratios(lat)
+                    if row["call"] == call and key in row
+                }
+            rows.append(
+                {
+                    "target": f"{label} ({name}; etcd-v2 time ÷ rdzv time)",
+                    "measured": _join(measured, "{:.2f}x"),
+                    "met": None if not measured else min(measured.values()) >= goal,
+                    "missed_at": [size for size, value in (measured or {}).items() if value < goal],
+                    "source": "latency",
+                }
+            )
+
+    con = results.get("contention")
+    by_k = {} if con is None else {row["writers"]: row for row in contention.ratios(con)}
+    for name, key in ((ASYNC, "async_over_v2"), (SYNC, "sync_over_v2")):
+        value = by_k.get(64, {}).get(key)
+        rows.append(
+            {
+                "target": f"throughput at K=64 at least 2x etcd-v2's ({name})",
+                "measured": None if value is None else f"{value:.2f}x",
+                "met": None if value is None else value >= 2.0,
+                "source": "contention",
+            }
+        )
+    return rows
+
+
+def _join(values: dict[str, float] | None, form: str) -> str | None:
+    if not values:
+        return None
+    return ", ".join(f"{key}: {form.format(value)}" for key, value in values.items())
+
+
+def targets_table(rows: list[dict[str, Any]]) -> str:
+    return markdown_table(
+        ["target", "measured", "verdict"],
+        [[row["target"], row["measured"] or "—", _verdict(row)] for row in rows],
+    )
+
+
+def machine_table(results: dict[str, dict[str, Any]]) -> str:
+    any_suite = next(iter(results.values()))
+    machine = any_suite["machine"]
+    return markdown_table(["", ""], [[key, value] for key, value in machine.items()])
+
+
+def summary(results: dict[str, dict[str, Any]], *, quick: bool) -> str:
+    """The whole report, in Markdown, as `docs/benchmarks.md` shows it."""
+    if not results:
+        return "No results yet: run `python benchmarks/run.py`.\n"
+    parts = [
+        f"# Benchmark summary ({'quick' if quick else 'full'} run)",
+        "## Machine",
+        machine_table(results),
+        "## Targets",
+        targets_table(targets(results)),
+    ]
+    for suite, data in results.items():
+        when = f"{data['started_at']}, {data['seconds']:.0f} s, load average {data['load']}"
+        parts.append(f"## {suite} ({when})")
+        if suite in ("latency", "overhead"):
+            parts.append("Median (p90) per call, µs:")
+            parts.append(latency.table(data))
+            parts.append("Ratios of medians:")
+            parts.append(latency.ratio_table(data))
+        elif suite == "contention":
+            parts.append(
+                f"Successful compare-and-swaps per second, median of {data['rounds']} windows of "
+                f"{data['window_seconds']} s (conflicts per success), {data['state_size']} B state:"
+            )
+            parts.append(contention.table(data))
+        elif suite == "rendezvous":
+            parts.append(
+                "Seconds until every node has its rank (median of the rounds that completed "
+                f"within {data['join_timeout']} s), backend calls and etcd requests (medians):"
+            )
+            parts.append(rendezvous.table(data))
+    return "\n\n".join(parts) + "\n"
+
+
+def write(results: dict[str, dict[str, Any]], *, quick: bool) -> Path:
+    directory = results_dir(quick=quick)
+    text = summary(results, quick=quick)
+    (directory / "summary.md").write_text(text)
+    write_json(directory / "targets.json", {"targets": targets(results) if results else []})
+    return directory / "summary.md"

