@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -68,3 +70,16 @@ def auth_server(auth_password: str) -> Iterator[EtcdServer]:
         run("user", "grant-role", "alice", "rendezvous")
         run("auth", "enable")
         yield server
+
+
+@pytest.fixture
+def tally(request: pytest.FixtureRequest) -> Iterator[collections.Counter[str]]:
+    """Counts for docs/reliability.md, printed when the test ends (shown with -s)."""
+    counts: collections.Counter[str] = collections.Counter()
+    started = time.monotonic()
+    yield counts
+    profile = getattr(request.module, "PROFILE", None)
+    labels = [f"profile={profile}"] if profile else []
+    labels += [f"{name}={value}" for name, value in sorted(counts.items())]
+    elapsed = time.monotonic() - started
+    print(f"\nreliability: {request.node.name} {' '.join(labels)} seconds={elapsed:.1f}")

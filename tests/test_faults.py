@@ -11,7 +11,7 @@ import collections
 import dataclasses
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -28,17 +28,6 @@ READ_TIMEOUT = 10
 # Generous slack on time bounds, for slow or busy machines.
 SLACK = 2.0
 WAIT = 60
-
-
-@pytest.fixture
-def tally(request: pytest.FixtureRequest) -> Iterator[Tally]:
-    """Counts for docs/reliability.md, printed when the test ends (shown with -s)."""
-    counts: Tally = collections.Counter()
-    started = time.monotonic()
-    yield counts
-    figures = " ".join(f"{name}={value}" for name, value in sorted(counts.items()))
-    elapsed = time.monotonic() - started
-    print(f"\nreliability: {request.node.name} {figures} seconds={elapsed:.1f}")
 
 
 async def _leader(cluster: EtcdCluster) -> EtcdServer:

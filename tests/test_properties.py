@@ -92,17 +92,6 @@ READ_TIMEOUT = 10
 WAIT = 60
 
 
-@pytest.fixture
-def tally(request: pytest.FixtureRequest) -> Iterator[Tally]:
-    """Counts for docs/reliability.md, printed when the test ends (shown with -s)."""
-    counts: Tally = collections.Counter()
-    started = time.monotonic()
-    yield counts
-    figures = " ".join(f"{name}={value}" for name, value in sorted(counts.items()))
-    elapsed = time.monotonic() - started
-    print(f"\nreliability: {request.node.name} profile={PROFILE} {figures} seconds={elapsed:.1f}")
-
-
 class _RawEtcd:
     """A plain aetcd client on an event-loop thread of its own, for writes behind rdzv's back."""
 
