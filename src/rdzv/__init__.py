@@ -10,8 +10,11 @@ from __future__ import annotations
 from rdzv._backend import DEFAULT_KEY_PREFIX, DEFAULT_TTL, AsyncEtcdBackend
 from rdzv._errors import (
     RendezvousAuthError,
+    RendezvousCompactedError,
     RendezvousConnectionError,
     RendezvousError,
+    RendezvousLeaseNotFoundError,
+    RendezvousOutcomeUnknownError,
     RendezvousStateError,
     RendezvousStateTooLargeError,
     RendezvousTLSError,
@@ -33,8 +36,11 @@ __all__ = [
     "Endpoint",
     "EtcdBackend",
     "RendezvousAuthError",
+    "RendezvousCompactedError",
     "RendezvousConnectionError",
     "RendezvousError",
+    "RendezvousLeaseNotFoundError",
+    "RendezvousOutcomeUnknownError",
     "RendezvousStateError",
     "RendezvousStateTooLargeError",
     "RendezvousTLSError",

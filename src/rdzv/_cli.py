@@ -27,10 +27,11 @@ import anyio
 import click
 
 from rdzv import _envelope, _inspect
-from rdzv._backend import DEFAULT_KEY_PREFIX, validate_key_prefix, validate_run_id
+from rdzv._backend import DEFAULT_KEY_PREFIX
 from rdzv._demo import run_demo
 from rdzv._errors import CONNECTION_FAILED_MESSAGE, RendezvousError
 from rdzv._etcd import Connection, parse_endpoints
+from rdzv._validation import validate_key_prefix, validate_run_id
 from rdzv._version import __version__
 
 EXIT_FAILURE = 1

@@ -1,14 +1,48 @@
 """The rdzv error tree.
 
-Every error that leaves rdzv is a `RendezvousError`. Errors that come from the transport (gRPC,
-aetcd) are translated once, in `rdzv._etcd`, and keep the original error as their `__cause__`.
+Every error that leaves rdzv is a `RendezvousError`. Errors that come from the transport (gRPC)
+are translated once, in the etcd boundary (`rdzv._etcd`), and keep the original error as their
+`__cause__`. What went wrong is in structured fields (`endpoint`, `code`, `details`), so code
+that handles an error never needs to read its message.
+
+    RendezvousError
+    ├── RendezvousConnectionError          etcd unreachable, or no answer within the read timeout
+    │   ├── RendezvousAuthError            credentials rejected, or no permission on a key
+    │   ├── RendezvousTLSError             TLS cannot work as configured
+    │   └── RendezvousOutcomeUnknownError  a write may or may not have landed
+    ├── RendezvousStateError               a corrupt stored state
+    │   └── RendezvousStateTooLargeError   (also a ValueError) a state etcd refuses to store
+    ├── RendezvousCompactedError           etcd no longer holds the revisions asked for
+    │   └── RendezvousWatchCompactedError
+    ├── RendezvousLeaseNotFoundError       a write named a lease etcd no longer has
+    └── StoreTimeoutError                  (also a TimeoutError) store keys did not appear in time
 """
 
 from __future__ import annotations
 
 
 class RendezvousError(Exception):
-    """The base of every error that rdzv raises."""
+    """The base of every error that rdzv raises.
+
+    Attributes:
+        endpoint: the etcd endpoint (`"host:port"`) involved, when one was.
+        code: the name of the gRPC status code behind the error (`"UNAVAILABLE"`,
+            `"PERMISSION_DENIED"`, ...), when there was one.
+        details: etcd's (or gRPC's) own description of the failure, when there was one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        endpoint: str | None = None,
+        code: str | None = None,
+        details: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.endpoint = endpoint
+        self.code = code
+        self.details = details
 
 
 class RendezvousConnectionError(RendezvousError):
@@ -32,6 +66,23 @@ class RendezvousTLSError(RendezvousConnectionError):
     """
 
 
+class RendezvousOutcomeUnknownError(RendezvousConnectionError):
+    """A write may or may not have been applied, and rdzv could not find out which in time.
+
+    The request left and no answer came back, and reading etcd within the read timeout did not
+    settle it (etcd was unreachable, or had compacted the history needed). Read the state again
+    before acting on it. Unlike its parent, "unreachable", this error says that etcd may have
+    changed.
+
+    Attributes:
+        key: the etcd key the write was for, when known.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None, **fields: str | None) -> None:
+        super().__init__(message, **fields)
+        self.key = key
+
+
 class RendezvousStateError(RendezvousError):
     """The stored state is corrupt or cannot be written (for example, it is too large).
 
@@ -40,8 +91,8 @@ class RendezvousStateError(RendezvousError):
             corrupt value on purpose. `None` when no value is involved.
     """
 
-    def __init__(self, message: str, *, token: int | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, token: int | None = None, **fields: str | None) -> None:
+        super().__init__(message, **fields)
         self.token = token
 
 
@@ -49,11 +100,21 @@ class RendezvousStateTooLargeError(RendezvousStateError, ValueError):
     """The state is larger than the etcd server accepts; nothing was written."""
 
 
-class StoreTimeoutError(RendezvousError, TimeoutError):
-    """A store operation waited for keys that did not appear within its timeout."""
+class RendezvousCompactedError(RendezvousError):
+    """A read asked for a revision that etcd has already compacted away.
+
+    Attributes:
+        compact_revision: the oldest revision etcd still holds, when etcd said which.
+    """
+
+    def __init__(
+        self, message: str, *, compact_revision: int | None = None, **fields: str | None
+    ) -> None:
+        super().__init__(message, **fields)
+        self.compact_revision = compact_revision
 
 
-class RendezvousWatchCompactedError(RendezvousError):
+class RendezvousWatchCompactedError(RendezvousCompactedError):
     """A watch asked for changes from a revision that etcd has already compacted away.
 
     Attributes:
@@ -61,9 +122,17 @@ class RendezvousWatchCompactedError(RendezvousError):
             by `get_state`.
     """
 
-    def __init__(self, message: str, compact_revision: int) -> None:
-        super().__init__(message)
-        self.compact_revision = compact_revision
+
+class RendezvousLeaseNotFoundError(RendezvousError):
+    """A write named a lease that etcd no longer has (it expired or was revoked).
+
+    Nothing was written. rdzv's backends and stores take a new lease and write again on their
+    own; this error reaches callers of the low-level `Connection` only.
+    """
+
+
+class StoreTimeoutError(RendezvousError, TimeoutError):
+    """A store operation waited for keys that did not appear within its timeout."""
 
 
 CONNECTION_FAILED_MESSAGE = "The connection to etcd has failed. See inner exception for details."

@@ -21,7 +21,7 @@ from typing import Final
 
 import anyio
 
-from rdzv._backend import DEFAULT_TTL, validate_ttl
+from rdzv._backend import DEFAULT_TTL
 from rdzv._errors import RendezvousWatchCompactedError, StoreTimeoutError
 from rdzv._etcd import (
     Compare,
@@ -34,6 +34,7 @@ from rdzv._etcd import (
     TxnResult,
 )
 from rdzv._lease import RollingLease
+from rdzv._validation import validate_ttl
 
 DEFAULT_STORE_PREFIX: Final = "/torch/elastic/store/"
 
@@ -466,6 +467,7 @@ class AsyncEtcdStore:
         except (RevisionCompactedError, RendezvousWatchCompactedError) as error:
             raise OutcomeUnknownError(
                 f"A write to the store key {key!r} may or may not have landed, and etcd no "
-                "longer holds the history to tell."
+                "longer holds the history to tell.",
+                key=self._prefix + key,
             ) from error
         return ours, current

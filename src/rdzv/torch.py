@@ -38,7 +38,6 @@ from rdzv._backend import (
     DEFAULT_TTL,
     AsyncEtcdBackend,
     SetStateResult,
-    validate_ttl,
 )
 from rdzv._errors import (
     RendezvousConnectionError,
@@ -49,6 +48,7 @@ from rdzv._errors import (
 from rdzv._etcd import Connection
 from rdzv._store import DEFAULT_STORE_PREFIX, AsyncEtcdStore
 from rdzv._sync import EtcdBackend, LoopThread
+from rdzv._validation import validate_ttl
 
 __all__ = [
     "PASSWORD_ENVIRONMENT_VARIABLE",

@@ -1,32 +1,15 @@
-"""The etcd boundary: the only module that speaks gRPC to etcd.
-
-aetcd 1.0 gives us the generated etcd v3 protobuf messages and stubs, which we use, and a client
-that we do not use, because it opens only an insecure channel to a single endpoint, builds
-transactions with an untyped operator-overloading mini-language, and tells errors apart by their
-message text. This module replaces those three pieces:
-
-- `Connection` opens a TLS or plain-text gRPC channel to one endpoint at a time, fails over to the
-  next endpoint when the current one stops answering, authenticates with etcd's auth, and retries
-  idempotent calls within the read timeout;
-- `Compare`, `Put`, `Get` and `Delete` are small typed values that build a `Txn`;
-- errors are told apart by their gRPC status code, and translated here, once, into the
-  `rdzv.RendezvousError` tree with the original error chained as `__cause__`.
-
-aetcd and grpc.aio are asyncio-only, so this module and everything above it runs on asyncio.
-"""
+"""The connection to etcd: channels, failover, authentication, and every call etcd answers."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
-import ipaddress
 import random
-import ssl
 import time
 from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import anyio
 import grpc
@@ -36,14 +19,39 @@ from aetcd import rpc
 from rdzv._errors import (
     CONNECTION_FAILED_MESSAGE,
     RendezvousAuthError,
+    RendezvousCompactedError,
     RendezvousConnectionError,
     RendezvousError,
+    RendezvousLeaseNotFoundError,
+    RendezvousOutcomeUnknownError,
     RendezvousStateTooLargeError,
     RendezvousTLSError,
     RendezvousWatchCompactedError,
 )
+from rdzv._etcd._classify import NO_SPACE as _ETCD_NO_SPACE
+from rdzv._etcd._classify import is_too_large as _is_too_large
+from rdzv._etcd._endpoints import Endpoint, parse_endpoints
+from rdzv._etcd._tls import channel_credentials, speaks_tls
+from rdzv._etcd._values import (
+    Compare,
+    KeyValue,
+    Operation,
+    Put,
+    TxnResult,
+    WatchEvent,
+    fill_range,
+    key_value,
+    prefix_end,
+    txn_request,
+)
+from rdzv._validation import validate_read_timeout
 
-DEFAULT_PORT: Final = 2379
+_ETCD_AUTH_REQUIRED: Final = frozenset(
+    {"etcdserver: user name is empty", "etcdserver: invalid auth token"}
+)
+OutcomeUnknownError = RendezvousOutcomeUnknownError
+RevisionCompactedError = RendezvousCompactedError
+LeaseNotFoundError = RendezvousLeaseNotFoundError
 
 _INITIAL_BACKOFF: Final = 0.025
 _MAX_BACKOFF: Final = 0.5
@@ -86,210 +94,6 @@ _TRANSIENT_CODES: Final = frozenset(
 )
 
 
-# --------------------------------------------------------------------------------------------
-# Endpoints and parameters
-
-
-@dataclasses.dataclass(frozen=True)
-class Endpoint:
-    """One etcd client endpoint."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def parse_endpoints(endpoints: str | Sequence[str]) -> tuple[Endpoint, ...]:
-    """Parse `"host:port"`, a comma-separated list of them, or a sequence of them.
-
-    The port defaults to 2379; IPv6 addresses go in brackets (`"[::1]:2379"`); an `http://` or
-    `https://` prefix is accepted and ignored (the `protocol` argument decides).
-    """
-    items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
-    parsed = tuple(_parse_endpoint(item) for item in items if item.strip())
-    if not parsed:
-        raise ValueError(f"No etcd endpoint was given (got {endpoints!r}).")
-    return parsed
-
-
-def _parse_endpoint(text: str) -> Endpoint:
-    stripped = text.strip()
-    for scheme in ("http://", "https://"):
-        if stripped.lower().startswith(scheme):
-            stripped = stripped[len(scheme) :]
-    stripped = stripped.rstrip("/")
-    port_text = ""
-    if stripped.startswith("["):
-        host, bracket, rest = stripped[1:].partition("]")
-        if not bracket or (rest and not rest.startswith(":")):
-            raise ValueError(f"The etcd endpoint {text!r} is malformed: expected '[ipv6]:port'.")
-        port_text = rest[1:]
-        _require_ipv6(host, text)
-    elif stripped.count(":") > 1:
-        host = stripped
-        _require_ipv6(host, text)
-    else:
-        host, _, port_text = stripped.partition(":")
-    if not host or any(c.isspace() or c in "/@?#" for c in host):
-        raise ValueError(f"The etcd endpoint {text!r} is malformed: expected 'host:port'.")
-    if not port_text:
-        return Endpoint(host, DEFAULT_PORT)
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"The etcd endpoint {text!r} has an invalid port {port_text!r}.")
-    return Endpoint(host, int(port_text))
-
-
-def _require_ipv6(host: str, text: str) -> None:
-    try:
-        ipaddress.IPv6Address(host)
-    except ValueError:
-        raise ValueError(f"The etcd endpoint {text!r} is malformed: bad IPv6 address.") from None
-
-
-def validate_read_timeout(read_timeout: object) -> float:
-    """Return `read_timeout` as seconds, or raise `ValueError` if it is not a positive number."""
-    if isinstance(read_timeout, bool) or not isinstance(read_timeout, int | float):
-        raise ValueError("The read timeout must be a positive integer.")
-    if not read_timeout > 0 or read_timeout == float("inf"):
-        raise ValueError("The read timeout must be a positive integer.")
-    return float(read_timeout)
-
-
-def _read_file(path: str | Path, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as error:
-        message = f"The {what} file {str(path)!r} cannot be read: {error.strerror}."
-        raise ValueError(message) from None
-
-
-# --------------------------------------------------------------------------------------------
-# Typed transaction values
-
-
-@dataclasses.dataclass(frozen=True)
-class KeyValue:
-    """A key as etcd stores it."""
-
-    key: bytes
-    value: bytes
-    create_revision: int
-    mod_revision: int
-    version: int
-    lease: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Compare:
-    """One condition of a transaction: `target(key) op operand`."""
-
-    key: bytes
-    target: Literal["mod_revision", "create_revision", "version", "value"]
-    op: Literal["==", "!=", "<", ">"]
-    operand: int | bytes
-
-    @classmethod
-    def mod_revision_is(cls, key: bytes, revision: int) -> Compare:
-        """The key was last written at `revision`."""
-        return cls(key, "mod_revision", "==", revision)
-
-    @classmethod
-    def absent(cls, key: bytes) -> Compare:
-        """The key does not exist."""
-        return cls(key, "create_revision", "==", 0)
-
-    @classmethod
-    def value_is(cls, key: bytes, value: bytes) -> Compare:
-        """The key exists and holds `value`."""
-        return cls(key, "value", "==", value)
-
-
-@dataclasses.dataclass(frozen=True)
-class Put:
-    """Write `value` at `key`, attached to `lease` (0 for none)."""
-
-    key: bytes
-    value: bytes
-    lease: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class Get:
-    """Read `key` (or every key under the prefix `key`)."""
-
-    key: bytes
-    prefix: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class Delete:
-    """Delete `key` (or every key under the prefix `key`)."""
-
-    key: bytes
-    prefix: bool = False
-
-
-Operation = Put | Get | Delete
-
-
-@dataclasses.dataclass(frozen=True)
-class TxnResult:
-    """What a transaction did.
-
-    `revision` is etcd's revision after the transaction: the new mod revision of the keys that a
-    successful write put. `ranges` holds, for each operation of the branch that ran, the keys a
-    `Get` read (empty for `Put` and `Delete`).
-    """
-
-    succeeded: bool
-    revision: int
-    ranges: tuple[tuple[KeyValue, ...], ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class WatchEvent:
-    """One change of a watched key.
-
-    For a deletion, `deleted` is true, `kv.value` is empty and `kv.mod_revision` is the revision
-    of the deletion.
-    """
-
-    kv: KeyValue
-    deleted: bool
-
-
-class OutcomeUnknownError(RendezvousConnectionError):
-    """A write may or may not have been applied: the request left, and no answer came back."""
-
-
-class RevisionCompactedError(RendezvousError):
-    """A read asked for a revision that etcd has compacted away."""
-
-
-class LeaseNotFoundError(RendezvousError):
-    """A write named a lease that etcd no longer has (it expired or was revoked)."""
-
-
-# etcd gives several errors one status code: INVALID_ARGUMENT is an oversize request, a missing
-# user name, and more; RESOURCE_EXHAUSTED is a full database and (from gRPC itself) an oversize
-# message. Like etcd's own Go client (rpctypes.ErrorDesc), we tell them apart by etcd's fixed
-# error descriptions, here and nowhere else.
-_ETCD_TOO_LARGE: Final = "etcdserver: request is too large"
-_ETCD_NO_SPACE: Final = "etcdserver: mvcc: database space exceeded"
-_ETCD_AUTH_REQUIRED: Final = frozenset(
-    {"etcdserver: user name is empty", "etcdserver: invalid auth token"}
-)
-
-
-def _is_too_large(error: grpc.aio.AioRpcError) -> bool:
-    code, details = error.code(), error.details()
-    if code is grpc.StatusCode.INVALID_ARGUMENT:
-        return bool(details == _ETCD_TOO_LARGE)
-    return code is grpc.StatusCode.RESOURCE_EXHAUSTED and details != _ETCD_NO_SPACE
-
-
 async def _finish(call: Any) -> None:
     """Cancel a streaming call and wait until gRPC is done with it.
 
@@ -300,109 +104,6 @@ async def _finish(call: Any) -> None:
     call.cancel()
     with contextlib.suppress(Exception):
         await asyncio.wait_for(asyncio.shield(call.code()), _FINISH_TIMEOUT)
-
-
-async def _speaks_tls(endpoint: Endpoint) -> bool:
-    """Whether `endpoint` completes a TLS handshake (its certificate unchecked: only asking)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    try:
-        with anyio.fail_after(2):
-            _, writer = await asyncio.open_connection(endpoint.host, endpoint.port, ssl=context)
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-    except ssl.SSLError as error:
-        # A TLS alert (a server that requires a client certificate) is TLS too; a plain server
-        # fails the handshake without one (WRONG_VERSION_NUMBER and the like).
-        return "ALERT" in (error.reason or "")
-    except (OSError, TimeoutError):
-        return False
-    return True
-
-
-def prefix_end(prefix: bytes) -> bytes:
-    """The smallest key greater than every key that starts with `prefix`."""
-    stripped = prefix.rstrip(b"\xff")
-    if not stripped:
-        return b"\0"
-    return stripped[:-1] + bytes([stripped[-1] + 1])
-
-
-_COMPARE_OPS: Final = {
-    "==": rpc.Compare.EQUAL,
-    "!=": rpc.Compare.NOT_EQUAL,
-    "<": rpc.Compare.LESS,
-    ">": rpc.Compare.GREATER,
-}
-
-
-def _txn_request(
-    compare: Sequence[Compare], success: Sequence[Operation], failure: Sequence[Operation]
-) -> Any:
-    # Filled in place: handing protobuf a finished sub-message (RequestOp(request_put=put))
-    # copies it, which costs milliseconds for a 1 MiB state.
-    request = rpc.TxnRequest()
-    for condition in compare:
-        _fill_compare(request.compare.add(), condition)
-    for branch, operations in ((request.success, success), (request.failure, failure)):
-        for operation in operations:
-            _fill_operation(branch.add(), operation)
-    return request
-
-
-def _fill_compare(message: Any, compare: Compare) -> None:
-    message.key = compare.key
-    message.result = _COMPARE_OPS[compare.op]
-    if compare.target == "value":
-        message.target = rpc.Compare.VALUE
-        message.value = bytes(compare.operand)
-    elif compare.target == "version":
-        message.target = rpc.Compare.VERSION
-        message.version = int(compare.operand)
-    elif compare.target == "create_revision":
-        message.target = rpc.Compare.CREATE
-        message.create_revision = int(compare.operand)
-    else:
-        message.target = rpc.Compare.MOD
-        message.mod_revision = int(compare.operand)
-
-
-def _fill_range(message: Any, key: bytes, *, prefix: bool = False, revision: int = 0) -> Any:
-    message.key = key
-    if prefix:
-        message.range_end = prefix_end(key)
-    message.revision = revision
-    return message
-
-
-def _fill_operation(message: Any, operation: Operation) -> None:
-    if isinstance(operation, Put):
-        message.request_put.key = operation.key
-        message.request_put.value = operation.value
-        message.request_put.lease = operation.lease
-    elif isinstance(operation, Get):
-        _fill_range(message.request_range, operation.key, prefix=operation.prefix)
-    else:
-        message.request_delete_range.key = operation.key
-        if operation.prefix:
-            message.request_delete_range.range_end = prefix_end(operation.key)
-
-
-def _key_value(message: Any) -> KeyValue:
-    return KeyValue(
-        key=message.key,
-        value=message.value,
-        create_revision=message.create_revision,
-        mod_revision=message.mod_revision,
-        version=message.version,
-        lease=message.lease,
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# The connection
 
 
 @dataclasses.dataclass(eq=False)
@@ -444,7 +145,7 @@ class Connection:
         if not isinstance(protocol, str) or protocol.lower() not in ("http", "https"):
             raise ValueError("The protocol must be HTTP or HTTPS.")
         self._protocol = protocol.lower()
-        self._credentials = self._channel_credentials(ca_cert, ssl_cert, ssl_cert_key)
+        self._credentials = channel_credentials(self._protocol, ca_cert, ssl_cert, ssl_cert_key)
         if (username is None) != (password is None):
             raise ValueError("etcd authentication needs both a username and a password.")
         if username is not None and not username:
@@ -463,26 +164,6 @@ class Connection:
         self._answered = False
         self._sniffed: set[Endpoint] = set()
         self._misconfigured: dict[Endpoint, RendezvousTLSError] = {}
-
-    def _channel_credentials(
-        self,
-        ca_cert: str | Path | None,
-        ssl_cert: str | Path | None,
-        ssl_cert_key: str | Path | None,
-    ) -> grpc.ChannelCredentials | None:
-        if self._protocol == "http":
-            if ca_cert or ssl_cert or ssl_cert_key:
-                raise ValueError(
-                    "TLS files (ca_cert, ssl_cert, ssl_cert_key) need protocol='https'."
-                )
-            return None
-        if (ssl_cert is None) != (ssl_cert_key is None):
-            raise ValueError("A client certificate needs both ssl_cert and ssl_cert_key.")
-        return grpc.ssl_channel_credentials(
-            root_certificates=_read_file(ca_cert, "CA certificate") if ca_cert else None,
-            private_key=_read_file(ssl_cert_key, "client key") if ssl_cert_key else None,
-            certificate_chain=_read_file(ssl_cert, "client certificate") if ssl_cert else None,
-        )
 
     def __repr__(self) -> str:
         endpoints = ",".join(map(str, self._endpoints))
@@ -620,7 +301,7 @@ class Connection:
         if self._answered or link.endpoint in self._sniffed:
             return None
         self._sniffed.add(link.endpoint)
-        if not await _speaks_tls(link.endpoint):
+        if not await speaks_tls(link.endpoint, 2):
             return None
         return RendezvousTLSError(
             f"etcd at {link.endpoint} serves TLS, but this connection uses plain text: "
@@ -749,9 +430,9 @@ class Connection:
 
         With `revision`, read the keys as they were at that revision.
         """
-        request = _fill_range(rpc.RangeRequest(), key, prefix=prefix, revision=revision)
+        request = fill_range(rpc.RangeRequest(), key, prefix=prefix, revision=revision)
         response = await self._unary("kv", "Range", request, what=f"read {key!r}")
-        return tuple(_key_value(kv) for kv in response.kvs), response.header.revision
+        return tuple(key_value(kv) for kv in response.kvs), response.header.revision
 
     async def get(self, key: bytes, *, revision: int = 0) -> KeyValue | None:
         """Read one key, or `None` if it does not exist."""
@@ -818,7 +499,7 @@ class Connection:
         says that it may or may not have been applied, and the caller resolves it by reading.
         Raises `LeaseNotFoundError` if a `Put` names an expired lease (nothing was written).
         """
-        request = _txn_request(compare, success, failure)
+        request = txn_request(compare, success, failure)
         written = sum(len(op.value) for op in (*success, *failure) if isinstance(op, Put))
         deadline = self.deadline()
         delay = _INITIAL_BACKOFF
@@ -840,7 +521,7 @@ class Connection:
                 code = error.code()
                 if code in _TRANSIENT_CODES:
                     await self._after_transient_failure(link, error)
-                    raise OutcomeUnknownError(CONNECTION_FAILED_MESSAGE) from error
+                    raise OutcomeUnknownError(CONNECTION_FAILED_MESSAGE, key=repr(what)) from error
                 if code is grpc.StatusCode.UNAUTHENTICATED and not reauthenticated:
                     self._token = None
                     reauthenticated = True
@@ -853,7 +534,7 @@ class Connection:
                 raise self._translate(error, what) from error
             self._answered = True
             ranges = tuple(
-                tuple(_key_value(kv) for kv in op.response_range.kvs)
+                tuple(key_value(kv) for kv in op.response_range.kvs)
                 if op.WhichOneof("response") == "response_range"
                 else ()
                 for op in response.responses
@@ -904,7 +585,7 @@ class Connection:
                         failing_since, delay, reauthenticated = None, _INITIAL_BACKOFF, False
                         self._answered = True
                     for event in response.events:
-                        kv = _key_value(event.kv)
+                        kv = key_value(event.kv)
                         next_revision = kv.mod_revision + 1
                         yield WatchEvent(kv=kv, deleted=event.type == rpc.Event.DELETE)
             except grpc.aio.AioRpcError as error:
