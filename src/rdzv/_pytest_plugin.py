@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from rdzv.testing import EtcdCluster, EtcdServer
+    from rdzv._server import EtcdCluster, EtcdServer
 
 _KEY_PREFIX_ROOT = "/rdzv-test"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -33,7 +33,7 @@ _MAX_NAME_LENGTH = 60
 @pytest.fixture(scope="session")
 def etcd_server() -> Iterator[EtcdServer]:
     """A single etcd server shared by the whole test session."""
-    from rdzv.testing import EtcdServer
+    from rdzv._server import EtcdServer
 
     server = EtcdServer(name="rdzv-session")
     server.start()
@@ -67,7 +67,7 @@ def etcd_key_prefix(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def etcd_cluster() -> Iterator[EtcdCluster]:
     """A fresh, started 3-member etcd cluster for one test, stopped afterwards."""
-    from rdzv.testing import EtcdCluster
+    from rdzv._server import EtcdCluster
 
     cluster = EtcdCluster(3)
     cluster.start()
