@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 import rdzv
-from rdzv._etcd import OutcomeUnknownError
+from rdzv._errors import RendezvousOutcomeUnknownError
 from rdzv._store import DEFAULT_STORE_PREFIX, AsyncEtcdStore
 
 pytestmark = pytest.mark.anyio
@@ -494,7 +494,7 @@ class _LoseAnswers:
             await self._txn(*args)  # type: ignore[arg-type]
         elif self._landing == "late":
             self._late.append(args)
-        raise OutcomeUnknownError("lost")
+        raise RendezvousOutcomeUnknownError("lost")
 
 
 @pytest.mark.parametrize("landing", ["before", "never", "late"])

@@ -7,15 +7,17 @@ from collections.abc import AsyncGenerator
 from typing import Final, Literal
 
 from rdzv import _envelope
-from rdzv._errors import RendezvousWatchCompactedError
+from rdzv._errors import (
+    RendezvousCompactedError,
+    RendezvousOutcomeUnknownError,
+    RendezvousWatchCompactedError,
+)
 from rdzv._etcd import (
     Compare,
     Connection,
     Get,
     KeyValue,
-    OutcomeUnknownError,
     Put,
-    RevisionCompactedError,
     TxnResult,
 )
 from rdzv._lease import RollingLease
@@ -131,7 +133,7 @@ class AsyncEtcdBackend:
         while True:
             try:
                 result = await self._lease.run(write)
-            except OutcomeUnknownError:
+            except RendezvousOutcomeUnknownError:
                 resolved = await self._resolve_unknown_outcome(state, value, expected)
                 if resolved != _RETRY:
                     return resolved
@@ -188,8 +190,8 @@ class AsyncEtcdBackend:
         """
         try:
             return await self._find_own_write(state, value, token)
-        except (RevisionCompactedError, RendezvousWatchCompactedError) as error:
-            raise OutcomeUnknownError(
+        except (RendezvousCompactedError, RendezvousWatchCompactedError) as error:
+            raise RendezvousOutcomeUnknownError(
                 f"A write to '{self._key}' may or may not have landed, and etcd no longer holds "
                 "the history to tell. Read the state again.",
                 key=self._key,

@@ -7,7 +7,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from rdzv._etcd import Connection, LeaseNotFoundError
+from rdzv._errors import RendezvousLeaseNotFoundError
+from rdzv._etcd import Connection
 
 T = TypeVar("T")
 
@@ -51,7 +52,7 @@ class RollingLease:
         lease_id = await self.current()
         try:
             return await write(lease_id)
-        except LeaseNotFoundError:
+        except RendezvousLeaseNotFoundError:
             # The lease expired or was revoked under us; etcd wrote nothing.
             if self._lease_id == lease_id:
                 self._lease_id = None

@@ -22,15 +22,18 @@ from typing import Final
 import anyio
 
 from rdzv._backend import DEFAULT_TTL
-from rdzv._errors import RendezvousWatchCompactedError, StoreTimeoutError
+from rdzv._errors import (
+    RendezvousCompactedError,
+    RendezvousOutcomeUnknownError,
+    RendezvousWatchCompactedError,
+    StoreTimeoutError,
+)
 from rdzv._etcd import (
     Compare,
     Connection,
     Get,
     KeyValue,
-    OutcomeUnknownError,
     Put,
-    RevisionCompactedError,
     TxnResult,
 )
 from rdzv._lease import RollingLease
@@ -273,7 +276,7 @@ class AsyncEtcdStore:
         while True:
             try:
                 return await attempt()
-            except OutcomeUnknownError:
+            except RendezvousOutcomeUnknownError:
                 if time.monotonic() >= deadline:
                     raise
 
@@ -385,7 +388,7 @@ class AsyncEtcdStore:
         while True:
             try:
                 result = await self._lease.run(write)
-            except OutcomeUnknownError:
+            except RendezvousOutcomeUnknownError:
                 # Sending it again blindly could apply the change twice: look for it first.
                 lost.add(sent)
                 current = await self._connection.get(key_bytes)
@@ -421,7 +424,7 @@ class AsyncEtcdStore:
     # change is a put of exactly our bytes with one of our attempts' leases. So:
     #
     # - A write that landed is always recognised, so an add is never applied twice, as long as
-    #   etcd still holds the history after R (else OutcomeUnknownError: we do not guess).
+    #   etcd still holds the history after R (else RendezvousOutcomeUnknownError: we do not guess).
     #   Attempts that lost their answer and may still land late are also recognised, when a
     #   later attempt under the same condition fails.
     # - A write that did not land is taken for ours only if another write was the first change
@@ -464,8 +467,8 @@ class AsyncEtcdStore:
             else:
                 first = await self._connection.first_change_after(key_bytes, expected)
                 ours = not first.deleted and first.kv.value == value and first.kv.lease in leases
-        except (RevisionCompactedError, RendezvousWatchCompactedError) as error:
-            raise OutcomeUnknownError(
+        except (RendezvousCompactedError, RendezvousWatchCompactedError) as error:
+            raise RendezvousOutcomeUnknownError(
                 f"A write to the store key {key!r} may or may not have landed, and etcd no "
                 "longer holds the history to tell.",
                 key=self._prefix + key,

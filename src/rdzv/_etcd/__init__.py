@@ -9,20 +9,16 @@ This package replaces those pieces, one module a job:
 - `_values`: typed keys, transaction conditions and operations, watch events;
 - `_classify`: what a gRPC error means, and its translation into the `rdzv.RendezvousError` tree;
 - `_tls`: channel credentials and recognising TLS misconfiguration;
-- `_connection`: the `Connection`, its channels, failover and authentication, and the calls.
+- `_links`: the channel to the current endpoint, failover, authentication, suspension;
+- `_attempts`: the attempt driver, the one place that retries;
+- `_connection`: the `Connection` and its calls.
 
 aetcd and grpc.aio are asyncio-only, so this package and everything above it runs on asyncio.
 """
 
 from __future__ import annotations
 
-from rdzv._etcd._connection import (
-    Connection,
-    LeaseNotFoundError,
-    OutcomeUnknownError,
-    RevisionCompactedError,
-    connect,
-)
+from rdzv._etcd._connection import DEFAULT_MAX_IN_FLIGHT, Connection, connect
 from rdzv._etcd._endpoints import DEFAULT_PORT, Endpoint, parse_endpoints
 from rdzv._etcd._values import (
     Compare,
@@ -37,6 +33,7 @@ from rdzv._etcd._values import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_IN_FLIGHT",
     "DEFAULT_PORT",
     "Compare",
     "Connection",
@@ -44,11 +41,8 @@ __all__ = [
     "Endpoint",
     "Get",
     "KeyValue",
-    "LeaseNotFoundError",
     "Operation",
-    "OutcomeUnknownError",
     "Put",
-    "RevisionCompactedError",
     "TxnResult",
     "WatchEvent",
     "connect",
