@@ -24,7 +24,9 @@ async def test_landed_write_is_reported_written(
     await raw_etcd.put(backend.key.encode(), ours)
     landed = await raw_etcd.get(backend.key.encode())
     assert landed is not None
-    resolved = await backend._resolve_unknown_outcome(b"ours", ours, token)
+    resolved = await backend._resolve_unknown_outcome(
+        b"ours", ours, token, backend.connection.deadline()
+    )
     assert resolved == (b"ours", landed.mod_revision, True)
 
 
@@ -32,7 +34,10 @@ async def test_untouched_key_means_retry(backend: rdzv.AsyncEtcdBackend) -> None
     """If the key still has the token's revision, the write did not land: send it again."""
     _, token, _ = await backend.set_state(b"before")  # type: ignore[misc]
     ours = _envelope.encode(b"ours", backend.key)
-    assert await backend._resolve_unknown_outcome(b"ours", ours, token) == "retry"
+    assert (
+        await backend._resolve_unknown_outcome(b"ours", ours, token, backend.connection.deadline())
+        == "retry"
+    )
 
 
 async def test_landed_then_overwritten_write_is_reported_written(
@@ -45,7 +50,9 @@ async def test_landed_then_overwritten_write_is_reported_written(
     landed = await raw_etcd.get(backend.key.encode())
     assert landed is not None
     _, later, _ = await backend.set_state(b"someone else's", landed.mod_revision)  # type: ignore[misc]
-    resolved = await backend._resolve_unknown_outcome(b"ours", ours, token)
+    resolved = await backend._resolve_unknown_outcome(
+        b"ours", ours, token, backend.connection.deadline()
+    )
     assert resolved == (b"ours", landed.mod_revision, True)
     assert later > landed.mod_revision
 
@@ -55,7 +62,9 @@ async def test_lost_race_is_reported_as_conflict(backend: rdzv.AsyncEtcdBackend)
     _, token, _ = await backend.set_state(b"before")  # type: ignore[misc]
     _, theirs, _ = await backend.set_state(b"theirs", token)  # type: ignore[misc]
     ours = _envelope.encode(b"ours", backend.key)
-    assert await backend._resolve_unknown_outcome(b"ours", ours, token) == (
+    assert await backend._resolve_unknown_outcome(
+        b"ours", ours, token, backend.connection.deadline()
+    ) == (
         b"theirs",
         theirs,
         False,
@@ -71,11 +80,43 @@ async def test_created_then_overwritten_state_is_reported_written(
     created = await raw_etcd.get(backend.key.encode())
     assert created is not None
     await backend.set_state(b"someone else's", created.mod_revision)
-    resolved = await backend._resolve_unknown_outcome(b"ours", ours, None)
+    resolved = await backend._resolve_unknown_outcome(
+        b"ours", ours, None, backend.connection.deadline()
+    )
     assert resolved == (b"ours", created.mod_revision, True)
 
 
 async def test_create_that_did_not_land_is_retried(backend: rdzv.AsyncEtcdBackend) -> None:
     """For a create, an absent key means the write did not land: send it again."""
     ours = _envelope.encode(b"ours", backend.key)
-    assert await backend._resolve_unknown_outcome(b"ours", ours, None) == "retry"
+    assert (
+        await backend._resolve_unknown_outcome(b"ours", ours, None, backend.connection.deadline())
+        == "retry"
+    )
+
+
+async def test_landed_then_deleted_write_is_reported_written(
+    backend: rdzv.AsyncEtcdBackend, raw_etcd: aetcd.Client
+) -> None:
+    """If our value was the first change after the token and the key is gone now, it landed."""
+    _, token, _ = await backend.set_state(b"before")  # type: ignore[misc]
+    ours = _envelope.encode(b"ours", backend.key)
+    await raw_etcd.put(backend.key.encode(), ours)
+    landed = await raw_etcd.get(backend.key.encode())
+    assert landed is not None
+    await raw_etcd.delete(backend.key.encode())
+    resolved = await backend._resolve_unknown_outcome(
+        b"ours", ours, token, backend.connection.deadline()
+    )
+    assert resolved == (b"ours", landed.mod_revision, True)
+
+
+async def test_resolution_that_runs_out_of_time_is_outcome_unknown(
+    backend: rdzv.AsyncEtcdBackend,
+) -> None:
+    """A resolver with no time left says "may or may not have landed", never a guess."""
+    _, token, _ = await backend.set_state(b"before")  # type: ignore[misc]
+    ours = _envelope.encode(b"ours", backend.key)
+    with pytest.raises(rdzv.RendezvousOutcomeUnknownError) as caught:
+        await backend._resolve_unknown_outcome(b"ours", ours, token, 0.0)
+    assert caught.value.key == backend.key

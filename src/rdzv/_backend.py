@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncGenerator
 from typing import Final, Literal
 
 from rdzv import _envelope
 from rdzv._errors import (
     RendezvousCompactedError,
+    RendezvousConnectionError,
     RendezvousOutcomeUnknownError,
-    RendezvousWatchCompactedError,
 )
 from rdzv._etcd import (
     Compare,
@@ -127,20 +126,35 @@ class AsyncEtcdBackend:
         async def write(lease: int) -> TxnResult:
             put = Put(self._key_bytes, value, lease)
             return await self._connection.txn(
-                [condition], [put], [Get(self._key_bytes)], what=f"write the state at {self._key!r}"
+                [condition],
+                [put],
+                [Get(self._key_bytes)],
+                what=f"write the state at {self._key!r}",
+                deadline=deadline,
             )
 
+        lost = False  # whether an attempt's answer was lost: it may land late
         while True:
             try:
-                result = await self._lease.run(write)
+                result = await self._lease.run(write, deadline=deadline)
             except RendezvousOutcomeUnknownError:
-                resolved = await self._resolve_unknown_outcome(state, value, expected)
+                lost = True
+                resolved = await self._resolve_unknown_outcome(state, value, expected, deadline)
                 if resolved != _RETRY:
                     return resolved
-                if time.monotonic() >= deadline:
-                    raise
                 continue
-            return self._outcome(state, result)
+            except RendezvousConnectionError as error:
+                if lost:
+                    raise self._unresolved() from error
+                raise
+            if result.succeeded or not lost:
+                return self._outcome(state, result)
+            # An earlier attempt under the same condition lost its answer; it may have landed
+            # only since it was looked for, and be why this one failed.
+            resolved = await self._resolve_unknown_outcome(state, value, expected, deadline)
+            if resolved == _RETRY:
+                raise self._unresolved()
+            return resolved
 
     async def watch(self, token: object = None) -> AsyncGenerator[tuple[bytes | None, Token], None]:
         """Yield `(state, token)` for every change after `token` (from now if `None`).
@@ -180,44 +194,57 @@ class AsyncEtcdBackend:
         return self._decode(kv), kv.mod_revision, False
 
     async def _resolve_unknown_outcome(
-        self, state: bytes, value: bytes, token: int | None
+        self, state: bytes, value: bytes, token: int | None, deadline: float
     ) -> SetStateResult | Literal["retry"] | None:
-        """Find out whether a write whose answer was lost landed.
+        """Find out whether a write whose answer was lost landed, by `deadline`.
 
         Every written value carries a random write id, so finding our exact bytes in etcd
-        proves that our write landed. Returns the outcome, or `"retry"` when the write did not
-        land and the condition still holds, so the same compare-and-swap may be sent again.
+        proves that our write landed; a value without them is someone else's. Returns the
+        outcome, or `"retry"` when the write has not landed and its condition still holds, so
+        that the same compare-and-swap (the same bytes) may be sent again: whichever of the two
+        lands, the other cannot, and both carry our write id.
         """
         try:
-            return await self._find_own_write(state, value, token)
-        except (RendezvousCompactedError, RendezvousWatchCompactedError) as error:
-            raise RendezvousOutcomeUnknownError(
-                f"A write to '{self._key}' may or may not have landed, and etcd no longer holds "
-                "the history to tell. Read the state again.",
-                key=self._key,
-            ) from error
+            return await self._find_own_write(state, value, token, deadline)
+        except (RendezvousCompactedError, RendezvousConnectionError) as error:
+            # etcd no longer holds the history to tell, or did not answer in time.
+            raise self._unresolved() from error
+
+    def _unresolved(self) -> RendezvousOutcomeUnknownError:
+        return RendezvousOutcomeUnknownError(
+            f"A write to '{self._key}' may or may not have landed, and rdzv could not find out "
+            "within the read timeout. Read the state again.",
+            key=self._key,
+        )
 
     async def _find_own_write(
-        self, state: bytes, value: bytes, token: int | None
+        self, state: bytes, value: bytes, token: int | None, deadline: float
     ) -> SetStateResult | Literal["retry"] | None:
-        kv = await self._connection.get(self._key_bytes)
+        get = self._connection.get
+        kv = await get(self._key_bytes, deadline=deadline)
         if kv is not None and kv.value == value:
             return state, kv.mod_revision, True
         if token is None:
             if kv is None:
                 return _RETRY
             # Someone else's value is there now: was ours the one that created the key?
-            first = await self._connection.get(self._key_bytes, revision=kv.create_revision)
+            first = (
+                kv
+                if kv.version == 1
+                else await get(self._key_bytes, revision=kv.create_revision, deadline=deadline)
+            )
             if first is not None and first.value == value:
                 return state, kv.create_revision, True
             return self._decode(kv), kv.mod_revision, False
+        if kv is not None and kv.mod_revision == token:
+            return _RETRY
+        # The key changed after `token` (or was deleted since): a write conditioned on `token`
+        # that landed is the first change after it.
+        change = await self._connection.first_change_after(
+            self._key_bytes, token, deadline=deadline
+        )
+        if not change.deleted and change.kv.value == value:
+            return state, change.kv.mod_revision, True
         if kv is None:
             return None
-        if kv.mod_revision == token:
-            return _RETRY
-        if kv.mod_revision > token:
-            # The key changed after `token`: was the first change ours?
-            change = await self._connection.first_change_after(self._key_bytes, token)
-            if not change.deleted and change.kv.value == value:
-                return state, change.kv.mod_revision, True
         return self._decode(kv), kv.mod_revision, False

@@ -33,7 +33,7 @@ class RollingLease:
             return self._lease_id
         return None
 
-    async def current(self) -> int:
+    async def current(self, *, deadline: float | None = None) -> int:
         """A lease id that outlives a write sent now by at least `ttl` seconds."""
         lease_id = self._fresh(time.monotonic())
         if lease_id is not None:
@@ -43,17 +43,19 @@ class RollingLease:
             requested_at = time.monotonic()
             lease_id = self._fresh(requested_at)
             if lease_id is None:
-                lease_id = await self._connection.grant_lease(2 * self._ttl)
+                lease_id = await self._connection.grant_lease(2 * self._ttl, deadline=deadline)
                 self._lease_id, self._requested_at = lease_id, requested_at
             return lease_id
 
-    async def run(self, write: Callable[[int], Awaitable[T]]) -> T:
+    async def run(
+        self, write: Callable[[int], Awaitable[T]], *, deadline: float | None = None
+    ) -> T:
         """Run `write(lease_id)`; once more with a new lease if etcd no longer has the lease."""
-        lease_id = await self.current()
+        lease_id = await self.current(deadline=deadline)
         try:
             return await write(lease_id)
         except RendezvousLeaseNotFoundError:
             # The lease expired or was revoked under us; etcd wrote nothing.
             if self._lease_id == lease_id:
                 self._lease_id = None
-            return await write(await self.current())
+            return await write(await self.current(deadline=deadline))

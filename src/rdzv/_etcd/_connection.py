@@ -194,7 +194,9 @@ class Connection:
             call = getattr(getattr(link, stub), method)
             return await call(request, timeout=timeout, metadata=self._links.metadata())
 
-        return await drive(self._links, send, what=what, deadline=deadline or self.deadline())
+        return await drive(
+            self._links, send, what=what, deadline=self.deadline() if deadline is None else deadline
+        )
 
     # ---------------------------------------------------------------------------- operations
 
@@ -293,7 +295,7 @@ class Connection:
             self._links,
             send,
             what=what,
-            deadline=deadline or self.deadline(),
+            deadline=self.deadline() if deadline is None else deadline,
             may_resend=False,
             key=keys[0].decode(errors="replace") if keys else None,
         )
@@ -399,7 +401,7 @@ class Connection:
         Raises `RendezvousConnectionError` if it does not come by `deadline`.
         """
         changes = self.watch(key, start_revision=revision + 1)
-        remaining = (deadline or self.deadline()) - time.monotonic()
+        remaining = (self.deadline() if deadline is None else deadline) - time.monotonic()
         try:
             with anyio.fail_after(max(0.0, remaining)):
                 async for event in changes:
