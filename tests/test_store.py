@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import aetcd
 import anyio
@@ -10,6 +11,7 @@ import pytest
 
 import rdzv
 from rdzv._errors import RendezvousOutcomeUnknownError
+from rdzv._etcd import Put
 from rdzv._store import DEFAULT_STORE_PREFIX, AsyncEtcdStore
 
 pytestmark = pytest.mark.anyio
@@ -409,20 +411,30 @@ async def test_single_string_as_keys_is_a_type_error(store: AsyncEtcdStore) -> N
 # ------------------------------------------------------------------- lost-answer resolution
 
 
+async def _put_with_write_id(
+    store: AsyncEtcdStore, connection: rdzv.Connection, key: bytes, value: bytes, write_id: bytes
+) -> None:
+    """Put `value` and its write id as an add of `store` does, in one transaction."""
+    marker = store._marker(key)
+    await connection.txn([], [Put(key, value), Put(marker, write_id)])
+
+
 async def test_lost_add_that_was_the_first_change_landed(
     store: AsyncEtcdStore, connection: rdzv.Connection
 ) -> None:
-    """A lost write found as the first change after its revision, with our lease, landed."""
+    """A lost write found as the first change after its revision, with our write id, landed."""
     key = (store.prefix + "counter").encode()
     await store.set("counter", b"1")
     before = await connection.get(key)
     assert before is not None
-    lease = await store._lease.current()
-    await connection.put(key, b"2", lease=lease)
+    await _put_with_write_id(store, connection, key, b"2", b"our-write-id")
     await connection.put(key, b"7")
     current = await connection.get(key)
-    landed, _ = await store._find_lost_write("counter", b"2", {lease}, before.mod_revision, current)
-    assert landed
+    lost: dict[int | None, bytes] = {before.mod_revision: b"2"}
+    landed = await store._lost_write_landed(
+        key, b"our-write-id", lost, current, connection.deadline()
+    )
+    assert landed == b"2"
 
 
 async def test_lost_add_on_untouched_key_did_not_land(
@@ -433,39 +445,59 @@ async def test_lost_add_on_untouched_key_did_not_land(
     await store.set("counter", b"1")
     current = await connection.get(key)
     assert current is not None
-    lease = await store._lease.current()
-    resolved = await store._find_lost_write("counter", b"2", {lease}, current.mod_revision, current)
-    assert resolved == (False, current)
+    lost: dict[int | None, bytes] = {current.mod_revision: b"2"}
+    landed = await store._lost_write_landed(key, b"ours", lost, current, connection.deadline())
+    assert landed is None
+    assert lost == {current.mod_revision: b"2"}
 
 
-async def test_same_bytes_from_another_store_are_not_taken_for_ours(
-    store: AsyncEtcdStore, connection: rdzv.Connection, store_prefix: str
+async def test_same_bytes_with_another_write_id_are_not_taken_for_ours(
+    store: AsyncEtcdStore, connection: rdzv.Connection
 ) -> None:
-    """An identical value written first by another store (another lease) is not our write."""
-    other = AsyncEtcdStore(connection, prefix=store_prefix)
+    """An identical value written with another write id is not our write."""
     key = (store.prefix + "counter").encode()
     await store.set("counter", b"1")
     before = await connection.get(key)
     assert before is not None
-    await other.add("counter", 1)
+    await _put_with_write_id(store, connection, key, b"2", b"their-write-id")
     current = await connection.get(key)
-    lease = await store._lease.current()
-    resolved = await store._find_lost_write("counter", b"2", {lease}, before.mod_revision, current)
-    assert resolved == (False, current)
+    lost: dict[int | None, bytes] = {before.mod_revision: b"2"}
+    landed = await store._lost_write_landed(
+        key, b"our-write-id", lost, current, connection.deadline()
+    )
+    assert landed is None
+    assert lost == {}
 
 
 async def test_lost_create_is_found_at_the_keys_creation(
     store: AsyncEtcdStore, connection: rdzv.Connection
 ) -> None:
-    """A lost create landed if the key's current incarnation was created by our put."""
+    """A lost create landed if the key's current incarnation was created with our write id."""
     key = (store.prefix + "counter").encode()
-    lease = await store._lease.current()
-    await connection.put(key, b"1", lease=lease)
+    await _put_with_write_id(store, connection, key, b"1", b"our-write-id")
     await connection.put(key, b"5")
     current = await connection.get(key)
-    landed, _ = await store._find_lost_write("counter", b"1", {lease}, None, current)
-    assert landed
-    assert await store._find_lost_write("counter", b"1", {lease}, None, None) == (False, None)
+    landed = await store._lost_write_landed(
+        key, b"our-write-id", {None: b"1"}, current, connection.deadline()
+    )
+    assert landed == b"1"
+
+
+async def test_markers_are_not_store_keys(store: AsyncEtcdStore) -> None:
+    """num_keys counts what was added, not the write ids kept beside it; deleting removes both."""
+    await store.add("counter", 1)
+    await store.append("log", b"a")
+    assert await store.num_keys() == 2
+    assert await store.delete_key("counter")
+    assert not await store.delete_key("counter")
+    assert await store.num_keys() == 1
+
+
+async def test_reserved_key_names_are_refused(store: AsyncEtcdStore) -> None:
+    """A store key in the space of rdzv's write ids is a ValueError, nothing written."""
+    with pytest.raises(ValueError, match="reserved"):
+        await store.set("\x00rdzv-write-id/counter", b"1")
+    assert await store.num_keys() == 0
 
 
 class _LoseAnswers:
@@ -480,20 +512,20 @@ class _LoseAnswers:
         self._landing = landing
         self._skip = skip
         self._lost = False
-        self._late: list[tuple[object, ...]] = []
+        self._late: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
 
-    async def __call__(self, *args: object) -> object:
-        for late in self._late:
-            await self._txn(*late)  # type: ignore[arg-type]
+    async def __call__(self, *args: Any, **kwargs: Any) -> object:
+        for late_args, late_kwargs in self._late:
+            await self._txn(*late_args, **late_kwargs)
         self._late.clear()
         if self._skip or self._lost:
             self._skip -= 1
-            return await self._txn(*args)  # type: ignore[arg-type]
+            return await self._txn(*args, **kwargs)
         self._lost = True
         if self._landing == "before":
-            await self._txn(*args)  # type: ignore[arg-type]
+            await self._txn(*args, **kwargs)
         elif self._landing == "late":
-            self._late.append(args)
+            self._late.append((args, kwargs))
         raise RendezvousOutcomeUnknownError("lost")
 
 
@@ -511,6 +543,26 @@ async def test_add_whose_answer_is_lost_is_applied_once(
     assert await store.add("counter", 5) == 15
     monkeypatch.undo()
     assert await store.get("counter", timeout=5) == b"15"
+
+
+@pytest.mark.parametrize("landing", ["before", "never"])
+async def test_add_lost_after_others_added_is_applied_once(
+    store: AsyncEtcdStore,
+    connection: rdzv.Connection,
+    store_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    landing: str,
+) -> None:
+    """A lost add is not mistaken for this store's earlier add that created the key."""
+    other = AsyncEtcdStore(connection, prefix=store_prefix)
+    assert await store.add("counter", 1) == 1
+    assert await other.add("counter", 1) == 2
+    # This add's first attempt (which assumes the key is absent) loses its answer: the key's
+    # creating write has the same bytes and lease, but another call's write id.
+    monkeypatch.setattr(connection, "txn", _LoseAnswers(connection, landing))
+    assert await store.add("counter", 1) == 3
+    monkeypatch.undo()
+    assert await store.get("counter", timeout=5) == b"3"
 
 
 @pytest.mark.parametrize("landing", ["before", "never", "late"])

@@ -14,16 +14,18 @@ that found them missing, never polling.
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
-from typing import Final
+from typing import Final, TypeVar
 
 import anyio
 
 from rdzv._backend import DEFAULT_TTL
 from rdzv._errors import (
     RendezvousCompactedError,
+    RendezvousConnectionError,
     RendezvousOutcomeUnknownError,
     RendezvousWatchCompactedError,
     StoreTimeoutError,
@@ -31,8 +33,10 @@ from rdzv._errors import (
 from rdzv._etcd import (
     Compare,
     Connection,
+    Delete,
     Get,
     KeyValue,
+    Operation,
     Put,
     TxnResult,
 )
@@ -43,6 +47,13 @@ DEFAULT_STORE_PREFIX: Final = "/torch/elastic/store/"
 
 # etcd refuses a transaction of more operations than its --max-txn-ops, 128 by default.
 _MAX_TXN_OPS: Final = 128
+
+# Under `prefix + _MARKERS + k`, add and append keep the write id of the last write to `k`, in
+# the same transaction, so that a write whose answer was lost is recognised by that id. The
+# NUL byte keeps markers apart from the names torch uses; `num_keys` does not count them.
+_MARKERS: Final = "\x00rdzv-write-id/"
+_WRITE_ID_SIZE: Final = 16
+T = TypeVar("T")
 
 # What TCPStore's `add` writes (std::to_string of an int64), with an optional sign.
 _INTEGER: Final = re.compile(rb"[+-]?[0-9]+")
@@ -109,6 +120,7 @@ class AsyncEtcdStore:
         self._connection = connection
         self._prefix = _validate_prefix(prefix)
         self._prefix_bytes = self._prefix.encode()
+        self._markers = (self._prefix + _MARKERS).encode()
         self._ttl = validate_ttl(ttl)
         self._lease = RollingLease(connection, self._ttl)
 
@@ -211,7 +223,11 @@ class AsyncEtcdStore:
         """Delete `key`; return whether it existed."""
         # A delete retried after its first attempt landed unseen reports False: a rare
         # misreport, but never a wrong store.
-        return await self._connection.delete(self._key(key)) > 0
+        key_bytes = self._key(key)
+        operations: list[Operation] = [Get(key_bytes, count_only=True), Delete(key_bytes)]
+        operations.append(Delete(self._marker(key_bytes)))
+        result = await self._retrying(lambda: self._connection.txn([], operations))
+        return result.counts[0] > 0
 
     # -------------------------------------------------------------------------------- reads
 
@@ -254,15 +270,24 @@ class AsyncEtcdStore:
         return len(found) == len(names)
 
     async def num_keys(self) -> int:
-        """Return the number of keys in the store (every etcd key under its prefix)."""
-        return await self._connection.count(self._prefix_bytes, prefix=True)
+        """Return the number of keys in the store (the etcd keys under its prefix, but markers)."""
+        counts = [Get(self._prefix_bytes, prefix=True, count_only=True)]
+        counts.append(Get(self._markers, prefix=True, count_only=True))
+        result = await self._retrying(lambda: self._connection.txn([], counts))
+        return result.counts[0] - result.counts[1]
 
     # ---------------------------------------------------------------------------- internals
 
     def _key(self, key: str) -> bytes:
         if not isinstance(key, str):
             raise TypeError(f"A store key must be a str, not {type(key).__name__}.")
+        if key.startswith(_MARKERS):
+            raise ValueError(f"Store keys that start with {_MARKERS!r} are reserved for rdzv.")
         return (self._prefix + key).encode()
+
+    def _marker(self, key: bytes) -> bytes:
+        """Where the write id of the last add/append to `key` is kept."""
+        return self._markers + key[len(self._prefix_bytes) :]
 
     def _names(self, keys: Sequence[str]) -> dict[bytes, str]:
         """The distinct etcd keys of `keys`, in order, each with the name it was given by."""
@@ -364,113 +389,107 @@ class AsyncEtcdStore:
 
         A compare-and-swap loop, one transaction per attempt: the first assumes the key is
         absent; a failed attempt reads the key in the same transaction, and the next is
-        conditioned on the revision it read. Returns the value written.
+        conditioned on the revision it read. Every attempt also puts this call's random write
+        id at the key's marker, so that a write whose answer was lost is recognised as ours by
+        that id alone (see `_lost_write_landed`). Returns the value written.
         """
         key_bytes = self._key(key)
+        marker = self._marker(key_bytes)
+        write_id = os.urandom(_WRITE_ID_SIZE)
+        deadline = self._connection.deadline()
         expected: int | None = None  # the mod revision the next attempt requires; None: absent
         value = change(None)
-        lost: set[int] = set()  # leases of attempts under `expected` whose answers were lost
-        sent = 0
+        # The conditions of attempts whose answers were lost, each with the value it writes.
+        lost: dict[int | None, bytes] = {}
 
         async def write(lease: int) -> TxnResult:
-            nonlocal sent
-            sent = lease
             condition = (
                 Compare.absent(key_bytes)
                 if expected is None
                 else Compare.mod_revision_is(key_bytes, expected)
             )
+            puts = [Put(key_bytes, value, lease), Put(marker, write_id, lease)]
+            what = f"update the store key {key!r}"
             return await self._connection.txn(
-                [condition], [Put(key_bytes, value, lease)], [Get(key_bytes)]
+                [condition], puts, [Get(key_bytes)], what=what, deadline=deadline
             )
 
-        deadline = self._connection.deadline()
         while True:
             try:
-                result = await self._lease.run(write)
+                result = await self._lease.run(write, deadline=deadline)
             except RendezvousOutcomeUnknownError:
                 # Sending it again blindly could apply the change twice: look for it first.
-                lost.add(sent)
-                current = await self._connection.get(key_bytes)
-                landed, current = await self._find_lost_write(key, value, lost, expected, current)
-                if landed:
-                    return value
-                if time.monotonic() >= deadline:
-                    raise
+                lost[expected] = value
+                current = await self._resolving(
+                    key, self._connection.get(key_bytes, deadline=deadline)
+                )
+            except RendezvousConnectionError as error:
+                if lost:
+                    raise self._unresolved(key) from error
+                raise
             else:
                 if result.succeeded:
                     return value
                 current = result.ranges[0][0] if result.ranges[0] else None
-                if lost:
-                    # An earlier attempt under the same condition lost its answer; it may have
-                    # landed only since we looked, and be why this one failed.
-                    landed, current = await self._find_lost_write(
-                        key, value, lost, expected, current
-                    )
-                    if landed:
-                        return value
-            now_expected = None if current is None else current.mod_revision
-            if now_expected != expected:
-                # The key has moved past the condition of the lost attempts: they can no
-                # longer land.
-                lost.clear()
-            expected = now_expected
+            if lost:
+                # A lost attempt may have landed, even only since it was last looked for, and
+                # be why this one failed.
+                landed = await self._resolving(
+                    key, self._lost_write_landed(key_bytes, write_id, lost, current, deadline)
+                )
+                if landed is not None:
+                    return landed
+            expected = None if current is None else current.mod_revision
             value = change(None if current is None else current.value)
 
-    # How a lost answer of `_update` (add, append) is resolved, and what is guaranteed.
-    #
-    # An attempt conditioned on mod revision R, if it landed, is the first change of the key
-    # after R: its condition held, so nothing came between. We call it landed iff that first
-    # change is a put of exactly our bytes with one of our attempts' leases. So:
-    #
-    # - A write that landed is always recognised, so an add is never applied twice, as long as
-    #   etcd still holds the history after R (else RendezvousOutcomeUnknownError: we do not guess).
-    #   Attempts that lost their answer and may still land late are also recognised, when a
-    #   later attempt under the same condition fails.
-    # - A write that did not land is taken for ours only if another write was the first change
-    #   after R with the same bytes and the same lease. Leases are per store object, so only a
-    #   concurrent call on this same AsyncEtcdStore can do that: e.g. two `add(k, n)` with the
-    #   same n, from the same value, or a `set` of our exact result. Then our add is lost and
-    #   both calls return the same value.
-    #
-    # An attempt conditioned on absence (the first one) has no revision to start from, so we
-    # look at the key's current incarnation: if it was created by a put of our bytes and lease,
-    # ours landed. Same caveat as above; and if our create landed but the key was deleted (by
-    # delete_key, or its lease expired) before we looked, we cannot see it and apply the change
-    # again, to the new key.
-
-    async def _find_lost_write(
+    async def _lost_write_landed(
         self,
-        key: str,
-        value: bytes,
-        leases: Collection[int],
-        expected: int | None,
+        key: bytes,
+        write_id: bytes,
+        lost: dict[int | None, bytes],
         current: KeyValue | None,
-    ) -> tuple[bool, KeyValue | None]:
-        """Whether a write of `value` conditioned on `expected` landed; and the current key.
+        deadline: float,
+    ) -> bytes | None:
+        """The value a lost attempt wrote if one landed, else `None`; prunes `lost`.
 
-        `current` is the key as read after the write was sent.
+        `current` is the key as read after the attempts were sent. An attempt conditioned on
+        mod revision R, if it landed, is the first change of the key after R (its condition
+        held, so nothing came between), and it put our write id at the marker in the same
+        revision. An attempt conditioned on absence, if it landed, created the key: if the
+        key's current incarnation was created with our write id, it is ours. Attempts whose
+        condition no longer holds can never land later and are forgotten.
         """
-        key_bytes = self._key(key)
-        try:
-            if expected is None:
+        marker = self._marker(key)
+        for condition, value in list(lost.items()):
+            if condition is None:
                 if current is None:
-                    return False, None
-                created = (
-                    current
-                    if current.version == 1
-                    else await self._connection.get(key_bytes, revision=current.create_revision)
-                )
-                ours = created is not None and created.value == value and created.lease in leases
-            elif current is not None and current.mod_revision == expected:
-                return False, current
+                    continue  # not landed yet (or landed and deleted since: see docs)
+                revision: int | None = current.create_revision
+            elif current is not None and current.mod_revision == condition:
+                continue  # not landed yet; it may still land
             else:
-                first = await self._connection.first_change_after(key_bytes, expected)
-                ours = not first.deleted and first.kv.value == value and first.kv.lease in leases
-        except (RendezvousCompactedError, RendezvousWatchCompactedError) as error:
-            raise RendezvousOutcomeUnknownError(
-                f"A write to the store key {key!r} may or may not have landed, and etcd no "
-                "longer holds the history to tell.",
-                key=self._prefix + key,
-            ) from error
-        return ours, current
+                change = await self._connection.first_change_after(
+                    key, condition, deadline=deadline
+                )
+                revision = None if change.deleted else change.kv.mod_revision
+            del lost[condition]
+            if revision is None:
+                continue
+            ours = await self._connection.get(marker, revision=revision, deadline=deadline)
+            if ours is not None and ours.mod_revision == revision and ours.value == write_id:
+                return value
+        return None
+
+    async def _resolving(self, key: str, resolution: Awaitable[T]) -> T:
+        """`resolution`, or `RendezvousOutcomeUnknownError` if etcd cannot settle it in time."""
+        try:
+            return await resolution
+        except (RendezvousCompactedError, RendezvousConnectionError) as error:
+            raise self._unresolved(key) from error
+
+    def _unresolved(self, key: str) -> RendezvousOutcomeUnknownError:
+        return RendezvousOutcomeUnknownError(
+            f"A write to the store key {key!r} may or may not have landed, and rdzv could not "
+            "find out within the read timeout.",
+            key=self._prefix + key,
+        )

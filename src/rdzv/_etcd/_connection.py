@@ -23,7 +23,7 @@ from rdzv._errors import (
 )
 from rdzv._etcd._attempts import Refused, drive
 from rdzv._etcd._classify import Kind, classify, translate
-from rdzv._etcd._endpoints import Endpoint, parse_endpoints
+from rdzv._etcd._endpoints import Endpoint, resolve_endpoints
 from rdzv._etcd._links import Link, Links
 from rdzv._etcd._tls import channel_credentials
 from rdzv._etcd._values import (
@@ -110,7 +110,7 @@ class Connection:
         self,
         endpoints: str | Sequence[str],
         *,
-        protocol: str = "http",
+        protocol: str | None = None,
         read_timeout: float = 60,
         ca_cert: str | Path | None = None,
         ssl_cert: str | Path | None = None,
@@ -119,11 +119,8 @@ class Connection:
         password: str | None = None,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
-        self._endpoints = parse_endpoints(endpoints)
+        self._endpoints, self._protocol = resolve_endpoints(endpoints, protocol)
         self._read_timeout = validate_read_timeout(read_timeout)
-        if not isinstance(protocol, str) or protocol.lower() not in ("http", "https"):
-            raise ValueError("The protocol must be HTTP or HTTPS.")
-        self._protocol = protocol.lower()
         self._credentials = channel_credentials(self._protocol, ca_cert, ssl_cert, ssl_cert_key)
         if (username is None) != (password is None):
             raise ValueError("etcd authentication needs both a username and a password.")
@@ -305,7 +302,11 @@ class Connection:
             else ()
             for op in response.responses
         )
-        return TxnResult(bool(response.succeeded), int(response.header.revision), ranges)
+        counts = tuple(
+            int(op.response_range.count) if op.WhichOneof("response") == "response_range" else 0
+            for op in response.responses
+        )
+        return TxnResult(bool(response.succeeded), int(response.header.revision), ranges, counts)
 
     async def watch(
         self, key: bytes, *, start_revision: int, prefix: bool = False
@@ -416,7 +417,7 @@ class Connection:
 def connect(
     endpoints: str | Sequence[str],
     *,
-    protocol: str = "http",
+    protocol: str | None = None,
     read_timeout: float = 60,
     ca_cert: str | Path | None = None,
     ssl_cert: str | Path | None = None,
@@ -429,9 +430,12 @@ def connect(
     Args:
         endpoints: `"host:port"`, or several separated by commas, tried in order: the connection
             moves to the next when one stops answering. The port defaults to 2379; IPv6
-            addresses go in brackets.
-        protocol: `"http"` or `"https"` (TLS), in any case.
-        read_timeout: seconds that any one call may take, retries included.
+            addresses go in brackets. An endpoint listed twice is used once. An `http://` or
+            `https://` prefix sets the protocol; the prefixes given must agree.
+        protocol: `"http"` or `"https"` (TLS), in any case. By default, the endpoints' prefix
+            decides, and without one it is http; given, it must agree with the prefix.
+        read_timeout: seconds that any one call may take, retries included: at most one day
+            (86400).
         ca_cert: with https, the CA certificate that signed the server's (PEM file); the
             system's trusted CAs if omitted.
         ssl_cert: with https, a client certificate (PEM file), for servers that require one.

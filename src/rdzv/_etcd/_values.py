@@ -61,10 +61,11 @@ class Put:
 
 @dataclasses.dataclass(frozen=True)
 class Get:
-    """Read `key` (or every key under the prefix `key`)."""
+    """Read `key` (or every key under the prefix `key`); with `count_only`, only count them."""
 
     key: bytes
     prefix: bool = False
+    count_only: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,12 +85,14 @@ class TxnResult:
 
     `revision` is etcd's revision after the transaction: the new mod revision of the keys that a
     successful write put. `ranges` holds, for each operation of the branch that ran, the keys a
-    `Get` read (empty for `Put` and `Delete`).
+    `Get` read (empty for `Put` and `Delete`), and `counts` how many keys each `Get` found (0
+    for `Put` and `Delete`).
     """
 
     succeeded: bool
     revision: int
     ranges: tuple[tuple[KeyValue, ...], ...]
+    counts: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +169,7 @@ def _fill_operation(message: Any, operation: Operation) -> None:
         message.request_put.lease = operation.lease
     elif isinstance(operation, Get):
         fill_range(message.request_range, operation.key, prefix=operation.prefix)
+        message.request_range.count_only = operation.count_only
     else:
         message.request_delete_range.key = operation.key
         if operation.prefix:
