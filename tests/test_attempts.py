@@ -1,0 +1,154 @@
+"""The attempt driver: every call keeps its bound, survives a closed channel, re-authenticates."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import anyio
+import pytest
+
+import rdzv
+from rdzv.testing import EtcdServer
+
+pytestmark = pytest.mark.anyio
+
+# What a call may take past its read timeout: scheduling, closing a channel, a last backoff.
+MARGIN = 1.0
+
+
+@pytest.fixture
+def black_hole() -> Iterator[str]:
+    """An endpoint that accepts TCP connections and never answers (a frozen member)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+
+
+@pytest.fixture
+def own_server() -> Iterator[EtcdServer]:
+    """An etcd of this test's own, to pause without disturbing other tests."""
+    with EtcdServer() as server:
+        yield server
+
+
+async def test_connect_to_a_silent_endpoint_keeps_its_bound(black_hole: str) -> None:
+    """Opening a connection to an endpoint that never answers fails within read_timeout."""
+    started = time.monotonic()
+    with pytest.raises(rdzv.RendezvousConnectionError):
+        async with rdzv.connect(black_hole, read_timeout=1.5):
+            pass
+    assert time.monotonic() - started < 1.5 + MARGIN
+
+
+async def test_set_state_on_a_frozen_server_keeps_its_bound(
+    own_server: EtcdServer, etcd_key_prefix: str
+) -> None:
+    """A write to a frozen etcd ends within read_timeout, resolution included: outcome unknown."""
+    async with rdzv.connect(own_server.endpoint, read_timeout=2) as connection:
+        backend = rdzv.AsyncEtcdBackend(connection, "job", key_prefix=etcd_key_prefix)
+        await backend.set_state(b"round 1")
+        own_server.pause()
+        try:
+            started = time.monotonic()
+            with pytest.raises(rdzv.RendezvousOutcomeUnknownError) as caught:
+                await backend.set_state(b"round 2")
+            elapsed = time.monotonic() - started
+        finally:
+            own_server.resume()
+    assert elapsed < 2 + MARGIN
+    assert caught.value.key == backend.key
+
+
+async def test_call_waiting_on_a_channel_closed_by_failover_moves_on(
+    black_hole: str, etcd_endpoints: str, etcd_key_prefix: str
+) -> None:
+    """A write waiting for a channel that another call's failover closes succeeds elsewhere."""
+    endpoints = f"{black_hole},{etcd_endpoints}"
+    # With two endpoints, one attempt gets a third of the read timeout (at least 1 s).
+    connection = rdzv.Connection(endpoints, read_timeout=4)
+    backend = rdzv.AsyncEtcdBackend(connection, "job", key_prefix=etcd_key_prefix)
+    try:
+        results: dict[str, object] = {}
+
+        async def write() -> None:
+            results["write"] = await backend.set_state(b"state")
+
+        async def read() -> None:
+            results["read"] = await backend.get_state()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(write)
+            await anyio.sleep(0.1)
+            group.start_soon(read)
+    finally:
+        await connection.aclose()
+    written = results["write"]
+    assert isinstance(written, tuple)
+    assert written[0] == b"state"
+    assert written[2] is True
+    assert results["read"] in (None, (b"state", written[1]))
+
+
+async def test_unauthorized_watch_fails_fast(auth_server: EtcdServer, auth_password: str) -> None:
+    """A user without permission on the key gets RendezvousAuthError at once, not a timeout."""
+    async with rdzv.connect(
+        auth_server.endpoint, read_timeout=6, username="bob", password=auth_password
+    ) as connection:
+        started = time.monotonic()
+        changes = connection.watch(b"/allowed/watched", start_revision=0)
+        with pytest.raises(rdzv.RendezvousAuthError) as caught:
+            await changes.__anext__()
+        await changes.aclose()
+    assert time.monotonic() - started < 2
+    assert caught.value.endpoint == auth_server.endpoint
+
+
+async def test_watch_authenticates_again_after_an_etcd_restart(
+    auth_server: EtcdServer, auth_password: str, etcd_key_prefix: str
+) -> None:
+    """After etcd restarts (its auth tokens gone), a watch re-authenticates and misses nothing."""
+    key = f"/allowed{etcd_key_prefix}/watched".encode()
+    credentials = {"username": "alice", "password": auth_password, "read_timeout": 15}
+    async with rdzv.connect(auth_server.endpoint, **credentials) as watcher:  # type: ignore[arg-type]
+        start = await watcher.put(key, b"before")
+        changes = watcher.watch(key, start_revision=start + 1)
+        try:
+            auth_server.restart()
+            async with rdzv.connect(auth_server.endpoint, **credentials) as writer:  # type: ignore[arg-type]
+                await writer.put(key, b"after")
+            with anyio.fail_after(15):
+                event = await changes.__anext__()
+        finally:
+            await changes.aclose()
+    assert event.kv.value == b"after"
+
+
+def test_facade_call_in_flight_at_close_is_a_rendezvous_error(
+    own_server: EtcdServer, etcd_key_prefix: str
+) -> None:
+    """A synchronous call in flight when the facade closes raises RendezvousError."""
+    backend = rdzv.EtcdBackend(own_server.endpoint, "job", key_prefix=etcd_key_prefix)
+    outcome: list[BaseException | object] = []
+
+    def call() -> None:
+        try:
+            outcome.append(backend.get_state())
+        except BaseException as error:
+            outcome.append(error)
+
+    own_server.pause()
+    try:
+        caller = threading.Thread(target=call)
+        caller.start()
+        time.sleep(0.5)
+        backend.close()
+        caller.join(10)
+    finally:
+        own_server.resume()
+    assert not caller.is_alive()
+    [result] = outcome
+    assert isinstance(result, rdzv.RendezvousError), repr(result)
