@@ -1,13 +1,30 @@
-"""Bad parameters are clear errors raised before anything is sent (no etcd needed)."""
+"""Bad parameters are clear errors raised before anything is sent.
+
+Most tests need no etcd; those that take `etcd_endpoints` or `backend` check against a real etcd
+that a limit holds there (the longest ttl gets a lease) or that an input means what it says.
+"""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner, Result
+from torch.distributed.elastic.rendezvous import RendezvousParameters
+from torch.distributed.elastic.rendezvous import api as torch_api
 
 import rdzv
+from rdzv._cli import main
 from rdzv._etcd import Endpoint, parse_endpoints
+from rdzv._validation import MAX_READ_TIMEOUT, MAX_REVISION, MAX_TTL
+from rdzv.torch import create_backend
+
+pytestmark = pytest.mark.anyio
+
+# Integers whose repr is long, or (over 4300 digits) raises ValueError itself: ids by hand.
+HUGE = pytest.param(10**400, id="10**400")
+HUGER = pytest.param(10**5000, id="10**5000")
 
 
 @pytest.mark.parametrize(
@@ -31,7 +48,23 @@ def test_ipv6_endpoint_prints_in_brackets() -> None:
     assert str(Endpoint("::1", 2379)) == "[::1]:2379"
 
 
-@pytest.mark.parametrize("text", ["", " , ", "h:0", "h:70000", "h:x", "[::1", "[zz]:1", "a b:1"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        " , ",
+        "h:0",
+        "h:70000",
+        "h:x",
+        "[::1",
+        "[zz]:1",
+        "a b:1",
+        "h:²",
+        "h:٣",
+        pytest.param("h:" + "9" * 5000, id="h:99...9"),
+        "grpc://h:1",
+    ],
+)
 def test_malformed_endpoints_raise_value_error(text: str) -> None:
     """Empty lists, bad ports and bad addresses raise ValueError naming the endpoint."""
     with pytest.raises(ValueError, match="endpoint"):
@@ -53,8 +86,8 @@ def test_protocol_is_case_insensitive() -> None:
 
 @pytest.mark.parametrize("timeout", [0, -10, True, "60", float("nan"), float("inf")])
 def test_non_positive_read_timeout_is_rejected(timeout: object) -> None:
-    """The read timeout must be a positive number."""
-    with pytest.raises(ValueError, match="read timeout must be a positive integer"):
+    """The read timeout must be a positive number of seconds."""
+    with pytest.raises(ValueError, match="read_timeout must be a positive number of seconds"):
         rdzv.connect("h:1", read_timeout=timeout)  # type: ignore[arg-type]
 
 
@@ -116,3 +149,260 @@ def test_bad_ttl_is_rejected(ttl: object) -> None:
     """The TTL must be a positive whole number of seconds."""
     with pytest.raises(ValueError, match="TTL"):
         rdzv.AsyncEtcdBackend(rdzv.connect("h:1"), "job", ttl=ttl)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------- read_timeout
+
+
+@pytest.mark.parametrize("timeout", [MAX_READ_TIMEOUT + 0.001, 7.5e9, 8e9, 10**10, HUGE, HUGER])
+def test_read_timeout_beyond_a_day_is_rejected(timeout: object) -> None:
+    """A read timeout over a day (which gRPC's deadline cannot hold near 7.4e9 s) is refused."""
+    with pytest.raises(ValueError, match=r"read_timeout .* at most 86400 \(one day\)"):
+        rdzv.connect("h:1", read_timeout=timeout)  # type: ignore[arg-type]
+
+
+def test_read_timeout_beyond_a_day_is_rejected_by_the_facade() -> None:
+    """EtcdBackend refuses a read timeout over a day before it starts a thread."""
+    with pytest.raises(ValueError, match="read_timeout"):
+        rdzv.EtcdBackend("h:1", "job", read_timeout=10**10)
+
+
+def test_read_timeout_beyond_a_day_is_rejected_by_torch() -> None:
+    """rdzv.torch's read_timeout option over a day is a ValueError naming read_timeout."""
+    params = _torch_params("h:1", read_timeout="10000000000")
+    with pytest.raises(ValueError, match=r"read_timeout .* at most 86400"):
+        create_backend(params)
+
+
+async def test_longest_read_timeout_opens_a_connection(etcd_endpoints: str) -> None:
+    """A read timeout of exactly one day still lets a connection open and read at once."""
+    started = time.monotonic()
+    async with rdzv.connect(etcd_endpoints, read_timeout=MAX_READ_TIMEOUT) as connection:
+        assert connection.read_timeout == MAX_READ_TIMEOUT
+        await connection.status()
+    assert time.monotonic() - started < 10
+
+
+# ------------------------------------------------------------------------------------------ ttl
+
+TOO_LONG_TTLS = [MAX_TTL + 1, 10**10, 2**62, 2**64, 1e300, HUGER]
+
+
+@pytest.mark.parametrize("ttl", TOO_LONG_TTLS)
+def test_ttl_beyond_etcds_longest_lease_is_rejected_by_the_backend(ttl: object) -> None:
+    """AsyncEtcdBackend refuses a ttl whose leases etcd would not grant, naming ttl."""
+    with pytest.raises(ValueError, match=r"TTL \(ttl\) .* at most 4500000000"):
+        rdzv.AsyncEtcdBackend(rdzv.connect("h:1"), "job", ttl=ttl)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("ttl", TOO_LONG_TTLS)
+def test_ttl_beyond_etcds_longest_lease_is_rejected_by_the_store(ttl: object) -> None:
+    """AsyncEtcdStore refuses a ttl whose leases etcd would not grant, naming ttl."""
+    with pytest.raises(ValueError, match=r"TTL \(ttl\)"):
+        rdzv.AsyncEtcdStore(rdzv.connect("h:1"), ttl=ttl)  # type: ignore[arg-type]
+
+
+def test_ttl_beyond_etcds_longest_lease_is_rejected_by_the_facade() -> None:
+    """EtcdBackend refuses a ttl whose leases etcd would not grant, before it connects."""
+    with pytest.raises(ValueError, match=r"TTL \(ttl\)"):
+        rdzv.EtcdBackend("h:1", "job", ttl=10**10)
+
+
+def test_ttl_beyond_etcds_longest_lease_is_rejected_by_torch() -> None:
+    """rdzv.torch's ttl option beyond etcd's longest lease is a ValueError naming ttl."""
+    with pytest.raises(ValueError, match=r"TTL \(ttl\)"):
+        create_backend(_torch_params("h:1", ttl=str(2**62)))
+
+
+async def test_longest_ttl_gets_a_lease_from_etcd(
+    connection: rdzv.Connection, etcd_key_prefix: str
+) -> None:
+    """With the longest ttl, etcd grants the backend's and the store's leases: writes land."""
+    backend = rdzv.AsyncEtcdBackend(connection, "job", key_prefix=etcd_key_prefix, ttl=MAX_TTL)
+    result = await backend.set_state(b"long-lived")
+    assert result is not None
+    assert result[2]
+    store = rdzv.AsyncEtcdStore(connection, prefix=f"{etcd_key_prefix}/store/", ttl=MAX_TTL)
+    await store.set("k", b"v")
+    assert await store.get("k", timeout=5) == b"v"
+
+
+# --------------------------------------------------------------------------------------- tokens
+
+
+@pytest.mark.parametrize("token", [MAX_REVISION + 1, 2**64, HUGE])
+async def test_token_beyond_int64_is_an_invalid_token(
+    backend: rdzv.AsyncEtcdBackend, token: int
+) -> None:
+    """A token above 2**63 - 1 never writes: it returns the current state, or None."""
+    assert await backend.set_state(b"x", token) is None
+    current = await _write(backend, b"first")
+    assert await backend.set_state(b"second", token) == (b"first", current, False)
+    assert await backend.get_state() == (b"first", current)
+
+
+async def test_largest_revision_is_a_valid_but_stale_token(backend: rdzv.AsyncEtcdBackend) -> None:
+    """The token 2**63 - 1 is a revision etcd has not reached: a stale token, nothing written."""
+    current = await _write(backend, b"first")
+    assert await backend.set_state(b"second", MAX_REVISION) == (b"first", current, False)
+
+
+async def test_watch_from_the_last_revision_names_the_token(
+    backend: rdzv.AsyncEtcdBackend,
+) -> None:
+    """No watch can start after revision 2**63 - 1: a ValueError naming that token."""
+    with pytest.raises(ValueError, match=f"token {MAX_REVISION}: it is the last etcd revision"):
+        async for _ in backend.watch(MAX_REVISION):
+            pass
+
+
+@pytest.mark.parametrize("token", [MAX_REVISION + 1, 0, True, 1.5, "7", HUGER])
+async def test_watch_from_a_non_revision_names_the_token(
+    backend: rdzv.AsyncEtcdBackend, token: object
+) -> None:
+    """A watch from a token that is no etcd revision is a ValueError naming the token."""
+    with pytest.raises(ValueError, match=r"^Cannot watch from token .+: it is not an etcd"):
+        async for _ in backend.watch(token):
+            pass
+
+
+# ------------------------------------------------------------------------------------ endpoints
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:2379,127.0.0.1:2379", (Endpoint("127.0.0.1", 2379),)),
+        ("h,h:2379", (Endpoint("h", 2379),)),
+        ("b:1,a:1,B:1,A:1", (Endpoint("b", 1), Endpoint("a", 1))),
+        ("[::1]:1,[0:0::1]:1,[::1]:2", (Endpoint("::1", 1), Endpoint("::1", 2))),
+        ("https://h:1,h:1", (Endpoint("h", 1),)),
+    ],
+)
+def test_repeated_endpoints_are_kept_once_in_first_order(
+    text: str, expected: tuple[Endpoint, ...]
+) -> None:
+    """An endpoint listed twice (any host case or address spelling) is kept where it first is."""
+    assert parse_endpoints(text) == expected
+    assert rdzv.connect(text).endpoints == expected
+
+
+def test_sequence_of_endpoints_drops_repeats() -> None:
+    """A sequence of endpoints drops repeats as a comma-separated string does."""
+    assert parse_endpoints(["h:1", "H:1", "g:1"]) == (Endpoint("h", 1), Endpoint("g", 1))
+
+
+# ------------------------------------------------------------------------------ https:// scheme
+
+
+@pytest.mark.parametrize(
+    ("endpoints", "protocol"),
+    [
+        ("https://h:1", "https"),
+        ("HTTPS://h:1,h:2", "https"),
+        ("http://h:1,http://h:2", "http"),
+        ("h:1", "http"),
+    ],
+)
+def test_scheme_sets_the_protocol_when_none_is_given(endpoints: str, protocol: str) -> None:
+    """Without a protocol, the endpoints' scheme decides; without a scheme, http."""
+    assert repr(rdzv.connect(endpoints)).startswith(f"<rdzv.Connection {protocol}://")
+
+
+@pytest.mark.parametrize("protocol", ["https", "HTTPS"])
+def test_protocol_agreeing_with_the_scheme_is_accepted(protocol: str) -> None:
+    """An explicit protocol that agrees with the scheme is accepted, in any case."""
+    assert "https://" in repr(rdzv.connect("https://h:1", protocol=protocol))
+
+
+@pytest.mark.parametrize(
+    ("endpoints", "protocol", "scheme"),
+    [("https://h:1", "http", "https"), ("http://h:1,h:2", "HTTPS", "http")],
+)
+def test_protocol_contradicting_the_scheme_is_rejected(
+    endpoints: str, protocol: str, scheme: str
+) -> None:
+    """A protocol that contradicts the endpoints' scheme is a ValueError naming both."""
+    with pytest.raises(ValueError, match=f"protocol='{protocol}' contradicts the {scheme}://"):
+        rdzv.connect(endpoints, protocol=protocol)
+
+
+@pytest.mark.parametrize("endpoints", ["http://a:1,https://b:1", ["https://a:1", "HTTP://b:1"]])
+def test_mixed_schemes_are_rejected(endpoints: str | list[str]) -> None:
+    """Endpoints whose schemes disagree are a ValueError naming them."""
+    with pytest.raises(ValueError, match="mix http:// and https://"):
+        rdzv.connect(endpoints)
+
+
+def test_facade_rejects_a_protocol_contradicting_the_scheme() -> None:
+    """EtcdBackend refuses protocol http for https:// endpoints before it connects."""
+    with pytest.raises(ValueError, match="contradicts the https:// scheme"):
+        rdzv.EtcdBackend("https://h:1", "job", protocol="http")
+
+
+async def test_https_endpoint_speaks_tls(etcd_endpoints: str) -> None:
+    """An https:// endpoint without a protocol uses TLS: against a plain-text etcd, it fails."""
+    endpoints = ",".join(f"https://{item}" for item in etcd_endpoints.split(","))
+    with pytest.raises(rdzv.RendezvousTLSError):
+        async with rdzv.connect(endpoints, read_timeout=30):
+            pass
+
+
+def test_cli_rejects_mixed_schemes() -> None:
+    """`rdzv inspect` with http:// and https:// endpoints is a usage error naming them."""
+    outcome = _cli("inspect", "--endpoints", "http://a:1,https://b:1", "--run-id", "job")
+    assert outcome.exit_code == 2
+    assert "mix http:// and https://" in outcome.stderr
+
+
+def test_cli_rejects_a_protocol_contradicting_the_scheme() -> None:
+    """`rdzv inspect --protocol http` with https:// endpoints is a usage error naming both."""
+    outcome = _cli("inspect", "--endpoints", "https://a:1", "--protocol", "http", "--run-id", "job")
+    assert outcome.exit_code == 2
+    assert "protocol='http' contradicts the https:// scheme" in outcome.stderr
+
+
+def test_torch_rejects_a_protocol_contradicting_the_scheme() -> None:
+    """rdzv.torch's protocol option must agree with the scheme of --rdzv-endpoint."""
+    with pytest.raises(ValueError, match="protocol='http' contradicts the https:// scheme"):
+        create_backend(_torch_params("https://h:1", protocol="http"))
+
+
+def test_torch_rejects_mixed_schemes() -> None:
+    """rdzv.torch refuses --rdzv-endpoint entries whose schemes disagree."""
+    with pytest.raises(ValueError, match="mix http:// and https://"):
+        create_backend(_torch_params("http://a:1,https://b:1"))
+
+
+def test_torch_https_endpoint_speaks_tls(etcd_endpoints: str) -> None:
+    """Under torchrun, an https:// endpoint without a protocol option uses TLS, as elsewhere."""
+    endpoints = ",".join(f"https://{item}" for item in etcd_endpoints.split(","))
+    with pytest.raises(torch_api.RendezvousConnectionError) as caught:
+        create_backend(_torch_params(endpoints, read_timeout="30"))
+    assert isinstance(caught.value.__cause__, rdzv.RendezvousTLSError)
+
+
+# -------------------------------------------------------------------------------------- helpers
+
+
+async def _write(backend: rdzv.AsyncEtcdBackend, state: bytes) -> int:
+    """Write the first state of `backend`'s key; return its token."""
+    result = await backend.set_state(state)
+    assert result is not None
+    assert result[2]
+    return result[1]
+
+
+def _torch_params(endpoint: str, **config: str) -> RendezvousParameters:
+    """torchrun's parameters for run id "job" at `endpoint`, with `config` as --rdzv-conf."""
+    return RendezvousParameters(
+        backend="etcd-v3", endpoint=endpoint, run_id="job", min_nodes=1, max_nodes=1, **config
+    )
+
+
+def _cli(*arguments: str) -> Result:
+    """Run `rdzv ARGUMENTS` in this process, with no connection option from the environment."""
+    unset: dict[str, str | None] = {
+        name: None for name in ("RDZV_ENDPOINTS", "ETCDCTL_ENDPOINTS", "RDZV_PROTOCOL")
+    }
+    return CliRunner().invoke(main, list(arguments), env=unset, catch_exceptions=False)

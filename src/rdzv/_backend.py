@@ -25,6 +25,7 @@ from rdzv._validation import (
     validate_key_prefix,
     validate_run_id,
     validate_ttl,
+    watch_start_revision,
 )
 
 DEFAULT_KEY_PREFIX: Final = "/torch/elastic/rendezvous"
@@ -106,7 +107,7 @@ class AsyncEtcdBackend:
         Returns `(state, new_token, True)` when written. Otherwise nothing is written and it
         returns `(current_state, current_token, False)`, or `None` if a token was given and there
         is no state. A `None` token writes only if there is no state yet; a token that cannot be
-        an etcd revision (a string, a bool, a negative number) never writes.
+        an etcd revision (a string, a bool, an int below 1 or above 2**63 - 1) never writes.
         """
         if not isinstance(state, bytes | bytearray | memoryview):
             raise TypeError(f"The state must be bytes, not {type(state).__name__}.")
@@ -161,14 +162,10 @@ class AsyncEtcdBackend:
 
         `state` is `None` when the state was deleted (or expired). Uses etcd's watch, resumes
         after a reconnect without losing a change, and raises `RendezvousWatchCompactedError` if
-        etcd no longer holds the history after `token`.
+        etcd no longer holds the history after `token`. A token that no watch can start after
+        (one that is not an etcd revision, or the last one, 2**63 - 1) raises `ValueError`.
         """
-        if token is None:
-            start = 0
-        elif isinstance(token, int) and is_valid_token(token):
-            start = token + 1
-        else:
-            raise ValueError(f"Cannot watch from token {token!r}: it is not an etcd revision.")
+        start = watch_start_revision(token)
         changes = self._connection.watch(self._key_bytes, start_revision=start)
         try:
             async for event in changes:

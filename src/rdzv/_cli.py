@@ -30,7 +30,8 @@ from rdzv import _envelope, _inspect
 from rdzv._backend import DEFAULT_KEY_PREFIX
 from rdzv._demo import run_demo
 from rdzv._errors import CONNECTION_FAILED_MESSAGE, RendezvousError
-from rdzv._etcd import Connection, parse_endpoints
+from rdzv._etcd import Connection
+from rdzv._etcd._endpoints import resolve_endpoints
 from rdzv._validation import validate_key_prefix, validate_run_id
 from rdzv._version import __version__
 
@@ -219,7 +220,7 @@ _CONNECTION_OPTIONS = (
         type=click.Choice(["http", "https"], case_sensitive=False),
         default=None,
         show_envvar=True,
-        help="http or https; default: https if the endpoints start with https://, else http.",
+        help="http or https; default: the endpoints' http:// or https:// prefix, else http.",
     ),
     click.option(
         "--read-timeout",
@@ -336,19 +337,16 @@ def connection_options(command: F) -> F:
         **kwargs: Any,
     ) -> Any:
         try:
-            parse_endpoints(endpoints)
+            _, protocol = resolve_endpoints(endpoints, protocol)
         except ValueError as error:
             raise click.BadParameter(str(error), param_hint="'--endpoints'") from None
-        if protocol is None:
-            schemes = {item.strip().lower().partition("://")[0] for item in endpoints.split(",")}
-            protocol = "https" if schemes == {"https"} else "http"
         try:
             prefix = validate_key_prefix(key_prefix)
         except ValueError as error:
             raise click.BadParameter(str(error), param_hint="'--key-prefix'") from None
         etcd = EtcdOptions(
             endpoints=endpoints,
-            protocol=protocol.lower(),
+            protocol=protocol,
             read_timeout=read_timeout,
             ca_cert=ca_cert,
             ssl_cert=ssl_cert,

@@ -165,7 +165,7 @@ class EtcdBackend:
         *,
         key_prefix: str = DEFAULT_KEY_PREFIX,
         ttl: int = DEFAULT_TTL,
-        protocol: str = "http",
+        protocol: str | None = None,
         read_timeout: float = 60,
         ca_cert: str | Path | None = None,
         ssl_cert: str | Path | None = None,

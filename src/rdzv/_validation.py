@@ -2,17 +2,52 @@
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, TypeGuard
 
 MAX_RUN_ID_LENGTH: Final = 256
 
+# gRPC turns a call's timeout into an absolute deadline in int64 nanoseconds since 1970, which
+# overflows for timeouts beyond about 7.4e9 s (the year 2262): every attempt then fails at once,
+# and a call retries without end. A day is far below that, and far beyond any wait for etcd that
+# makes sense (etcd answers in milliseconds; read_timeout only bounds retries across failures).
+MAX_READ_TIMEOUT: Final = 86_400
+"""The longest `read_timeout`, in seconds: one day."""
+
+ETCD_MAX_LEASE_TTL: Final = 9_000_000_000
+"""The longest lease etcd grants, in seconds (`MaxLeaseTTL` in etcd's lease package)."""
+
+# `rdzv._lease.RollingLease` grants leases of LEASE_TTL_FACTOR * ttl seconds; if it changes
+# that, change this factor with it, so that the longest ttl still gets a lease from etcd.
+LEASE_TTL_FACTOR: Final = 2
+MAX_TTL: Final = ETCD_MAX_LEASE_TTL // LEASE_TTL_FACTOR
+"""The longest `ttl`, in seconds: its leases must not exceed etcd's longest."""
+
+MAX_REVISION: Final = 2**63 - 1
+"""The largest etcd revision: revisions are int64."""
+
+
+def shown(value: object) -> str:
+    """`repr(value)` for an error message, shortened for huge integers.
+
+    The repr of an integer of more than 4300 digits raises `ValueError` in Python 3.11+, and
+    one of a few hundred digits fills the screen.
+    """
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    return repr(value)
+
 
 def validate_read_timeout(read_timeout: object) -> float:
-    """Return `read_timeout` as seconds, or raise `ValueError` if it is not a positive number."""
-    if isinstance(read_timeout, bool) or not isinstance(read_timeout, int | float):
-        raise ValueError("The read timeout must be a positive integer.")
-    if not read_timeout > 0 or read_timeout == float("inf"):
-        raise ValueError("The read timeout must be a positive integer.")
+    """Return `read_timeout` as seconds; raise `ValueError` if it is not one, up to a day."""
+    if (
+        isinstance(read_timeout, bool)
+        or not isinstance(read_timeout, int | float)
+        or not 0 < read_timeout <= MAX_READ_TIMEOUT  # false for NaN too
+    ):
+        raise ValueError(
+            "The read_timeout must be a positive number of seconds, at most "
+            f"{MAX_READ_TIMEOUT} (one day), not {shown(read_timeout)}."
+        )
     return float(read_timeout)
 
 
@@ -44,14 +79,38 @@ def validate_key_prefix(key_prefix: object) -> str:
 
 
 def validate_ttl(ttl: object) -> int:
-    """Return `ttl` as whole seconds; raise `ValueError` if it is not a positive integer."""
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0:
-        raise ValueError(f"The TTL must be a positive whole number of seconds, not {ttl!r}.")
-    if isinstance(ttl, float) and not ttl.is_integer():
-        raise ValueError(f"The TTL must be a positive whole number of seconds, not {ttl!r}.")
+    """Return `ttl` as whole seconds; raise `ValueError` if it is not from 1 to `MAX_TTL`."""
+    if (
+        isinstance(ttl, bool)
+        or not isinstance(ttl, int | float)
+        or not 0 < ttl <= MAX_TTL  # false for NaN too
+        or (isinstance(ttl, float) and not ttl.is_integer())
+    ):
+        raise ValueError(
+            f"The TTL (ttl) must be a positive whole number of seconds, at most {MAX_TTL} "
+            f"(rdzv's leases last {LEASE_TTL_FACTOR} * ttl, and etcd grants none longer than "
+            f"{ETCD_MAX_LEASE_TTL} s), not {shown(ttl)}."
+        )
     return int(ttl)
 
 
-def is_valid_token(token: object) -> bool:
-    """Whether `token` can be an etcd mod revision (a positive `int`, not a `bool`)."""
-    return isinstance(token, int) and not isinstance(token, bool) and token > 0
+def is_valid_token(token: object) -> TypeGuard[int]:
+    """Whether `token` can be an etcd mod revision: an `int` (not a `bool`), 1 to 2**63 - 1."""
+    return isinstance(token, int) and not isinstance(token, bool) and 0 < token <= MAX_REVISION
+
+
+def watch_start_revision(token: object) -> int:
+    """The revision a watch of the changes after `token` starts at: 0 (now) for `None`.
+
+    Raises `ValueError` naming the token if no watch can start after it: it is not an etcd
+    revision, or it is the last one (the start, `token + 1`, would not be an int64).
+    """
+    if token is None:
+        return 0
+    if is_valid_token(token) and token < MAX_REVISION:
+        return token + 1
+    if token == MAX_REVISION:
+        raise ValueError(
+            f"Cannot watch from token {token}: it is the last etcd revision, and none can follow."
+        )
+    raise ValueError(f"Cannot watch from token {shown(token)}: it is not an etcd revision.")

@@ -46,6 +46,7 @@ from rdzv._errors import (
     StoreTimeoutError,
 )
 from rdzv._etcd import Connection
+from rdzv._etcd._endpoints import resolve_endpoints
 from rdzv._store import DEFAULT_STORE_PREFIX, AsyncEtcdStore
 from rdzv._sync import EtcdBackend, LoopThread
 from rdzv._validation import validate_ttl
@@ -269,12 +270,14 @@ def _connection(params: torch_api.RendezvousParameters) -> Connection:
     read_timeout = params.get_as_int("read_timeout", 60)
     if read_timeout is None or read_timeout <= 0:
         raise ValueError("The read timeout must be a positive integer.")
-    protocol = str(params.get("protocol", "http")).strip().lower()
-    if protocol not in ("http", "https"):
-        raise ValueError("The protocol must be HTTP or HTTPS.")
+    endpoints = params.endpoint.strip() or DEFAULT_ENDPOINT
+    # rdzv's one rule for schemes: without a protocol option, an https:// endpoint means https,
+    # and no scheme means http (torch's etcd-v2 default); an option must agree with the scheme.
+    protocol = params.get("protocol")
+    _, protocol = resolve_endpoints(endpoints, None if protocol is None else str(protocol).strip())
     username = _first(params, "username")
     return Connection(
-        params.endpoint.strip() or DEFAULT_ENDPOINT,
+        endpoints,
         protocol=protocol,
         read_timeout=read_timeout,
         ca_cert=_first(params, "ca_cert", "cacert"),
@@ -290,13 +293,13 @@ def create_backend(
 ) -> tuple[TorchEtcdBackend, EtcdStore]:
     """Create the `etcd-v3` rendezvous backend and its c10d store from torchrun's parameters.
 
-    `params.endpoint` is `host:port`, or several separated by commas (IPv6 in brackets).
-    `--rdzv-conf` options (values arrive as strings):
+    `params.endpoint` is `host:port`, or several separated by commas (IPv6 in brackets); an
+    `https://` prefix on them means https. `--rdzv-conf` options (values arrive as strings):
 
     | option | default | meaning |
     |---|---|---|
-    | `read_timeout` | 60 | seconds any etcd call may take, retries included |
-    | `protocol` | `http` | `http` or `https` |
+    | `read_timeout` | 60 | seconds any etcd call may take, retries included (at most 86400) |
+    | `protocol` | the endpoints' `http://` or `https://`, else `http` | `http` or `https` |
     | `ca_cert` (alias `cacert`) | system CAs | CA certificate for https |
     | `ssl_cert` (alias `cert`) | none | client certificate for https |
     | `ssl_cert_key` (alias `key`) | none | the client certificate's key |
