@@ -152,3 +152,4 @@ def test_facade_call_in_flight_at_close_is_a_rendezvous_error(
     assert not caller.is_alive()
     [result] = outcome
     assert isinstance(result, rdzv.RendezvousError), repr(result)
+
