@@ -1,4 +1,8 @@
-"""Shared fixtures: a real etcd (from rdzv's pytest plugin), connections and backends on it."""
+"""Shared fixtures: a real etcd (from rdzv's pytest plugin), connections and backends on it.
+
+Plain helpers that are not fixtures (a closed port, a raw client of any endpoint, `present`)
+are in `support.py`, whose docstring says why they are apart.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import pytest
 
 import rdzv
 from rdzv.testing import EtcdServer, find_etcd_binary
+from support import RawEtcd, raw_client
 
 
 @pytest.fixture
@@ -35,11 +40,17 @@ def backend(connection: rdzv.Connection, etcd_key_prefix: str) -> rdzv.AsyncEtcd
 
 
 @pytest.fixture
-async def raw_etcd(etcd_server: EtcdServer) -> AsyncIterator[aetcd.Client]:
-    """A plain aetcd client, to read and write keys behind rdzv's back."""
-    host, port = etcd_server.endpoint.rsplit(":", 1)
-    async with aetcd.Client(host=host, port=int(port), timeout=10) as client:
+async def raw_etcd(etcd_endpoints: str) -> AsyncIterator[aetcd.Client]:
+    """A raw aetcd client of the session's etcd, to read and write keys behind rdzv's back."""
+    async with raw_client(etcd_endpoints) as client:
         yield client
+
+
+@pytest.fixture
+def raw_etcd_sync(etcd_endpoints: str) -> Iterator[RawEtcd]:
+    """The same raw client for synchronous tests: blocking calls, on a thread of its own."""
+    with RawEtcd(etcd_endpoints) as raw:
+        yield raw
 
 
 @pytest.fixture(scope="session")

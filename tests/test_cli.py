@@ -34,17 +34,11 @@ from rdzv._cli import main
 from rdzv._inspect import NotATorchStateError, load_torch_state
 from rdzv.testing import EtcdServer, EtcdTLS
 from rdzv.torch import TorchEtcdBackend, create_handler
+from support import RawEtcd, closed_port
 
 STATE_KEY = b"a-shared-state-key-of-32-bytes!!"
 
 # ----------------------------------------------------------------------------------- helpers
-
-
-def _closed_port() -> int:
-    """A loopback port that nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _invoke(*arguments: str, env: dict[str, str | None] | None = None) -> Result:
@@ -60,19 +54,6 @@ def _set_state(endpoint: str, key_prefix: str, state: bytes, **options: Any) -> 
     assert result is not None
     assert result[2]
     return int(result[1])
-
-
-def _raw(endpoint: str, operation: str, key: str, value: bytes = b"") -> None:
-    """Put or delete `key` behind rdzv's back (no envelope)."""
-
-    async def run() -> None:
-        async with rdzv.connect(endpoint, read_timeout=10) as connection:
-            if operation == "put":
-                await connection.put(key.encode(), value)
-            else:
-                await connection.delete(key.encode())
-
-    anyio.run(run)
 
 
 def _torch_state_bytes() -> bytes:
@@ -442,10 +423,10 @@ def test_inspect_works_without_torch(etcd_endpoints: str, etcd_key_prefix: str) 
 
 
 def test_inspect_corrupt_value_shows_what_it_can_and_exits_1(
-    etcd_endpoints: str, etcd_key_prefix: str
+    etcd_endpoints: str, etcd_key_prefix: str, raw_etcd_sync: RawEtcd
 ) -> None:
     """A value without rdzv's envelope: the revision and size, then the corruption, exit 1."""
-    _raw(etcd_endpoints, "put", f"{etcd_key_prefix}/job", b"not an envelope at all, no")
+    raw_etcd_sync.put(f"{etcd_key_prefix}/job", b"not an envelope at all, no")
     outcome = _invoke(
         "inspect", "--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix, "--run-id", "job"
     )
@@ -501,7 +482,7 @@ def test_environment_variables_configure_the_connection(
         "inspect",
         env={
             "RDZV_ENDPOINTS": etcd_endpoints,
-            "ETCDCTL_ENDPOINTS": f"127.0.0.1:{_closed_port()}",
+            "ETCDCTL_ENDPOINTS": f"127.0.0.1:{closed_port()}",
             "RDZV_KEY_PREFIX": etcd_key_prefix,
             "RDZV_RUN_ID": "job",
         },
@@ -515,7 +496,7 @@ def test_environment_variables_configure_the_connection(
 @pytest.mark.parametrize("command", ["inspect", "watch"])
 def test_unreachable_endpoint_is_a_clear_error(command: str) -> None:
     """An etcd that does not answer: one line naming the endpoint and the timeout, exit 1."""
-    endpoint = f"127.0.0.1:{_closed_port()}"
+    endpoint = f"127.0.0.1:{closed_port()}"
     started = time.monotonic()
     outcome = _invoke(command, "--endpoints", endpoint, "--read-timeout", "1", "--run-id", "job")
     assert time.monotonic() - started < 10
@@ -596,7 +577,8 @@ def test_wrong_password_is_a_clear_error(auth_server: EtcdServer, tmp_path: Path
     )
     assert outcome.exit_code == 1
     assert re.fullmatch(
-        r"rdzv inspect: etcd did not authenticate user 'alice': .*invalid user ID or password\n",
+        rf"rdzv inspect: etcd at {re.escape(auth_server.endpoint)} did not authenticate user "
+        r"'alice': .*invalid user ID or password\n",
         outcome.stderr,
     )
     assert "wrong-password" not in outcome.output
@@ -656,7 +638,10 @@ def test_mutual_tls_options(tmp_path: Path, etcd_key_prefix: str) -> None:
 
 
 def test_watch_prints_one_line_per_change(
-    etcd_endpoints: str, etcd_key_prefix: str, rdzv_process: Callable[..., _Process]
+    etcd_endpoints: str,
+    etcd_key_prefix: str,
+    raw_etcd_sync: RawEtcd,
+    rdzv_process: Callable[..., _Process],
 ) -> None:
     """Three changes make three lines; SIGTERM ends the watch with exit code 0."""
     key = f"{etcd_key_prefix}/job"
@@ -667,7 +652,7 @@ def test_watch_prints_one_line_per_change(
 
     first = _set_state(etcd_endpoints, etcd_key_prefix, b"plain")
     second = _set_state(etcd_endpoints, etcd_key_prefix, _torch_state_bytes())
-    _raw(etcd_endpoints, "delete", key)
+    raw_etcd_sync.delete(key)
     lines = [process.stdout.next() for _ in range(3)]
 
     assert re.fullmatch(rf"[\d:.]+  revision {first}  size 29", lines[0])
@@ -746,7 +731,7 @@ def test_serve_keeps_data_across_runs(
     tmp_path: Path, rdzv_process: Callable[..., _Process]
 ) -> None:
     """With --data-dir, a second run on the same ports finds what the first one stored."""
-    port, peer_port = _closed_port(), _closed_port()
+    port, peer_port = closed_port(), closed_port()
     arguments = ["serve", "--data-dir", str(tmp_path / "data")]
     arguments += ["--port", str(port), "--peer-port", str(peer_port)]
     endpoint = f"127.0.0.1:{port}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ from click.testing import CliRunner
 import rdzv
 from rdzv._cli import main
 from rdzv._demo import run_demo
+from support import closed_port
 
 pytestmark = pytest.mark.anyio
 
@@ -61,12 +61,9 @@ def test_cli_demo_on_given_endpoints_prints_ranks(
 
 def test_cli_demo_fails_with_exit_code_1_when_etcd_is_unreachable() -> None:
     """An unreachable etcd makes the demo exit 1 with a connection error, not hang."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     outcome = CliRunner().invoke(
         main,
-        ["demo", "-n", "2", "--endpoints", f"127.0.0.1:{port}", "--read-timeout", "1"],
+        ["demo", "-n", "2", "--endpoints", f"127.0.0.1:{closed_port()}", "--read-timeout", "1"],
     )
     assert outcome.exit_code == 1
     assert "The connection to etcd has failed" in outcome.output

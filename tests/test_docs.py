@@ -14,9 +14,9 @@ The samples are the fenced blocks of `docs/*.md` and `README.md`. How to write t
   and the page's console lines that start with `$ torchrun` are run there (torchrun as
   `python -m torch.distributed.run`). Console lines without the `$ ` prompt are not run.
 - Endpoints are written `10.0.0.1:2379` (`10.0.0.2:2379`, ...), `127.0.0.1:2379` or
-  `localhost:2379`: each is replaced by the endpoint of an etcd started for these tests. Every
-  block starts from an empty etcd, as a reader's would be. Other ports are left alone (a sample
-  may show an unreachable endpoint such as `127.0.0.1:1`).
+  `localhost:2379`: each is replaced by the endpoint of an etcd started for these tests. A
+  plain block (no TLS, no auth) gets an empty etcd of its own, as a reader's would be. Other
+  ports are left alone (a sample may show an unreachable endpoint such as `127.0.0.1:1`).
 - Paths under `/etc/rdzv/` name files that the test provides: `ca.pem` (the CA of the test
   servers), `client.pem` and `client-key.pem` (a client certificate it signed), and
   `etcd-password` (the password of the etcd user `rdzv-job`).
@@ -36,11 +36,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import anyio
 import pytest
 import trustme
 
-import rdzv
 from rdzv.testing import EtcdServer, EtcdTLS, find_etcd_binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,9 +162,13 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def docs_etcd() -> Iterator[EtcdServer]:
-    """A plain etcd of the docs' own, whose keys every sample may change and which is wiped."""
+    """A plain etcd of the sample's own, empty as a reader's would be (starting one takes ~0.1 s).
+
+    A server per sample, rather than one shared and wiped between samples: the samples use the
+    default key prefix, as readers do, and nothing in the suite deletes a whole keyspace.
+    """
     with EtcdServer(name="rdzv-docs") as server:
         yield server
 
@@ -225,16 +227,6 @@ def _localized(text: str, endpoint: str, files: Path) -> str:
     return _ENDPOINT.sub(endpoint, text).replace("/etc/rdzv/", f"{files}/")
 
 
-def _wipe(server: EtcdServer) -> None:
-    """Delete every key that a sample may have written (they all start with '/')."""
-
-    async def wipe() -> None:
-        async with rdzv.connect(server.endpoint, read_timeout=10) as connection:
-            await connection.delete(b"/", prefix=True)
-
-    anyio.run(wipe)
-
-
 def _clean_environment() -> dict[str, str]:
     """The environment, without the variables that configure rdzv or etcdctl."""
     return {
@@ -283,7 +275,6 @@ def test_python_sample_runs(
         server = request.getfixturevalue("auth_etcd")
     else:
         server = request.getfixturevalue("docs_etcd")
-        _wipe(server)
     script = tmp_path / "sample.py"
     script.write_text(_localized(block.text, server.endpoint, files))
     completed = subprocess.run(
@@ -312,7 +303,6 @@ def test_torchrun_sample_runs(
         if file.page == block.page:
             assert file.title is not None
             (tmp_path / file.title).write_text(file.text)
-    _wipe(docs_etcd)
     arguments = shlex.split(_localized(command, docs_etcd.endpoint, files))
     assert arguments[0] == "torchrun"
     completed = subprocess.run(

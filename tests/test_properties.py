@@ -8,7 +8,6 @@ prints its figures after it ends (`pytest -s` shows them); docs/reliability.md q
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -17,13 +16,11 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import aetcd
 import anyio
 import pytest
-from anyio.from_thread import start_blocking_portal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -37,6 +34,7 @@ from hypothesis.stateful import (
 )
 
 import rdzv
+from support import RawEtcd
 
 Tally = collections.Counter[str]
 
@@ -92,45 +90,6 @@ READ_TIMEOUT = 10
 WAIT = 60
 
 
-class _RawEtcd:
-    """A plain aetcd client on an event-loop thread of its own, for writes behind rdzv's back."""
-
-    def __init__(self, endpoint: str) -> None:
-        host, port = endpoint.rsplit(":", 1)
-        self._exit = contextlib.ExitStack()
-        with self._exit as stack:
-            self._portal = stack.enter_context(start_blocking_portal("asyncio"))
-            client = aetcd.Client(host=host, port=int(port), timeout=READ_TIMEOUT)
-            self._client = stack.enter_context(self._portal.wrap_async_context_manager(client))
-            self._exit = stack.pop_all()
-
-    def close(self) -> None:
-        self._exit.close()
-
-    def get(self, key: bytes) -> Any:
-        return self._portal.call(self._client.get, key)
-
-    def put(self, key: bytes, value: bytes) -> int:
-        return int(self._portal.call(self._client.put, key, value).header.revision)
-
-    def delete(self, key: bytes) -> int | None:
-        deleted = self._portal.call(self._client.delete, key)
-        return None if deleted is None else int(deleted.header.revision)
-
-    def revoke_lease(self, lease: int) -> None:
-        self._portal.call(self._client.revoke_lease, lease)
-
-
-@pytest.fixture
-def sync_raw(etcd_endpoints: str) -> Iterator[_RawEtcd]:
-    """A blocking raw client of the session's etcd, usable from synchronous tests."""
-    raw = _RawEtcd(etcd_endpoints)
-    try:
-        yield raw
-    finally:
-        raw.close()
-
-
 def _is_revision(token: object) -> bool:
     return isinstance(token, int) and not isinstance(token, bool) and token > 0
 
@@ -159,7 +118,7 @@ class RendezvousModel(RuleBasedStateMachine):
 
     tokens = Bundle("tokens")
 
-    def __init__(self, endpoints: str, key_prefix: str, raw: _RawEtcd, tally: Tally) -> None:
+    def __init__(self, endpoints: str, key_prefix: str, raw: RawEtcd, tally: Tally) -> None:
         super().__init__()
         run_id = uuid.uuid4().hex
         self.raw = raw
@@ -331,11 +290,11 @@ class RendezvousModel(RuleBasedStateMachine):
 
 
 def test_backends_follow_the_model(
-    etcd_endpoints: str, etcd_key_prefix: str, sync_raw: _RawEtcd, tally: Tally
+    etcd_endpoints: str, etcd_key_prefix: str, raw_etcd_sync: RawEtcd, tally: Tally
 ) -> None:
     """Interleaved reads, writes, raw writes, deletes and expiries match a simple model."""
     run_state_machine_as_test(
-        lambda: RendezvousModel(etcd_endpoints, etcd_key_prefix, sync_raw, tally),
+        lambda: RendezvousModel(etcd_endpoints, etcd_key_prefix, raw_etcd_sync, tally),
         settings=_settings("model"),
     )
 
@@ -398,7 +357,7 @@ async def _corrupt_async(
 
 
 def _corrupt_sync(
-    backend: rdzv.EtcdBackend, raw: _RawEtcd, state: bytes, damage: Corruption
+    backend: rdzv.EtcdBackend, raw: RawEtcd, state: bytes, damage: Corruption
 ) -> tuple[int, int]:
     """Write `state`, then damage it raw; return the stale token and the corrupt revision."""
     _, stale, _ = backend.set_state(state)  # type: ignore[misc]
@@ -448,7 +407,7 @@ def test_sync_facade_never_returns_a_corrupt_value(
     case: tuple[bytes, Corruption],
     etcd_endpoints: str,
     etcd_key_prefix: str,
-    sync_raw: _RawEtcd,
+    raw_etcd_sync: RawEtcd,
     tally: Tally,
 ) -> None:
     """Any damage makes the facade's get_state and set_state (None or stale token) raise."""
@@ -456,7 +415,7 @@ def test_sync_facade_never_returns_a_corrupt_value(
     with rdzv.EtcdBackend(
         etcd_endpoints, uuid.uuid4().hex, key_prefix=etcd_key_prefix, read_timeout=READ_TIMEOUT
     ) as backend:
-        stale, corrupt = _corrupt_sync(backend, sync_raw, state, damage)
+        stale, corrupt = _corrupt_sync(backend, raw_etcd_sync, state, damage)
         tally["examples"] += 1
         tally[f"damage: {damage.kind}"] += 1
         with pytest.raises(rdzv.RendezvousStateError) as on_get:
@@ -467,7 +426,7 @@ def test_sync_facade_never_returns_a_corrupt_value(
             backend.set_state(b"new", stale)
         tally["operations"] += 3
     assert on_get.value.token == on_create.value.token == on_stale.value.token == corrupt
-    assert sync_raw.get(backend.key.encode()).mod_revision == corrupt
+    assert raw_etcd_sync.get(backend.key.encode()).mod_revision == corrupt
 
 
 def _close_handler(handler: Any) -> None:
@@ -481,7 +440,7 @@ def test_torch_handler_raises_on_a_corrupt_state(
     case: tuple[bytes, Corruption],
     etcd_endpoints: str,
     etcd_key_prefix: str,
-    sync_raw: _RawEtcd,
+    raw_etcd_sync: RawEtcd,
     tally: Tally,
 ) -> None:
     """next_rendezvous() of the etcd-v3 handler raises torch's RendezvousStateError, promptly."""
@@ -494,7 +453,7 @@ def test_torch_handler_raises_on_a_corrupt_state(
     state, damage = case
     run_id = uuid.uuid4().hex
     with rdzv.EtcdBackend(etcd_endpoints, run_id, key_prefix=etcd_key_prefix) as backend:
-        _corrupt_sync(backend, sync_raw, state, damage)
+        _corrupt_sync(backend, raw_etcd_sync, state, damage)
     join_timeout = 10
     params = RendezvousParameters(
         backend="etcd-v3",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -12,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 import rdzv
+from support import closed_port
 
 
 def _new_threads_end(before: set[threading.Thread], timeout: float = 10) -> bool:
@@ -112,13 +112,11 @@ def test_close_is_idempotent_and_later_calls_fail(
 
 def test_unreachable_etcd_fails_construction_within_read_timeout(etcd_key_prefix: str) -> None:
     """Creating a facade for a dead endpoint raises RendezvousConnectionError in time."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    endpoint = f"127.0.0.1:{closed_port()}"
     before = set(threading.enumerate())
     started = time.monotonic()
     with pytest.raises(rdzv.RendezvousConnectionError):
-        rdzv.EtcdBackend(f"127.0.0.1:{port}", "job", key_prefix=etcd_key_prefix, read_timeout=1)
+        rdzv.EtcdBackend(endpoint, "job", key_prefix=etcd_key_prefix, read_timeout=1)
     assert time.monotonic() - started < 3
     # The traceback kept the closed channel alive; gRPC's poller stops once it is freed.
     gc.collect()

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aetcd
 import pytest
 
 from rdzv import _server
@@ -29,6 +28,7 @@ from rdzv.testing import (
     EtcdTLS,
     find_etcd_binary,
 )
+from support import raw_client
 
 pytest_plugins = ("pytester",)
 
@@ -152,8 +152,7 @@ def test_binary_not_found_names_all_three_ways(
 
 
 async def _aetcd_round_trip(endpoint: str, key: str, value: bytes) -> bytes | None:
-    host, port = endpoint.rsplit(":", 1)
-    async with aetcd.Client(host=host, port=int(port)) as client:
+    async with raw_client(endpoint) as client:
         await client.put(key.encode(), value)
         result = await client.get(key.encode())
     return None if result is None else bytes(result.value)

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import aetcd
-import anyio
 import pytest
 from torch.distributed.elastic.rendezvous import (
     RendezvousInfo,
@@ -31,6 +28,7 @@ from rdzv.torch import (
     create_backend,
     create_handler,
 )
+from support import RawEtcd, closed_port
 
 CONNECTION_FAILED = r"^The connection to etcd has failed. See inner exception for details.$"
 
@@ -38,13 +36,6 @@ MakeBackend = Callable[[RendezvousParameters], tuple[TorchEtcdBackend, EtcdStore
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-def _closed_port() -> int:
-    """A loopback port that nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _params(endpoint: str, key_prefix: str, **config: str) -> RendezvousParameters:
@@ -68,31 +59,12 @@ def _connection(backend: TorchEtcdBackend) -> rdzv.Connection:
     return backend.facade.connection
 
 
-def _raw_put(endpoint: str, key: str, value: bytes) -> None:
-    """Write `value` at `key` behind rdzv's back."""
-
-    async def put() -> None:
-        async with rdzv.connect(endpoint, read_timeout=10) as connection:
-            await connection.put(key.encode(), value)
-
-    anyio.run(put)
-
-
-def _raw_get(endpoint: str, key: str) -> tuple[bytes, int] | None:
+def _raw_get(raw: RawEtcd, key: str) -> tuple[bytes, int] | None:
     """The raw value at `key` and the granted TTL of its lease (0 without one), or None."""
-
-    async def get() -> tuple[bytes, int] | None:
-        host, port = endpoint.rsplit(":", 1)
-        async with aetcd.Client(host=host, port=int(port), timeout=10) as client:
-            found = await client.get(key.encode())
-            if found is None:
-                return None
-            if not found.lease:
-                return found.value, 0
-            info = await client.get_lease_info(found.lease, keys=False)
-            return found.value, int(info.grantedTTL)
-
-    return anyio.run(get)
+    found = raw.get(key)
+    if found is None:
+        return None
+    return bytes(found.value), raw.granted_ttl(found.lease) if found.lease else 0
 
 
 @pytest.fixture
@@ -151,10 +123,10 @@ def test_get_state_returns_none_if_backend_state_does_not_exist(
 
 
 def test_get_state_raises_error_if_backend_state_is_corrupt(
-    backend: TorchEtcdBackend, etcd_endpoints: str
+    backend: TorchEtcdBackend, raw_etcd_sync: RawEtcd
 ) -> None:
     """A foreign value at the state's key makes get_state raise torch's RendezvousStateError."""
-    _raw_put(etcd_endpoints, backend.facade.key, b"non_base64")
+    raw_etcd_sync.put(backend.facade.key, b"non_base64")
     with pytest.raises(torch_api.RendezvousStateError) as caught:
         backend.get_state()
     assert isinstance(caught.value.__cause__, rdzv.RendezvousStateError)
@@ -260,14 +232,14 @@ def test_create_backend_defaults_the_read_timeout_to_60(
 def test_backend_writes_the_state_at_key_prefix_and_run_id(
     make_backend: MakeBackend,
     params: RendezvousParameters,
-    etcd_endpoints: str,
+    raw_etcd_sync: RawEtcd,
     etcd_key_prefix: str,
 ) -> None:
     """The key_prefix option decides the state's etcd key: {key_prefix}/{run_id}."""
     backend, _ = make_backend(params)
     assert backend.facade.key == f"{etcd_key_prefix}/rdzv/job"
     backend.set_state(b"dummy_state")
-    raw = _raw_get(etcd_endpoints, f"{etcd_key_prefix}/rdzv/job")
+    raw = _raw_get(raw_etcd_sync, f"{etcd_key_prefix}/rdzv/job")
     assert raw is not None
     assert raw[0].endswith(b"dummy_state")
 
@@ -275,13 +247,13 @@ def test_backend_writes_the_state_at_key_prefix_and_run_id(
 def test_store_writes_keys_under_store_prefix(
     make_backend: MakeBackend,
     params: RendezvousParameters,
-    etcd_endpoints: str,
+    raw_etcd_sync: RawEtcd,
     etcd_key_prefix: str,
 ) -> None:
     """The store_prefix option decides where store keys live; values are stored plainly."""
     _, store = make_backend(params)
     store.set("dummy_key", "dummy_value")
-    raw = _raw_get(etcd_endpoints, f"{etcd_key_prefix}/store/dummy_key")
+    raw = _raw_get(raw_etcd_sync, f"{etcd_key_prefix}/store/dummy_key")
     assert raw is not None
     assert raw[0] == b"dummy_value"
 
@@ -289,7 +261,7 @@ def test_store_writes_keys_under_store_prefix(
 def test_ttl_option_reaches_the_backend_and_the_store(
     make_backend: MakeBackend,
     params: RendezvousParameters,
-    etcd_endpoints: str,
+    raw_etcd_sync: RawEtcd,
     etcd_key_prefix: str,
 ) -> None:
     """ttl "30" is the backend's ttl, and state and store keys get leases of 2 * ttl."""
@@ -298,8 +270,8 @@ def test_ttl_option_reaches_the_backend_and_the_store(
     assert backend.facade.ttl == 30
     backend.set_state(b"dummy_state")
     store.set("dummy_key", "dummy_value")
-    state = _raw_get(etcd_endpoints, backend.facade.key)
-    stored = _raw_get(etcd_endpoints, f"{etcd_key_prefix}/store/dummy_key")
+    state = _raw_get(raw_etcd_sync, backend.facade.key)
+    stored = _raw_get(raw_etcd_sync, f"{etcd_key_prefix}/store/dummy_key")
     assert state is not None
     assert stored is not None
     assert (state[1], stored[1]) == (60, 60)
@@ -332,7 +304,7 @@ def test_create_backend_raises_error_if_read_timeout_is_invalid(
 
 def test_create_backend_raises_error_if_etcd_is_unreachable(etcd_key_prefix: str) -> None:
     """With nothing listening, create_backend raises torch's RendezvousConnectionError."""
-    params = _params(f"127.0.0.1:{_closed_port()}", etcd_key_prefix, read_timeout="2")
+    params = _params(f"127.0.0.1:{closed_port()}", etcd_key_prefix, read_timeout="2")
     started = time.monotonic()
     with pytest.raises(torch_api.RendezvousConnectionError, match=CONNECTION_FAILED):
         create_backend(params)
@@ -463,7 +435,7 @@ def test_endpoint_list_fails_over_to_a_live_endpoint(
     make_backend: MakeBackend, etcd_endpoints: str, etcd_key_prefix: str
 ) -> None:
     """With a dead endpoint listed first, the backend works through the next one."""
-    endpoints = f"127.0.0.1:{_closed_port()},{etcd_endpoints}"
+    endpoints = f"127.0.0.1:{closed_port()},{etcd_endpoints}"
     backend, store = make_backend(_params(endpoints, etcd_key_prefix, read_timeout="10"))
     assert _set_state(backend, b"x")[2]
     store.set("key", "value")
@@ -482,7 +454,7 @@ def test_ipv6_endpoint_in_brackets_is_accepted_by_create_backend(
     make_backend: MakeBackend, etcd_endpoints: str, etcd_key_prefix: str
 ) -> None:
     """create_backend takes a bracketed IPv6 endpoint in its list (here a dead one, skipped)."""
-    port = _closed_port()
+    port = closed_port()
     endpoints = f"[::1]:{port},{etcd_endpoints}"
     backend, _ = make_backend(_params(endpoints, etcd_key_prefix, read_timeout="10"))
     assert _connection(backend).endpoints[0] == rdzv.Endpoint("::1", port)

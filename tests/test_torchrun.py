@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 
 import rdzv
+from support import closed_port
 
 SCRIPTS = Path(__file__).parent / "torchrun_scripts"
 
@@ -142,13 +142,6 @@ def _torchrun_arguments(
     ]
 
 
-def _closed_port() -> int:
-    """A loopback port that nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.parametrize("endpoint_list", [False, True], ids=["one-endpoint", "endpoint-list"])
 def test_two_agents_rendezvous_and_all_reduce(
     agents: Agents, etcd_endpoints: str, etcd_key_prefix: str, endpoint_list: bool
@@ -157,7 +150,7 @@ def test_two_agents_rendezvous_and_all_reduce(
 
     With `endpoint_list`, --rdzv-endpoint lists a dead endpoint before the live one.
     """
-    endpoint = f"127.0.0.1:{_closed_port()},{etcd_endpoints}" if endpoint_list else etcd_endpoints
+    endpoint = f"127.0.0.1:{closed_port()},{etcd_endpoints}" if endpoint_list else etcd_endpoints
     arguments = _torchrun_arguments(
         endpoint,
         etcd_key_prefix,

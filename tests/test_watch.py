@@ -8,6 +8,7 @@ import pytest
 
 import rdzv
 from rdzv.testing import EtcdServer
+from support import raw_client
 
 pytestmark = pytest.mark.anyio
 
@@ -80,8 +81,7 @@ async def test_watch_from_compacted_token_raises(etcd_key_prefix: str) -> None:
             backend = rdzv.AsyncEtcdBackend(connection, "job", key_prefix=etcd_key_prefix)
             _, token, _ = await backend.set_state(b"zero")  # type: ignore[misc]
             _, latest, _ = await backend.set_state(b"one", token)  # type: ignore[misc]
-            host, port = server.endpoint.rsplit(":", 1)
-            async with aetcd.Client(host=host, port=int(port)) as raw:
+            async with raw_client(server.endpoint) as raw:
                 await raw.compact(latest)
             with pytest.raises(rdzv.RendezvousWatchCompactedError) as caught:
                 await _collect(backend, token - 1, 1)

@@ -1,0 +1,115 @@
+"""Plain helpers that test modules import: `from support import closed_port, present, ...`.
+
+Fixtures live in `conftest.py`; this module holds what is not a fixture: functions and classes
+that a test calls with arguments of its own (a server it started, an endpoint list it built).
+They are not in `conftest.py` because pytest loads that file itself and warns against importing
+it; a module of its own has one stable name, the same for the tests, for mypy, and for the
+worker processes that multiprocessing starts (a spawned worker imports the test module, and so
+this one, by name). pytest's default import mode puts `tests/` on `sys.path`, which is what makes
+`import support` work; `tests/` is not a package.
+
+The raw etcd client is aetcd's `Client`, the library that rdzv itself wraps, used without rdzv's
+envelope, retries or error translation: it reads and writes keys behind rdzv's back. The
+`raw_etcd` and `raw_etcd_sync` fixtures give one for the session's etcd; `raw_client` and
+`RawEtcd` give one for any endpoint. Nothing here deletes a prefix or wipes a keyspace: each
+test writes under its own key prefix (the `etcd_key_prefix` fixture) or on a server of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import socket
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any, TypeVar
+
+import aetcd
+from anyio.from_thread import start_blocking_portal
+
+T = TypeVar("T")
+
+# Seconds that a raw client waits for etcd's answer.
+RAW_TIMEOUT = 10
+
+
+def closed_port() -> int:
+    """A loopback port that nothing listens on (it was free a moment ago)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def present(value: T | None) -> T:
+    """`value`, which must not be None: for results such as `set_state`'s, typed as optional."""
+    assert value is not None
+    return value
+
+
+def _client(endpoint: str) -> Any:
+    """An aetcd client (not yet entered) for one `"host:port"` endpoint."""
+    host, port = endpoint.rsplit(":", 1)
+    return aetcd.Client(host=host, port=int(port), timeout=RAW_TIMEOUT)
+
+
+@contextlib.asynccontextmanager
+async def raw_client(endpoint: str) -> AsyncIterator[Any]:
+    """An open aetcd client of the etcd at `endpoint` (`"host:port"`), closed on exit."""
+    async with _client(endpoint) as client:
+        yield client
+
+
+class RawEtcd:
+    """A raw client for synchronous tests: aetcd on an event-loop thread of its own.
+
+    Use it as a context manager, or call `close()`. Revisions and TTLs come back as ints.
+    """
+
+    def __init__(self, endpoint: str) -> None:
+        with contextlib.ExitStack() as stack:
+            self._portal = stack.enter_context(start_blocking_portal("asyncio"))
+            self._client = stack.enter_context(
+                self._portal.wrap_async_context_manager(_client(endpoint))
+            )
+            self._exit = stack.pop_all()
+
+    def close(self) -> None:
+        """Close the client and stop its thread. Idempotent."""
+        self._exit.close()
+
+    def __enter__(self) -> RawEtcd:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def get(self, key: str | bytes) -> Any:
+        """aetcd's reply for `key` (`.value`, `.mod_revision`, `.lease`, ...), or None."""
+        return self._portal.call(self._client.get, _bytes(key))
+
+    def put(self, key: str | bytes, value: bytes) -> int:
+        """Write `value` at `key`, on no lease; the revision of the write."""
+        return int(self._portal.call(self._client.put, _bytes(key), value).header.revision)
+
+    def delete(self, key: str | bytes) -> int | None:
+        """Delete `key`; the revision of the delete, or None when there was no key."""
+        deleted = self._portal.call(self._client.delete, _bytes(key))
+        return None if deleted is None else int(deleted.header.revision)
+
+    def revoke_lease(self, lease: int) -> None:
+        """Revoke a lease, deleting its keys at once."""
+        self._portal.call(self._client.revoke_lease, lease)
+
+    def granted_ttl(self, lease: int) -> int:
+        """The TTL that etcd granted to `lease`, in seconds."""
+        info = self._portal.call(functools.partial(self._client.get_lease_info, lease, keys=False))
+        return int(info.grantedTTL)
+
+
+def _bytes(key: str | bytes) -> bytes:
+    return key.encode() if isinstance(key, str) else key
