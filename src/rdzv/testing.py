@@ -28,6 +28,7 @@ which `rdzv serve` uses too; this module is their public home.)
 
 from __future__ import annotations
 
+from rdzv._proxy import FaultProxy
 from rdzv._server import (
     EtcdBinaryNotFoundError,
     EtcdCluster,
@@ -41,6 +42,7 @@ __all__ = [
     "EtcdCluster",
     "EtcdServer",
     "EtcdTLS",
+    "FaultProxy",
     "find_etcd_binary",
 ]
 
