@@ -29,7 +29,7 @@ import click
 from rdzv import _envelope, _inspect
 from rdzv._backend import DEFAULT_KEY_PREFIX
 from rdzv._demo import run_demo
-from rdzv._errors import CONNECTION_FAILED_MESSAGE, RendezvousError
+from rdzv._errors import RendezvousConnectionError, RendezvousError
 from rdzv._etcd import Connection
 from rdzv._etcd._endpoints import resolve_endpoints
 from rdzv._validation import validate_key_prefix, validate_run_id
@@ -367,12 +367,11 @@ def connection_options(command: F) -> F:
 def _one_line(error: BaseException, etcd: EtcdOptions) -> str:
     """The error, with the gRPC status behind a connection failure, on one line."""
     message = str(error)
-    cause = error.__cause__
-    code, details = getattr(cause, "code", None), getattr(cause, "details", None)
-    if message == CONNECTION_FAILED_MESSAGE:
+    # Exactly the base class: etcd did not answer (its subclasses say something more precise).
+    if type(error) is RendezvousConnectionError:
         message = f"etcd at {etcd.endpoints} did not answer within {etcd.read_timeout:g} s"
-        if callable(code) and callable(details):
-            message += f" ({getattr(code(), 'name', code())}: {details()})"
+        if error.code is not None:
+            message += f" ({error.code}: {error.details})"
         message += "."
     return " ".join(message.split())
 
