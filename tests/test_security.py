@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import aetcd
 import pytest
 import trustme
 
@@ -236,6 +239,204 @@ async def test_state_injected_without_the_key_is_rejected(
         await member.get_state()
     with pytest.raises(rdzv.RendezvousStateError, match="not signed"):
         await member.set_state(b"mine")
+
+
+def _signed(connection: rdzv.Connection, key_prefix: str) -> rdzv.AsyncEtcdBackend:
+    return rdzv.AsyncEtcdBackend(connection, "job", key_prefix=key_prefix, state_key=STATE_KEY)
+
+
+async def _stored(raw_etcd: aetcd.Client, backend: rdzv.AsyncEtcdBackend) -> Any:
+    stored = await raw_etcd.get(backend.key.encode())
+    assert stored is not None
+    return stored
+
+
+async def _rounds(backend: rdzv.AsyncEtcdBackend, first: int, last: int, token: int) -> int:
+    for number in range(first, last + 1):
+        result = await backend.set_state(f"round {number}".encode(), token)
+        assert result is not None
+        assert result[2]
+        token = result[1]
+    return token
+
+
+async def test_round_1_put_back_after_round_7_is_rejected(
+    connection: rdzv.Connection, etcd_key_prefix: str, raw_etcd: aetcd.Client
+) -> None:
+    """Round 1's signed value put back byte for byte after round 7 is a RendezvousStateError."""
+    backend = _signed(connection, etcd_key_prefix)
+    created = await backend.set_state(b"round 1")
+    assert created is not None
+    round_1 = (await _stored(raw_etcd, backend)).value
+    token = await _rounds(backend, 2, 7, created[1])
+    await raw_etcd.put(backend.key.encode(), round_1)
+    for reader in (backend, _signed(connection, etcd_key_prefix)):
+        with pytest.raises(rdzv.RendezvousStateError, match="put back in its place"):
+            await reader.get_state()
+    with pytest.raises(rdzv.RendezvousStateError, match="put back in its place"):
+        await backend.set_state(b"round 8", token)
+
+
+async def test_middle_round_put_back_is_rejected_by_a_watch(
+    connection: rdzv.Connection, etcd_key_prefix: str, raw_etcd: aetcd.Client
+) -> None:
+    """A watch raises RendezvousStateError on round 3's signed value put back after round 5."""
+    backend = _signed(connection, etcd_key_prefix)
+    created = await backend.set_state(b"round 1")
+    assert created is not None
+    token = await _rounds(backend, 2, 3, created[1])
+    round_3 = (await _stored(raw_etcd, backend)).value
+    token = await _rounds(backend, 4, 5, token)
+    await raw_etcd.put(backend.key.encode(), round_3)
+    changes = backend.watch(token)
+    with pytest.raises(rdzv.RendezvousStateError, match="signed as version 3 of the key"):
+        await asyncio.wait_for(anext(changes), 30)
+    await changes.aclose()
+
+
+async def test_replayed_value_can_be_overwritten_with_its_token(
+    connection: rdzv.Connection, etcd_key_prefix: str, raw_etcd: aetcd.Client
+) -> None:
+    """set_state(state, error.token) replaces a replayed value with a state that reads back."""
+    backend = _signed(connection, etcd_key_prefix)
+    created = await backend.set_state(b"round 1")
+    assert created is not None
+    round_1 = (await _stored(raw_etcd, backend)).value
+    await _rounds(backend, 2, 2, created[1])
+    await raw_etcd.put(backend.key.encode(), round_1)
+    fresh = _signed(connection, etcd_key_prefix)
+    with pytest.raises(rdzv.RendezvousStateError) as caught:
+        await fresh.get_state()
+    assert caught.value.token is not None
+    result = await fresh.set_state(b"recovered", caught.value.token)
+    assert result is not None
+    assert result[2]
+    assert await _signed(connection, etcd_key_prefix).get_state() == (b"recovered", result[1])
+
+
+async def test_first_value_put_back_after_a_delete_is_accepted(
+    connection: rdzv.Connection, etcd_key_prefix: str, raw_etcd: aetcd.Client
+) -> None:
+    """After a delete, the value that created the key verifies as the new key's first value."""
+    backend = _signed(connection, etcd_key_prefix)
+    created = await backend.set_state(b"round 1")
+    assert created is not None
+    round_1 = (await _stored(raw_etcd, backend)).value
+    await _rounds(backend, 2, 3, created[1])
+    await raw_etcd.delete(backend.key.encode())
+    await raw_etcd.put(backend.key.encode(), round_1)
+    state = await backend.get_state()
+    assert state is not None
+    assert state[0] == b"round 1"
+
+
+async def test_later_value_put_back_after_a_delete_is_rejected(
+    connection: rdzv.Connection, etcd_key_prefix: str, raw_etcd: aetcd.Client
+) -> None:
+    """After a delete, a signed value of any later round does not verify as the new key's."""
+    backend = _signed(connection, etcd_key_prefix)
+    created = await backend.set_state(b"round 1")
+    assert created is not None
+    await _rounds(backend, 2, 2, created[1])
+    round_2 = (await _stored(raw_etcd, backend)).value
+    await raw_etcd.delete(backend.key.encode())
+    await raw_etcd.put(backend.key.encode(), round_2)
+    with pytest.raises(rdzv.RendezvousStateError, match="it is the value that creates the key"):
+        await backend.get_state()
+
+
+async def test_signed_write_on_a_token_from_another_backend_is_written(
+    connection: rdzv.Connection, etcd_key_prefix: str
+) -> None:
+    """A backend writes on a token it never saw (another backend's), and the state reads back."""
+    alice, bob = _signed(connection, etcd_key_prefix), _signed(connection, etcd_key_prefix)
+    created = await alice.set_state(b"round 1")
+    assert created is not None
+    token = await _rounds(alice, 2, 3, created[1])
+    result = await bob.set_state(b"bob's round 4", token)
+    assert result is not None
+    assert result[::2] == (b"bob's round 4", True)
+    assert await alice.get_state() == (b"bob's round 4", result[1])
+
+
+async def test_signed_write_on_a_stale_unseen_token_returns_the_current_state(
+    connection: rdzv.Connection, etcd_key_prefix: str, raw_etcd: aetcd.Client
+) -> None:
+    """On a stale token it never saw, a signed set_state returns the current state, unwritten."""
+    alice, bob = _signed(connection, etcd_key_prefix), _signed(connection, etcd_key_prefix)
+    created = await alice.set_state(b"round 1")
+    assert created is not None
+    current = await _rounds(alice, 2, 2, created[1])
+    assert await bob.set_state(b"bob's round 2", created[1]) == (b"round 2", current, False)
+    assert (await _stored(raw_etcd, alice)).mod_revision == current
+
+
+async def test_signed_write_on_an_unseen_token_of_a_deleted_state_returns_none(
+    connection: rdzv.Connection, etcd_key_prefix: str, raw_etcd: aetcd.Client
+) -> None:
+    """On a token it never saw of a state deleted since, a signed set_state returns None."""
+    alice, bob = _signed(connection, etcd_key_prefix), _signed(connection, etcd_key_prefix)
+    created = await alice.set_state(b"round 1")
+    assert created is not None
+    await raw_etcd.delete(alice.key.encode())
+    assert await bob.set_state(b"bob's round 2", created[1]) is None
+    assert await alice.get_state() is None
+
+
+async def test_signed_writes_on_tokens_the_backend_saw_send_no_extra_read(
+    connection: rdzv.Connection,
+    etcd_endpoints: str,
+    etcd_key_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tokens from its own writes, losing replies, get_state and watch need no read to write on."""
+    reads: list[bytes] = []
+    real_get = connection.get
+
+    async def counting_get(key: bytes, **options: Any) -> Any:
+        reads.append(key)
+        return await real_get(key, **options)
+
+    monkeypatch.setattr(connection, "get", counting_get)
+    backend = _signed(connection, etcd_key_prefix)
+    async with rdzv.connect(etcd_endpoints, read_timeout=10) as elsewhere:
+        other = _signed(elsewhere, etcd_key_prefix)
+        created = await backend.set_state(b"round 1")
+        assert created is not None
+        token = await _rounds(backend, 2, 3, created[1])
+        theirs = await other.set_state(b"other's round 4", token)
+        assert theirs is not None
+        lost = await backend.set_state(b"round 4", token)
+        assert lost == (b"other's round 4", theirs[1], False)
+        token = await _rounds(backend, 5, 5, theirs[1])
+        assert reads == []
+        token = await _rounds(other, 6, 6, token)
+        current = await backend.get_state()
+        assert current == (b"round 6", token)
+        token = await _rounds(backend, 7, 7, token)
+        changes = backend.watch(token)
+        written = await _rounds(other, 8, 8, token)
+        _, watched = await anext(changes)
+        await changes.aclose()
+        assert watched == written
+        await _rounds(backend, 9, 9, watched)
+    assert reads == [backend.key.encode()]  # get_state's own read
+
+
+async def test_concurrent_signed_writes_of_one_backend_stay_readable(
+    connection: rdzv.Connection, etcd_key_prefix: str
+) -> None:
+    """Concurrent signed set_state calls on one backend: the winner's token writes on, readably."""
+    backend = _signed(connection, etcd_key_prefix)
+    created = await backend.set_state(b"round 1")
+    assert created is not None
+    results = await asyncio.gather(
+        *(backend.set_state(f"candidate {n}".encode(), created[1]) for n in range(8))
+    )
+    winners = [result for result in results if result is not None and result[2]]
+    assert len(winners) == 1
+    token = await _rounds(backend, 3, 4, winners[0][1])
+    assert await _signed(connection, etcd_key_prefix).get_state() == (b"round 4", token)
 
 
 def test_short_state_key_is_rejected() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import AsyncGenerator
 from typing import Final, Literal
 
@@ -37,6 +38,16 @@ SetStateResult = tuple[bytes, Token, bool]
 
 _RETRY: Final = "retry"
 
+# With a state key, how many tokens a backend remembers the position (`_envelope.Position`) of.
+_POSITIONS_KEPT: Final = 16
+
+# The position a signed `set_state` binds its value to, for `_outcome` to remember under the new
+# token (the retry loop hands `_outcome` only the state and the result). It is task-local, and
+# concurrent calls run in tasks of their own, so they cannot see each other's.
+_SIGNED_WRITE: contextvars.ContextVar[tuple[AsyncEtcdBackend, _envelope.Position] | None] = (
+    contextvars.ContextVar("rdzv_signed_write", default=None)
+)
+
 
 class AsyncEtcdBackend:
     """The rendezvous state of one job, kept at `{key_prefix}/{run_id}` in etcd.
@@ -69,6 +80,8 @@ class AsyncEtcdBackend:
         self._key_bytes = self._key.encode()
         self._ttl = validate_ttl(ttl)
         self._lease = RollingLease(connection, self._ttl)
+        # With a state key: token -> position of the value at that token, for the last few seen.
+        self._positions: dict[Token, _envelope.Position] = {}
 
     def __repr__(self) -> str:
         return f"<rdzv.AsyncEtcdBackend key={self._key!r} ttl={self._ttl} on {self._connection!r}>"
@@ -121,8 +134,21 @@ class AsyncEtcdBackend:
         else:
             current = await self.get_state()
             return None if current is None else (*current, False)
-        value = _envelope.encode(state, self._key, self._state_key)
         deadline = self._connection.deadline()
+        at = _envelope.CREATE
+        if self._state_key is not None:
+            # A signed value is bound to its place in the key's history: the next one after the
+            # value at `token`, whose position this backend saw, or reads once.
+            if expected is not None:
+                replaced = self._positions.get(expected)
+                if replaced is None:
+                    kv = await self._connection.get(self._key_bytes, deadline=deadline)
+                    if kv is None or kv.mod_revision != expected:
+                        return self._current(kv)  # what the compare-and-swap would answer
+                    replaced = self._remember(kv)
+                at = replaced.next()
+            _SIGNED_WRITE.set((self, at))
+        value = _envelope.encode(state, self._key, self._state_key, at=at)
 
         async def write(lease: int) -> TxnResult:
             put = Put(self._key_bytes, value, lease)
@@ -179,16 +205,40 @@ class AsyncEtcdBackend:
     # ------------------------------------------------------------------------------- internals
 
     def _decode(self, kv: KeyValue) -> bytes:
-        return _envelope.decode(kv.value, self._key, kv.mod_revision, self._state_key)
+        if self._state_key is not None:
+            self._remember(kv)  # etcd's own metadata: true even if the value is corrupt
+        return _envelope.decode(kv, self._key, self._state_key)
+
+    def _current(self, kv: KeyValue | None) -> SetStateResult | None:
+        return None if kv is None else (self._decode(kv), kv.mod_revision, False)
 
     def _outcome(self, state: bytes, result: TxnResult) -> SetStateResult | None:
         if result.succeeded:
+            if self._state_key is not None:
+                self._remember_own_write(result.revision)
             return state, result.revision, True
         current = result.ranges[0]
-        if not current:
-            return None
-        kv = current[0]
-        return self._decode(kv), kv.mod_revision, False
+        return self._current(current[0] if current else None)
+
+    def _remember(self, kv: KeyValue) -> _envelope.Position:
+        position = _envelope.Position(kv.create_revision, kv.version)
+        self._keep_position(kv.mod_revision, position)
+        return position
+
+    def _remember_own_write(self, token: Token) -> None:
+        intent = _SIGNED_WRITE.get()
+        if intent is None or intent[0] is not self:
+            return
+        _SIGNED_WRITE.set(None)
+        at = intent[1]
+        # A create's value is the key's version 1, created at its own revision.
+        self._keep_position(token, at if at.version > 1 else _envelope.Position(token, 1))
+
+    def _keep_position(self, token: Token, position: _envelope.Position) -> None:
+        self._positions.pop(token, None)
+        self._positions[token] = position
+        if len(self._positions) > _POSITIONS_KEPT:
+            del self._positions[next(iter(self._positions))]
 
     async def _resolve_unknown_outcome(
         self, state: bytes, value: bytes, token: int | None, deadline: float

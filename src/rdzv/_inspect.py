@@ -243,7 +243,7 @@ def examine(
         lease_seconds_left=lease_seconds_left,
     )
     try:
-        payload = _envelope.decode(kv.value, key, kv.mod_revision, state_key)
+        payload = _envelope.decode(kv, key, state_key)
     except RendezvousStateError as error:
         return dataclasses.replace(inspection, error=str(error))
     signed = bool(kv.value[5] & _envelope.FLAG_HMAC_SHA256)
