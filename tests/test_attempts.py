@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import socket
 import threading
 import time
@@ -80,10 +81,11 @@ async def test_call_waiting_on_a_channel_closed_by_failover_moves_on(
         async def read() -> None:
             results["read"] = await backend.get_state()
 
+        # The read fails over first, closing the channel the write is waiting for.
         async with anyio.create_task_group() as group:
-            group.start_soon(write)
-            await anyio.sleep(0.1)
             group.start_soon(read)
+            await anyio.sleep(0.5)
+            group.start_soon(write)
     finally:
         await connection.aclose()
     written = results["write"]
@@ -153,3 +155,48 @@ def test_facade_call_in_flight_at_close_is_a_rendezvous_error(
     [result] = outcome
     assert isinstance(result, rdzv.RendezvousError), repr(result)
 
+
+def _child_uses_its_own_facade(endpoints: str, key_prefix: str) -> None:
+    """In a forked child: make a facade of its own and read the parent's state through it."""
+    with rdzv.EtcdBackend(endpoints, "job", key_prefix=key_prefix, read_timeout=10) as own:
+        result = own.get_state()
+    raise SystemExit(0 if result is not None and result[0] == b"state" else 3)
+
+
+def test_fork_while_the_facade_is_busy(etcd_endpoints: str, etcd_key_prefix: str) -> None:
+    """Forking while calls are in flight: children work, and every parent call completes."""
+    context = multiprocessing.get_context("fork")
+    outcomes: list[object] = []
+    stop = threading.Event()
+    with rdzv.EtcdBackend(etcd_endpoints, "job", key_prefix=etcd_key_prefix) as parent:
+        parent.set_state(b"state")
+
+        def busy() -> None:
+            while not stop.is_set():
+                try:
+                    outcomes.append(parent.get_state())
+                except BaseException as error:
+                    outcomes.append(error)
+
+        callers = [threading.Thread(target=busy) for _ in range(4)]
+        for caller in callers:
+            caller.start()
+        exit_codes = []
+        try:
+            for _ in range(5):
+                child = context.Process(
+                    target=_child_uses_its_own_facade, args=(etcd_endpoints, etcd_key_prefix)
+                )
+                child.start()
+                child.join(30)
+                if child.exitcode is None:
+                    child.kill()
+                exit_codes.append(child.exitcode)
+        finally:
+            stop.set()
+            for caller in callers:
+                caller.join(30)
+    assert exit_codes == [0] * 5
+    errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+    assert errors == []
+    assert len(outcomes) > 5

@@ -79,7 +79,11 @@ async def drive(
     reauthenticated = False
     last_error: BaseException | None = None
     last_fields = Fields(endpoint=None, code=None, details=None)
+    link: Link | None = None
     while (remaining := deadline - time.monotonic()) > 0:
+        # Holding a retired link while waiting (a suspended connection) would keep its channel,
+        # and gRPC's poller thread, alive across a fork.
+        link = None
         link = await links.acquire(deadline)
         timeout = links.attempt_timeout(remaining)
         token: str | None = None
@@ -102,7 +106,7 @@ async def drive(
             # The channel was closed before the request could leave (another call failed over,
             # or the connection was suspended or closed): nothing was sent.
             links.check_open()
-            last_error = error
+            last_error = error.with_traceback(None)
         except asyncio.CancelledError:
             if not link.retired or _cancelling():
                 raise
@@ -119,7 +123,8 @@ async def drive(
                 continue
             raise _refused(refusal, what=what, link=link, username=links.username) from refusal
         except grpc.aio.AioRpcError as error:
-            last_error, last_fields = error, fields(error, link.endpoint)
+            # Without its traceback, whose frames hold the link.
+            last_error, last_fields = error.with_traceback(None), fields(error, link.endpoint)
             kind = classify(error)
             if kind is Kind.AUTH_EXPIRED and links.username is not None and not reauthenticated:
                 links.forget_token(token)

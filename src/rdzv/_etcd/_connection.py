@@ -337,6 +337,7 @@ class Connection:
                     yield event
             finally:
                 await _finish(stream.call)
+                del stream  # its channel may be retired: let it go (see Links.suspend)
 
     async def _open_watch(
         self, link: Link, timeout: float, *, key: bytes, range_end: bytes, start_revision: int
