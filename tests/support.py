@@ -27,6 +27,8 @@ from typing import Any, TypeVar
 import aetcd
 from anyio.from_thread import start_blocking_portal
 
+import rdzv
+
 T = TypeVar("T")
 
 # Seconds that a raw client waits for etcd's answer.
@@ -113,3 +115,35 @@ class RawEtcd:
 
 def _bytes(key: str | bytes) -> bytes:
     return key.encode() if isinstance(key, str) else key
+
+
+class LoseAnswers:
+    """Wraps `Connection.txn` of a real connection: after `skip` transactions, one loses its answer.
+
+    Install it with `monkeypatch.setattr(connection, "txn", LoseAnswers(connection, ...))`.
+
+    `landing` says when the lost transaction reaches etcd: "before" the error is raised,
+    "never", or "late", just before the next transaction is sent.
+    """
+
+    def __init__(self, connection: rdzv.Connection, landing: str, *, skip: int = 0) -> None:
+        self._txn = connection.txn
+        self._landing = landing
+        self._skip = skip
+        self._lost = False
+        self._late: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> object:
+        """Run the transaction, or lose its answer."""
+        for late_args, late_kwargs in self._late:
+            await self._txn(*late_args, **late_kwargs)
+        self._late.clear()
+        if self._skip or self._lost:
+            self._skip -= 1
+            return await self._txn(*args, **kwargs)
+        self._lost = True
+        if self._landing == "before":
+            await self._txn(*args, **kwargs)
+        elif self._landing == "late":
+            self._late.append((args, kwargs))
+        raise rdzv.RendezvousOutcomeUnknownError("lost")

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import aetcd
 import anyio
 import pytest
 
 import rdzv
-from rdzv._errors import RendezvousOutcomeUnknownError
 from rdzv._etcd import Put
 from rdzv._store import DEFAULT_STORE_PREFIX, AsyncEtcdStore
+from support import LoseAnswers
 
 pytestmark = pytest.mark.anyio
 
@@ -500,35 +499,6 @@ async def test_reserved_key_names_are_refused(store: AsyncEtcdStore) -> None:
     assert await store.num_keys() == 0
 
 
-class _LoseAnswers:
-    """Stands in for `Connection.txn`: after `skip` transactions, one loses its answer.
-
-    `landing` says when the lost transaction reaches etcd: "before" the error is raised,
-    "never", or "late", just before the next transaction is sent.
-    """
-
-    def __init__(self, connection: rdzv.Connection, landing: str, *, skip: int = 0) -> None:
-        self._txn = connection.txn
-        self._landing = landing
-        self._skip = skip
-        self._lost = False
-        self._late: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-
-    async def __call__(self, *args: Any, **kwargs: Any) -> object:
-        for late_args, late_kwargs in self._late:
-            await self._txn(*late_args, **late_kwargs)
-        self._late.clear()
-        if self._skip or self._lost:
-            self._skip -= 1
-            return await self._txn(*args, **kwargs)
-        self._lost = True
-        if self._landing == "before":
-            await self._txn(*args, **kwargs)
-        elif self._landing == "late":
-            self._late.append((args, kwargs))
-        raise RendezvousOutcomeUnknownError("lost")
-
-
 @pytest.mark.parametrize("landing", ["before", "never", "late"])
 async def test_add_whose_answer_is_lost_is_applied_once(
     store: AsyncEtcdStore,
@@ -539,7 +509,7 @@ async def test_add_whose_answer_is_lost_is_applied_once(
     """An add whose compare-and-swap landed, never landed, or landed late is applied once."""
     await store.add("counter", 10)
     # The first attempt assumes the key is absent, and fails; the second one is lost.
-    monkeypatch.setattr(connection, "txn", _LoseAnswers(connection, landing, skip=1))
+    monkeypatch.setattr(connection, "txn", LoseAnswers(connection, landing, skip=1))
     assert await store.add("counter", 5) == 15
     monkeypatch.undo()
     assert await store.get("counter", timeout=5) == b"15"
@@ -559,7 +529,7 @@ async def test_add_lost_after_others_added_is_applied_once(
     assert await other.add("counter", 1) == 2
     # This add's first attempt (which assumes the key is absent) loses its answer: the key's
     # creating write has the same bytes and lease, but another call's write id.
-    monkeypatch.setattr(connection, "txn", _LoseAnswers(connection, landing))
+    monkeypatch.setattr(connection, "txn", LoseAnswers(connection, landing))
     assert await store.add("counter", 1) == 3
     monkeypatch.undo()
     assert await store.get("counter", timeout=5) == b"3"
@@ -573,7 +543,7 @@ async def test_create_by_add_whose_answer_is_lost_is_applied_once(
     landing: str,
 ) -> None:
     """An add creating its key, whose answer is lost, is applied exactly once."""
-    monkeypatch.setattr(connection, "txn", _LoseAnswers(connection, landing))
+    monkeypatch.setattr(connection, "txn", LoseAnswers(connection, landing))
     assert await store.add("counter", 5) == 5
     monkeypatch.undo()
     assert await store.get("counter", timeout=5) == b"5"
@@ -584,7 +554,7 @@ async def test_append_whose_answer_is_lost_after_landing_is_applied_once(
 ) -> None:
     """An append that landed but lost its answer is not appended again."""
     await store.append("log", b"a")
-    monkeypatch.setattr(connection, "txn", _LoseAnswers(connection, "before", skip=1))
+    monkeypatch.setattr(connection, "txn", LoseAnswers(connection, "before", skip=1))
     await store.append("log", b"b")
     monkeypatch.undo()
     assert await store.get("log", timeout=5) == b"ab"
@@ -599,7 +569,7 @@ async def test_compare_set_whose_answer_is_lost_reports_the_swap(
 ) -> None:
     """A compare_set whose answer is lost still returns desired and leaves desired stored."""
     await store.set("key", b"old")
-    monkeypatch.setattr(connection, "txn", _LoseAnswers(connection, landing))
+    monkeypatch.setattr(connection, "txn", LoseAnswers(connection, landing))
     assert await store.compare_set("key", b"old", b"new") == b"new"
     monkeypatch.undo()
     assert await store.get("key", timeout=5) == b"new"
@@ -609,7 +579,7 @@ async def test_multi_set_whose_answer_is_lost_is_sent_again(
     store: AsyncEtcdStore, connection: rdzv.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A multi_set whose answer is lost before it landed is sent again and lands."""
-    monkeypatch.setattr(connection, "txn", _LoseAnswers(connection, "never"))
+    monkeypatch.setattr(connection, "txn", LoseAnswers(connection, "never"))
     await store.multi_set(["a", "b"], [b"1", b"2"])
     monkeypatch.undo()
     assert await store.multi_get(["a", "b"], timeout=5) == [b"1", b"2"]

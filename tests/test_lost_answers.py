@@ -1,0 +1,101 @@
+"""Writes whose answers are lost in a real network (a FaultProxy) are applied and reported once.
+
+The connection lists the proxy first and the etcd itself second: a write sent through the
+proxy loses its answer (or its request), and the connection fails over to the direct endpoint
+to resolve what happened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+import rdzv
+from rdzv.testing import FaultProxy
+from support import LoseAnswers, present
+
+pytestmark = pytest.mark.anyio
+
+# With two endpoints an attempt gets a third of this: a lost answer is noticed after ~1.3 s.
+READ_TIMEOUT = 4
+
+
+@pytest.fixture
+def proxy(etcd_endpoints: str) -> Iterator[FaultProxy]:
+    """A fault proxy in front of the session's etcd."""
+    with FaultProxy(etcd_endpoints) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+async def through_proxy(proxy: FaultProxy, etcd_endpoints: str) -> AsyncIterator[rdzv.Connection]:
+    """A connection that uses the proxy first, and etcd directly after a failover."""
+    async with rdzv.connect(
+        f"{proxy.endpoint},{etcd_endpoints}", read_timeout=READ_TIMEOUT
+    ) as conn:
+        yield conn
+
+
+async def test_set_state_whose_answer_is_lost_is_reported_written(
+    through_proxy: rdzv.Connection,
+    connection: rdzv.Connection,
+    proxy: FaultProxy,
+    etcd_key_prefix: str,
+) -> None:
+    """A write that etcd applied but whose answer never came back is reported written, once."""
+    backend = rdzv.AsyncEtcdBackend(through_proxy, "job", key_prefix=etcd_key_prefix)
+    _, token, _ = present(await backend.set_state(b"round 1"))
+    proxy.hold("responses")
+    state, new_token, written = present(await backend.set_state(b"round 2", token))
+    assert (state, written) == (b"round 2", True)
+    direct = rdzv.AsyncEtcdBackend(connection, "job", key_prefix=etcd_key_prefix)
+    assert await direct.get_state() == (b"round 2", new_token)
+
+
+async def test_set_state_whose_request_lands_late_is_reported_written(
+    backend: rdzv.AsyncEtcdBackend, connection: rdzv.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that lands late, after its re-send was decided, is reported written, not lost."""
+    _, token, _ = present(await backend.set_state(b"round 1"))
+    # The first request is lost and lands just before the re-send, which then fails against it.
+    monkeypatch.setattr(connection, "txn", LoseAnswers(connection, "late"))
+    state, new_token, written = present(await backend.set_state(b"round 2", token))
+    monkeypatch.undo()
+    assert (state, written) == (b"round 2", True)
+    assert await backend.get_state() == (b"round 2", new_token)
+    assert new_token > token
+
+
+async def test_store_add_whose_request_is_lost_after_others_added(
+    through_proxy: rdzv.Connection,
+    connection: rdzv.Connection,
+    proxy: FaultProxy,
+    etcd_key_prefix: str,
+) -> None:
+    """An add lost in the network is not taken for this store's earlier add of the same bytes."""
+    prefix = f"{etcd_key_prefix}/store/"
+    ours = rdzv.AsyncEtcdStore(through_proxy, prefix=prefix)
+    theirs = rdzv.AsyncEtcdStore(connection, prefix=prefix)
+    assert await ours.add("counter", 1) == 1
+    assert await theirs.add("counter", 1) == 2
+    proxy.drop("requests")
+    assert await ours.add("counter", 1) == 3
+    assert await theirs.get("counter", timeout=5) == b"3"
+
+
+async def test_store_add_whose_answer_is_lost_is_applied_once(
+    through_proxy: rdzv.Connection,
+    connection: rdzv.Connection,
+    proxy: FaultProxy,
+    etcd_key_prefix: str,
+) -> None:
+    """An add that etcd applied but whose answer never came back is applied exactly once."""
+    prefix = f"{etcd_key_prefix}/store/"
+    ours = rdzv.AsyncEtcdStore(through_proxy, prefix=prefix)
+    theirs = rdzv.AsyncEtcdStore(connection, prefix=prefix)
+    assert await ours.add("counter", 5) == 5
+    assert await theirs.add("counter", 5) == 10
+    proxy.hold("responses")
+    assert await ours.add("counter", 5) == 15
+    assert await theirs.get("counter", timeout=5) == b"15"
