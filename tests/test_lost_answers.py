@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 
+import anyio
 import pytest
 
 import rdzv
@@ -99,3 +100,31 @@ async def test_store_add_whose_answer_is_lost_is_applied_once(
     proxy.hold("responses")
     assert await ours.add("counter", 5) == 15
     assert await theirs.get("counter", timeout=5) == b"15"
+
+
+async def test_call_queued_on_a_replaced_channel_is_sent_on_the_new_one(
+    proxy: FaultProxy, etcd_endpoints: str, etcd_key_prefix: str
+) -> None:
+    """A write that waited while another call failed over succeeds on the next endpoint."""
+    endpoints = f"{proxy.endpoint},{etcd_endpoints}"
+    # One request in flight at a time: the write waits behind a read that gets no answer.
+    async with rdzv.connect(endpoints, read_timeout=READ_TIMEOUT, max_in_flight=1) as conn:
+        backend = rdzv.AsyncEtcdBackend(conn, "job", key_prefix=etcd_key_prefix)
+        await backend.get_state()
+        proxy.hold("responses")
+        results: dict[str, object] = {}
+
+        async def read() -> None:
+            results["read"] = await backend.get_state()
+
+        async def write() -> None:
+            results["write"] = await backend.set_state(b"state")
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(read)
+            await proxy.wait_for_async(lambda: proxy.held("responses") > 0)
+            group.start_soon(write)
+    written = results["write"]
+    assert isinstance(written, tuple)
+    assert (written[0], written[2]) == (b"state", True)
+    assert results["read"] in (None, (b"state", written[1]))

@@ -90,7 +90,11 @@ async def drive(
         sent = False
         try:
             async with links.in_flight():
+                if link.retired:
+                    continue  # replaced while this call waited for a slot: never send on it
                 token = await links.authenticate(link, timeout)
+                if link.retired:
+                    continue  # replaced while this call waited to authenticate
                 if not may_resend and not await _ready(link, timeout):
                     # Nothing was sent: safe to try again, elsewhere.
                     last_error = TimeoutError(f"{link.endpoint} did not connect in {timeout:g} s")

@@ -425,6 +425,7 @@ def connect(
     ssl_cert_key: str | Path | None = None,
     username: str | None = None,
     password: str | None = None,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
 ) -> Connection:
     """Make a `Connection` to etcd; use it as `async with rdzv.connect(...) as connection:`.
 
@@ -443,6 +444,8 @@ def connect(
         ssl_cert_key: the client certificate's private key (PEM file).
         username: an etcd user, when etcd has authentication enabled.
         password: that user's password.
+        max_in_flight: requests the connection has in flight at most; more wait for a free
+            slot. etcd answers "too many requests" to thousands at once.
 
     Bad arguments raise `ValueError` here, before anything is sent. Entering the connection
     checks that etcd answers, and raises `RendezvousConnectionError` within `read_timeout` if
@@ -457,4 +460,5 @@ def connect(
         ssl_cert_key=ssl_cert_key,
         username=username,
         password=password,
+        max_in_flight=max_in_flight,
     )
