@@ -90,10 +90,10 @@ async def drive(
         sent = False
         try:
             async with links.in_flight():
-                if link.retired:
+                if _replaced(link):
                     continue  # replaced while this call waited for a slot: never send on it
                 token = await links.authenticate(link, timeout)
-                if link.retired:
+                if _replaced(link):
                     continue  # replaced while this call waited to authenticate
                 if not may_resend and not await _ready(link, timeout):
                     # Nothing was sent: safe to try again, elsewhere.
@@ -164,6 +164,11 @@ async def _backoff(delay: float, deadline: float) -> float:
     jittered = delay * random.uniform(0.5, 1.0)
     await asyncio.sleep(min(jittered, max(0.0, deadline - time.monotonic())))
     return min(delay * 2, MAX_BACKOFF)
+
+
+def _replaced(link: Link) -> bool:
+    """Whether another call retired `link` (a function, so that each call reads it anew)."""
+    return link.retired
 
 
 def _cancelling() -> bool:
