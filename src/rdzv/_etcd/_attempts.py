@@ -80,18 +80,21 @@ async def drive(
     last_error: BaseException | None = None
     last_fields = Fields(endpoint=None, code=None, details=None)
     link: Link | None = None
-    while (remaining := deadline - time.monotonic()) > 0:
+    while deadline > time.monotonic():
         # Holding a retired link while waiting (a suspended connection) would keep its channel,
         # and gRPC's poller thread, alive across a fork.
         link = None
         link = await links.acquire(deadline)
-        timeout = links.attempt_timeout(remaining)
         token: str | None = None
         sent = False
         try:
             async with links.in_flight():
                 if _replaced(link):
                     continue  # replaced while this call waited for a slot: never send on it
+                # The wait for a slot counts against the deadline.
+                timeout = links.attempt_timeout(deadline - time.monotonic())
+                if timeout <= 0:
+                    break
                 token = await links.authenticate(link, timeout)
                 if _replaced(link):
                     continue  # replaced while this call waited to authenticate
