@@ -164,12 +164,16 @@ def test_read_timeout_beyond_a_day_is_rejected(timeout: object) -> None:
 def test_read_timeout_beyond_a_day_is_rejected_by_the_facade() -> None:
     """EtcdBackend refuses a read timeout over a day before it starts a thread."""
     with pytest.raises(ValueError, match="read_timeout"):
-        rdzv.EtcdBackend("h:1", "job", read_timeout=10**10)
+        # The bad key prefix, checked later but before any connection, turns a regression into
+        # a failure instead of the endless retries of a read timeout beyond gRPC's deadline.
+        rdzv.EtcdBackend("h:1", "job", read_timeout=10**10, key_prefix="relative")
 
 
 def test_read_timeout_beyond_a_day_is_rejected_by_torch() -> None:
     """rdzv.torch's read_timeout option over a day is a ValueError naming read_timeout."""
-    params = _torch_params("h:1", read_timeout="10000000000")
+    # The bad ttl, checked later but before any connection, turns a regression into a failure
+    # instead of the endless retries of a read timeout beyond gRPC's deadline.
+    params = _torch_params("h:1", read_timeout="10000000000", ttl="0")
     with pytest.raises(ValueError, match=r"read_timeout .* at most 86400"):
         create_backend(params)
 
@@ -205,13 +209,13 @@ def test_ttl_beyond_etcds_longest_lease_is_rejected_by_the_store(ttl: object) ->
 def test_ttl_beyond_etcds_longest_lease_is_rejected_by_the_facade() -> None:
     """EtcdBackend refuses a ttl whose leases etcd would not grant, before it connects."""
     with pytest.raises(ValueError, match=r"TTL \(ttl\)"):
-        rdzv.EtcdBackend("h:1", "job", ttl=10**10)
+        rdzv.EtcdBackend("h:1", "job", ttl=10**10, read_timeout=1)
 
 
 def test_ttl_beyond_etcds_longest_lease_is_rejected_by_torch() -> None:
     """rdzv.torch's ttl option beyond etcd's longest lease is a ValueError naming ttl."""
     with pytest.raises(ValueError, match=r"TTL \(ttl\)"):
-        create_backend(_torch_params("h:1", ttl=str(2**62)))
+        create_backend(_torch_params("h:1", ttl=str(2**62), read_timeout="1"))
 
 
 async def test_longest_ttl_gets_a_lease_from_etcd(
@@ -337,7 +341,7 @@ def test_mixed_schemes_are_rejected(endpoints: str | list[str]) -> None:
 def test_facade_rejects_a_protocol_contradicting_the_scheme() -> None:
     """EtcdBackend refuses protocol http for https:// endpoints before it connects."""
     with pytest.raises(ValueError, match="contradicts the https:// scheme"):
-        rdzv.EtcdBackend("https://h:1", "job", protocol="http")
+        rdzv.EtcdBackend("https://h:1", "job", protocol="http", read_timeout=1)
 
 
 async def test_https_endpoint_speaks_tls(etcd_endpoints: str) -> None:
@@ -365,13 +369,13 @@ def test_cli_rejects_a_protocol_contradicting_the_scheme() -> None:
 def test_torch_rejects_a_protocol_contradicting_the_scheme() -> None:
     """rdzv.torch's protocol option must agree with the scheme of --rdzv-endpoint."""
     with pytest.raises(ValueError, match="protocol='http' contradicts the https:// scheme"):
-        create_backend(_torch_params("https://h:1", protocol="http"))
+        create_backend(_torch_params("https://h:1", protocol="http", read_timeout="1"))
 
 
 def test_torch_rejects_mixed_schemes() -> None:
     """rdzv.torch refuses --rdzv-endpoint entries whose schemes disagree."""
     with pytest.raises(ValueError, match="mix http:// and https://"):
-        create_backend(_torch_params("http://a:1,https://b:1"))
+        create_backend(_torch_params("http://a:1,https://b:1", read_timeout="1"))
 
 
 def test_torch_https_endpoint_speaks_tls(etcd_endpoints: str) -> None:
