@@ -128,3 +128,37 @@ async def test_call_queued_on_a_replaced_channel_is_sent_on_the_new_one(
     assert isinstance(written, tuple)
     assert (written[0], written[2]) == (b"state", True)
     assert results["read"] in (None, (b"state", written[1]))
+
+
+async def test_compare_set_lost_then_overwritten_reports_the_swap(
+    through_proxy: rdzv.Connection,
+    connection: rdzv.Connection,
+    proxy: FaultProxy,
+    etcd_key_prefix: str,
+) -> None:
+    """A swap that landed, lost its answer and was overwritten before the retry still counts."""
+    prefix = f"{etcd_key_prefix}/store/"
+    ours = rdzv.AsyncEtcdStore(through_proxy, prefix=prefix)
+    theirs = rdzv.AsyncEtcdStore(connection, prefix=prefix)
+    await ours.set("key", b"old")
+    key = f"{prefix}key".encode()
+    before = present(await connection.get(key))
+    changes = connection.watch(key, start_revision=before.mod_revision + 1)
+    proxy.hold("responses")
+    async with anyio.create_task_group() as group:
+        results: list[bytes] = []
+
+        async def swap() -> None:
+            results.append(await ours.compare_set("key", b"old", b"new"))
+
+        group.start_soon(swap)
+        # The swap reaches etcd and lands; its answer is held. Someone else writes next; then
+        # the connection breaks, and the answer is lost.
+        with anyio.fail_after(READ_TIMEOUT):
+            landed = await changes.__anext__()
+        await changes.aclose()
+        assert landed.kv.value == b"new"
+        await theirs.set("key", b"theirs")
+        proxy.cut()
+    assert results == [b"new"]
+    assert await theirs.get("key", timeout=1) == b"theirs"

@@ -98,6 +98,19 @@ def _parse_integer(key: str, value: bytes) -> int:
     return int(value)
 
 
+def _holds(found: KeyValue | None, expected: bytes, empty_at: int | None) -> bool:
+    """Whether a compare_set's condition still holds for the key `found`.
+
+    The condition is: the value is `expected`; or, for an empty `expected`, the key is absent
+    (`empty_at` None) or still holds the empty value written at `empty_at`.
+    """
+    if expected:
+        return found is not None and found.value == expected
+    if empty_at is None:
+        return found is None
+    return found is not None and found.mod_revision == empty_at
+
+
 class AsyncEtcdStore:
     """A c10d key-value store kept in etcd under one key prefix, with TCPStore's semantics.
 
@@ -195,10 +208,13 @@ class AsyncEtcdStore:
         key_bytes = self._key(key)
         expected = _as_bytes(expected, "expected value")
         desired = _as_bytes(desired, "desired value")
+        write_id = os.urandom(_WRITE_ID_SIZE)
+        deadline = self._connection.deadline()
         # An empty `expected` matches an absent key or an empty value. etcd's value comparison
         # never matches an absent key, so an empty value found instead takes a second
         # transaction, conditioned on its revision (`empty_at`).
         empty_at: int | None = None
+        lost_after: int | None = None  # a revision before the first attempt that lost its answer
         while True:
             if expected:
                 condition = Compare.value_is(key_bytes, expected)
@@ -206,26 +222,43 @@ class AsyncEtcdStore:
                 condition = Compare.absent(key_bytes)
             else:
                 condition = Compare.mod_revision_is(key_bytes, empty_at)
-            result = await self._put_if(condition, key_bytes, desired)
-            if result.succeeded:
-                return desired
-            current = result.ranges[0]
-            if not current:
+            floor = self._connection.revision
+            try:
+                result = await self._write_if(condition, key_bytes, desired, write_id, deadline)
+            except RendezvousOutcomeUnknownError:
+                lost_after = floor if lost_after is None else lost_after
+                if await self._landed_since(key, write_id, lost_after, deadline):
+                    return desired
+                found = await self._resolving(key, self._connection.get(key_bytes))
+                if _holds(found, expected, empty_at):
+                    continue  # not landed (yet): send the same write again
+            else:
+                if result.succeeded:
+                    return desired
+                found = result.ranges[0][0] if result.ranges[0] else None
+                # An earlier attempt that lost its answer may have landed, and be why this
+                # one failed.
+                if lost_after is not None and await self._landed_since(
+                    key, write_id, lost_after, deadline
+                ):
+                    return desired
+            if found is None:
                 if expected:
                     return expected
                 empty_at = None
                 continue
-            if expected or current[0].value:
-                return current[0].value
-            empty_at = current[0].mod_revision
+            if expected or found.value:
+                return found.value
+            empty_at = found.mod_revision
 
     async def delete_key(self, key: str) -> bool:
         """Delete `key`; return whether it existed."""
         # A delete retried after its first attempt landed unseen reports False: a rare
         # misreport, but never a wrong store.
+        # The key's marker stays, until its lease expires: a write whose answer was lost is
+        # looked for in the marker's history (see `_landed_since`).
         key_bytes = self._key(key)
         operations: list[Operation] = [Get(key_bytes, count_only=True), Delete(key_bytes)]
-        operations.append(Delete(self._marker(key_bytes)))
         result = await self._retrying(lambda: self._connection.txn([], operations))
         return result.counts[0] > 0
 
@@ -312,17 +345,53 @@ class AsyncEtcdStore:
         # Unconditional writes of the same values: landing twice is landing once.
         await self._retrying(lambda: self._lease.run(write))
 
-    async def _put_if(self, condition: Compare, key: bytes, value: bytes) -> TxnResult:
-        """If `condition` holds, write `value` at `key`; else read `key`."""
+    async def _write_if(
+        self, condition: Compare, key: bytes, value: bytes, write_id: bytes, deadline: float
+    ) -> TxnResult:
+        """If `condition` holds, write `value` at `key` and `write_id` at its marker; else read."""
 
         async def write(lease: int) -> TxnResult:
-            return await self._connection.txn([condition], [Put(key, value, lease)], [Get(key)])
+            puts = [Put(key, value, lease), Put(self._marker(key), write_id, lease)]
+            return await self._connection.txn(
+                [condition], puts, [Get(key)], what=f"write {key!r}", deadline=deadline
+            )
 
-        # Retried blindly when its answer is lost, which suits compare_set: if the lost write
-        # landed, the key holds `value` and the retry's condition fails (or, if `value` is
-        # what it compares with, writes it again), and either way reports `value`. Only a write
-        # by someone else in between makes the retry report theirs instead.
-        return await self._retrying(lambda: self._lease.run(write))
+        return await self._lease.run(write, deadline=deadline)
+
+    async def _landed_since(
+        self, key: str, write_id: bytes, revision: int, deadline: float
+    ) -> bool:
+        """Whether a write with `write_id`, sent after `revision`, has landed at `key`.
+
+        Every store write that conditions on a value puts its write id at the key's marker in
+        the same transaction, and markers are never deleted (they expire with their lease), so
+        the marker's history after `revision` up to its current version is complete: the write
+        landed iff our id is in it. Raises `RendezvousOutcomeUnknownError` if etcd cannot tell
+        by `deadline` (or has compacted that history).
+        """
+        marker = self._marker(self._key(key))
+
+        async def search() -> bool:
+            now = await self._connection.get(marker, deadline=deadline)
+            if now is None or now.mod_revision <= revision:
+                return False
+            if now.value == write_id:
+                return True
+            changes = self._connection.watch(marker, start_revision=revision + 1)
+            try:
+                with anyio.fail_after(max(0.0, deadline - time.monotonic())):
+                    async for event in changes:
+                        if not event.deleted and event.kv.value == write_id:
+                            return True
+                        if event.kv.mod_revision >= now.mod_revision:
+                            return False
+            except TimeoutError:
+                raise RendezvousConnectionError("etcd did not replay the history in time") from None
+            finally:
+                await changes.aclose()
+            return False
+
+        return await self._resolving(key, search())
 
     async def _read(self, keys: Collection[bytes]) -> tuple[dict[bytes, bytes], int]:
         """The values of those of `keys` that exist, and the etcd revision they were read at."""

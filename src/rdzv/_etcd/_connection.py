@@ -127,6 +127,7 @@ class Connection:
         if username is not None and not username:
             raise ValueError("The etcd username must not be empty.")
         self._username = username
+        self._revision = 0
         self._links = Links(
             self._endpoints,
             credentials=self._credentials,
@@ -182,6 +183,18 @@ class Connection:
         """The monotonic time by which a call starting now must finish."""
         return time.monotonic() + self._read_timeout
 
+    @property
+    def revision(self) -> int:
+        """The newest etcd revision that an answer to this connection has shown (0: none yet).
+
+        A request sent after reading it is applied at a later revision: a write whose answer
+        was lost is looked for in the history after it.
+        """
+        return self._revision
+
+    def _saw(self, revision: int) -> None:
+        self._revision = max(self._revision, int(revision))
+
     async def _unary(
         self, stub: str, method: str, request: Any, *, what: str, deadline: float | None
     ) -> Any:
@@ -189,7 +202,9 @@ class Connection:
 
         async def send(link: Link, timeout: float) -> Any:
             call = getattr(getattr(link, stub), method)
-            return await call(request, timeout=timeout, metadata=self._links.metadata())
+            response = await call(request, timeout=timeout, metadata=self._links.metadata())
+            self._saw(response.header.revision)
+            return response
 
         return await drive(
             self._links, send, what=what, deadline=self.deadline() if deadline is None else deadline
@@ -286,7 +301,9 @@ class Connection:
         keys = [op.key for op in success if isinstance(op, Put)]
 
         async def send(link: Link, timeout: float) -> Any:
-            return await link.kv.Txn(request, timeout=timeout, metadata=self._links.metadata())
+            response = await link.kv.Txn(request, timeout=timeout, metadata=self._links.metadata())
+            self._saw(response.header.revision)
+            return response
 
         response = await drive(
             self._links,
