@@ -239,5 +239,5 @@ def _check_swaps(ledger: Ledger, steps: list[int], swapped: str, tally: Tally) -
     tally["compare_set: acknowledged"] += len(ledger.acked)
     tally["compare_set: refused"] += len(ledger.refused)
     tally["compare_set: unknown"] += len(ledger.unknown)
-    steps = int(swapped.split(":")[0])
-    assert len(ledger.acked) <= steps <= len(ledger.acked) + len(ledger.unknown)
+    final_step = int(swapped.split(":")[0])
+    assert len(ledger.acked) <= final_step <= len(ledger.acked) + len(ledger.unknown)
