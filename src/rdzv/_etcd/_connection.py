@@ -238,14 +238,6 @@ class Connection:
         kvs, _ = await self.range(key, revision=revision, deadline=deadline)
         return kvs[0] if kvs else None
 
-    async def count(self, key: bytes, *, prefix: bool = False) -> int:
-        """Count the keys at `key` (or under a prefix), linearizably, without reading them."""
-        request = rpc.RangeRequest(
-            key=key, range_end=prefix_end(key) if prefix else b"", count_only=True
-        )
-        response = await self._unary("kv", "Range", request, what=f"count {key!r}", deadline=None)
-        return int(response.count)
-
     async def delete(self, key: bytes, *, prefix: bool = False) -> int:
         """Delete `key` (or a prefix); return how many keys were deleted."""
         request = rpc.DeleteRangeRequest(key=key, range_end=prefix_end(key) if prefix else b"")
