@@ -19,6 +19,7 @@ import json
 import os
 import random
 import time
+from typing import Any
 
 import anyio
 import pytest
@@ -166,10 +167,27 @@ async def _faults(cluster: EtcdCluster, stop: anyio.Event, tally: Tally) -> None
     stop.set()
 
 
+def _count_resolutions(monkeypatch: pytest.MonkeyPatch, tally: Tally) -> None:
+    """Count, for the tally, how often a lost answer had to be resolved."""
+    for owner, name in (
+        (rdzv.AsyncEtcdBackend, "_resolve_unknown_outcome"),
+        (rdzv.AsyncEtcdStore, "_lost_write_landed"),
+        (rdzv.AsyncEtcdStore, "_landed_since"),
+    ):
+        original = getattr(owner, name)
+
+        def counted(*args: Any, __original: Any = original, __name: str = name) -> Any:
+            tally[f"lost answers resolved: {__name.strip('_')}"] += 1
+            return __original(*args)
+
+        monkeypatch.setattr(owner, name, counted)
+
+
 async def test_chaos_loses_and_misreports_nothing(
-    etcd_cluster: EtcdCluster, etcd_key_prefix: str, tally: Tally
+    etcd_cluster: EtcdCluster, etcd_key_prefix: str, tally: Tally, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Under random member kills and freezes, every write is reported as it happened."""
+    _count_resolutions(monkeypatch, tally)
     endpoints = [member.endpoint for member in etcd_cluster.members]
     orders = [",".join(endpoints[i:] + endpoints[:i]) for i in range(len(endpoints))]
     store_prefix = f"{etcd_key_prefix}/store/"
