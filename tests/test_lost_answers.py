@@ -38,6 +38,18 @@ async def through_proxy(proxy: FaultProxy, etcd_endpoints: str) -> AsyncIterator
         yield conn
 
 
+@pytest.fixture
+def our_store(through_proxy: rdzv.Connection, etcd_key_prefix: str) -> rdzv.AsyncEtcdStore:
+    """A store on the connection through the proxy."""
+    return rdzv.AsyncEtcdStore(through_proxy, prefix=f"{etcd_key_prefix}/store/")
+
+
+@pytest.fixture
+def their_store(connection: rdzv.Connection, etcd_key_prefix: str) -> rdzv.AsyncEtcdStore:
+    """The same store, on a direct connection: another writer, and a witness of etcd's state."""
+    return rdzv.AsyncEtcdStore(connection, prefix=f"{etcd_key_prefix}/store/")
+
+
 async def test_set_state_whose_answer_is_lost_is_reported_written(
     through_proxy: rdzv.Connection,
     connection: rdzv.Connection,
@@ -69,15 +81,12 @@ async def test_set_state_whose_request_lands_late_is_reported_written(
 
 
 async def test_store_add_whose_request_is_lost_after_others_added(
-    through_proxy: rdzv.Connection,
-    connection: rdzv.Connection,
+    our_store: rdzv.AsyncEtcdStore,
+    their_store: rdzv.AsyncEtcdStore,
     proxy: FaultProxy,
-    etcd_key_prefix: str,
 ) -> None:
     """An add lost in the network is not taken for this store's earlier add of the same bytes."""
-    prefix = f"{etcd_key_prefix}/store/"
-    ours = rdzv.AsyncEtcdStore(through_proxy, prefix=prefix)
-    theirs = rdzv.AsyncEtcdStore(connection, prefix=prefix)
+    ours, theirs = our_store, their_store
     assert await ours.add("counter", 1) == 1
     assert await theirs.add("counter", 1) == 2
     proxy.drop("requests")
@@ -86,15 +95,12 @@ async def test_store_add_whose_request_is_lost_after_others_added(
 
 
 async def test_store_add_whose_answer_is_lost_is_applied_once(
-    through_proxy: rdzv.Connection,
-    connection: rdzv.Connection,
+    our_store: rdzv.AsyncEtcdStore,
+    their_store: rdzv.AsyncEtcdStore,
     proxy: FaultProxy,
-    etcd_key_prefix: str,
 ) -> None:
     """An add that etcd applied but whose answer never came back is applied exactly once."""
-    prefix = f"{etcd_key_prefix}/store/"
-    ours = rdzv.AsyncEtcdStore(through_proxy, prefix=prefix)
-    theirs = rdzv.AsyncEtcdStore(connection, prefix=prefix)
+    ours, theirs = our_store, their_store
     assert await ours.add("counter", 5) == 5
     assert await theirs.add("counter", 5) == 10
     proxy.hold("responses")
@@ -131,17 +137,15 @@ async def test_call_queued_on_a_replaced_channel_is_sent_on_the_new_one(
 
 
 async def test_compare_set_lost_then_overwritten_reports_the_swap(
-    through_proxy: rdzv.Connection,
-    connection: rdzv.Connection,
+    our_store: rdzv.AsyncEtcdStore,
+    their_store: rdzv.AsyncEtcdStore,
     proxy: FaultProxy,
-    etcd_key_prefix: str,
+    connection: rdzv.Connection,
 ) -> None:
     """A swap that landed, lost its answer and was overwritten before the retry still counts."""
-    prefix = f"{etcd_key_prefix}/store/"
-    ours = rdzv.AsyncEtcdStore(through_proxy, prefix=prefix)
-    theirs = rdzv.AsyncEtcdStore(connection, prefix=prefix)
+    ours, theirs = our_store, their_store
     await ours.set("key", b"old")
-    key = f"{prefix}key".encode()
+    key = f"{ours.prefix}key".encode()
     before = present(await connection.get(key))
     changes = connection.watch(key, start_revision=before.mod_revision + 1)
     proxy.hold("responses")
