@@ -200,3 +200,23 @@ def test_fork_while_the_facade_is_busy(etcd_endpoints: str, etcd_key_prefix: str
     errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
     assert errors == []
     assert len(outcomes) > 5
+
+
+async def test_a_member_of_another_cluster_is_never_used(
+    own_server: EtcdServer, etcd_endpoints: str, etcd_key_prefix: str
+) -> None:
+    """After the cluster's member dies, another etcd at the next endpoint is not taken for it."""
+    async with rdzv.connect(etcd_endpoints, read_timeout=5) as other:
+        await rdzv.AsyncEtcdBackend(other, "job", key_prefix=etcd_key_prefix).set_state(b"theirs")
+    endpoints = f"{own_server.endpoint},{etcd_endpoints}"
+    async with rdzv.connect(endpoints, read_timeout=2) as connection:
+        backend = rdzv.AsyncEtcdBackend(connection, "job", key_prefix=etcd_key_prefix)
+        assert await backend.get_state() is None
+        own_server.kill()
+        try:
+            # The other etcd holds a state at the same key; reading it would be a wrong answer.
+            with pytest.raises(rdzv.RendezvousConnectionError):
+                await backend.get_state()
+        finally:
+            own_server.restart()
+        assert await backend.get_state() is None

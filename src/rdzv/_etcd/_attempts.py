@@ -29,7 +29,7 @@ from rdzv._errors import (
     RendezvousOutcomeUnknownError,
 )
 from rdzv._etcd._classify import Fields, Kind, classify, fields, translate
-from rdzv._etcd._links import Link, Links
+from rdzv._etcd._links import ForeignCluster, Link, Links
 
 T = TypeVar("T")
 
@@ -109,6 +109,12 @@ async def drive(
                 result = await send(link, timeout)
             links.answered()
             return result
+        except ForeignCluster as error:
+            # Whatever it did there, it did not do here: try the next endpoint.
+            last_error = error.with_traceback(None)
+            last_fields = Fields(endpoint=str(link.endpoint), code=None, details=str(error))
+            links.fail_over(link)
+            delay = await _backoff(delay, deadline)
         except grpc.aio.UsageError as error:
             # The channel was closed before the request could leave (another call failed over,
             # or the connection was suspended or closed): nothing was sent.

@@ -60,6 +60,7 @@ TOO_MANY_REQUESTS: Final = "etcdserver: too many requests"
 INVALID_TOKEN: Final = "etcdserver: invalid auth token"
 USER_NAME_EMPTY: Final = "etcdserver: user name is empty"
 PERMISSION_DENIED: Final = "etcdserver: permission denied"
+COMPACTED: Final = "etcdserver: mvcc: required revision has been compacted"
 
 
 def classify(error: grpc.aio.AioRpcError) -> Kind:
@@ -129,7 +130,8 @@ def translate(
     if code is grpc.StatusCode.NOT_FOUND:
         # The only thing our calls name that etcd can fail to find is a lease.
         return RendezvousLeaseNotFoundError(f"etcd cannot {what}: {details}", **known)
-    if code is grpc.StatusCode.OUT_OF_RANGE:
+    if code is grpc.StatusCode.OUT_OF_RANGE and details == COMPACTED:
+        # OUT_OF_RANGE is also "too large lease TTL" and "future revision".
         return RendezvousCompactedError(f"etcd cannot {what}: {details}", **known)
     if classify(error) in (Kind.TRANSIENT, Kind.BUSY):
         return RendezvousConnectionError(CONNECTION_FAILED_MESSAGE, **known)

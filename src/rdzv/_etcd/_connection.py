@@ -203,6 +203,7 @@ class Connection:
         async def send(link: Link, timeout: float) -> Any:
             call = getattr(getattr(link, stub), method)
             response = await call(request, timeout=timeout, metadata=self._links.metadata())
+            self._links.verify(link, response.header)
             self._saw(response.header.revision)
             return response
 
@@ -294,6 +295,7 @@ class Connection:
 
         async def send(link: Link, timeout: float) -> Any:
             response = await link.kv.Txn(request, timeout=timeout, metadata=self._links.metadata())
+            self._links.verify(link, response.header)
             self._saw(response.header.revision)
             return response
 
@@ -364,6 +366,7 @@ class Connection:
                 raise _broken(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer to a watch") from None
             if response is grpc.aio.EOF:
                 raise _broken(grpc.StatusCode.UNAVAILABLE, "the watch stream ended")
+            self._links.verify(link, response.header)
             if response.compact_revision:
                 raise _compacted(key, start_revision, response)
             if response.canceled:

@@ -72,6 +72,10 @@ _AUTH_REFUSED: Final = frozenset(
 )
 
 
+class ForeignCluster(Exception):
+    """An endpoint answered for another etcd cluster than the one this connection uses."""
+
+
 @dataclasses.dataclass(eq=False)
 class Link:
     """A gRPC channel to one endpoint, with its stubs."""
@@ -115,6 +119,7 @@ class Links:
         self._in_flight = asyncio.Semaphore(max_in_flight)
         # What is known of TLS misconfiguration, to fail fast on it (see `diagnose`).
         self._answered = False
+        self._cluster_id: int | None = None
         self._probed: set[Endpoint] = set()
         self._misconfigured: dict[Endpoint, RendezvousTLSError] = {}
 
@@ -224,6 +229,23 @@ class Links:
         """Note that etcd answered: TLS works, so failures from now on are not TLS's."""
         self._answered = True
 
+    def verify(self, link: Link, header: Any) -> None:
+        """Raise `ForeignCluster` if an answer's header comes from another etcd cluster.
+
+        The first answer pins the cluster's id. An endpoint may later lead to another cluster:
+        its port taken over by another etcd after the member died, a DNS name moved, a cluster
+        restored from a snapshot (which makes a new cluster, whose data may be older). Its
+        answers are never taken for the cluster's.
+        """
+        cluster_id = int(header.cluster_id)
+        if self._cluster_id is None:
+            self._cluster_id = cluster_id or None
+        elif cluster_id and cluster_id != self._cluster_id:
+            raise ForeignCluster(
+                f"etcd at {link.endpoint} belongs to cluster {cluster_id:x}, not to cluster "
+                f"{self._cluster_id:x} that this connection uses."
+            )
+
     def metadata(self, *, require_leader: bool = False) -> tuple[tuple[str, str], ...]:
         """The call metadata: the auth token, and for watches "only with a leader"."""
         metadata: tuple[tuple[str, str], ...] = ()
@@ -255,6 +277,7 @@ class Links:
                         **fields(error, link.endpoint),
                     ) from error
                 raise
+            self.verify(link, response.header)
             self._token = str(response.token)
             return self._token
 
