@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextvars
 from collections.abc import AsyncGenerator
 from typing import Final, Literal
 
@@ -40,13 +39,6 @@ _RETRY: Final = "retry"
 
 # With a state key, how many tokens a backend remembers the position (`_envelope.Position`) of.
 _POSITIONS_KEPT: Final = 16
-
-# The position a signed `set_state` binds its value to, for `_outcome` to remember under the new
-# token (the retry loop hands `_outcome` only the state and the result). It is task-local, and
-# concurrent calls run in tasks of their own, so they cannot see each other's.
-_SIGNED_WRITE: contextvars.ContextVar[tuple[AsyncEtcdBackend, _envelope.Position] | None] = (
-    contextvars.ContextVar("rdzv_signed_write", default=None)
-)
 
 
 class AsyncEtcdBackend:
@@ -136,19 +128,30 @@ class AsyncEtcdBackend:
             return None if current is None else (*current, False)
         deadline = self._connection.deadline()
         at = _envelope.CREATE
-        if self._state_key is not None:
+        if self._state_key is not None and expected is not None:
             # A signed value is bound to its place in the key's history: the next one after the
             # value at `token`, whose position this backend saw, or reads once.
-            if expected is not None:
-                replaced = self._positions.get(expected)
-                if replaced is None:
-                    kv = await self._connection.get(self._key_bytes, deadline=deadline)
-                    if kv is None or kv.mod_revision != expected:
-                        return self._current(kv)  # what the compare-and-swap would answer
-                    replaced = self._remember(kv)
-                at = replaced.next()
-            _SIGNED_WRITE.set((self, at))
+            found = await self._position_at(expected, deadline)
+            if not isinstance(found, _envelope.Position):
+                return found  # the key is no longer at `token`: what the CAS would answer
+            at = found.next()
         value = _envelope.encode(state, self._key, self._state_key, at=at)
+        outcome = await self._write(state, value, condition, expected, deadline)
+        if self._state_key is not None and outcome is not None and outcome[2]:
+            # A create's value is the key's version 1, created at its own revision.
+            written = at if at.version > 1 else _envelope.Position(outcome[1], 1)
+            self._keep_position(outcome[1], written)
+        return outcome
+
+    async def _write(
+        self,
+        state: bytes,
+        value: bytes,
+        condition: Compare,
+        expected: int | None,
+        deadline: float,
+    ) -> SetStateResult | None:
+        """Compare-and-swap `value` in; resolve lost answers (see `_resolve_unknown_outcome`)."""
 
         async def write(lease: int) -> TxnResult:
             put = Put(self._key_bytes, value, lease)
@@ -183,6 +186,18 @@ class AsyncEtcdBackend:
                 raise self._unresolved()
             return resolved
 
+    async def _position_at(
+        self, token: Token, deadline: float
+    ) -> _envelope.Position | SetStateResult | None:
+        """The position of the value at `token`; or, if the key has moved on, its state."""
+        position = self._positions.get(token)
+        if position is not None:
+            return position
+        kv = await self._connection.get(self._key_bytes, deadline=deadline)
+        if kv is None or kv.mod_revision != token:
+            return self._current(kv)
+        return self._remember(kv)
+
     async def watch(self, token: object = None) -> AsyncGenerator[tuple[bytes | None, Token], None]:
         """Yield `(state, token)` for every change after `token` (from now if `None`).
 
@@ -214,8 +229,6 @@ class AsyncEtcdBackend:
 
     def _outcome(self, state: bytes, result: TxnResult) -> SetStateResult | None:
         if result.succeeded:
-            if self._state_key is not None:
-                self._remember_own_write(result.revision)
             return state, result.revision, True
         current = result.ranges[0]
         return self._current(current[0] if current else None)
@@ -224,15 +237,6 @@ class AsyncEtcdBackend:
         position = _envelope.Position(kv.create_revision, kv.version)
         self._keep_position(kv.mod_revision, position)
         return position
-
-    def _remember_own_write(self, token: Token) -> None:
-        intent = _SIGNED_WRITE.get()
-        if intent is None or intent[0] is not self:
-            return
-        _SIGNED_WRITE.set(None)
-        at = intent[1]
-        # A create's value is the key's version 1, created at its own revision.
-        self._keep_position(token, at if at.version > 1 else _envelope.Position(token, 1))
 
     def _keep_position(self, token: Token, position: _envelope.Position) -> None:
         self._positions.pop(token, None)
