@@ -1,4 +1,4 @@
-"""An embedded etcd for tests and local development.
+"""An embedded etcd for tests and local development, and a proxy that misbehaves on demand.
 
 `EtcdServer` runs one real etcd process on the loopback interface, with its own free ports and a
 temporary data directory, and `EtcdCluster` runs several of them as one cluster, so that fault
@@ -20,6 +20,10 @@ process exits: through `atexit` when it exits normally, and otherwise (SIGKILL, 
 through a small watchdog process that notices the death of its parent. The pytest plugin that
 comes with rdzv offers fixtures built on these classes: `etcd_server`, `etcd_endpoints`,
 `etcd_key_prefix` and `etcd_cluster`.
+
+`FaultProxy` stands between a client and an etcd endpoint and holds, drops, delays or cuts the
+traffic on demand, to test what code does when a request or its answer is lost (see the
+documentation's page "Testing with a misbehaving network").
 
 Only the standard library is used, so importing this module is cheap. The classes are not
 thread-safe: drive one server from one thread at a time. (They are defined in a private module,
