@@ -13,6 +13,7 @@ import pytest
 
 import rdzv
 from rdzv.testing import EtcdServer
+from support import present
 
 pytestmark = pytest.mark.anyio
 
@@ -220,3 +221,19 @@ async def test_a_member_of_another_cluster_is_never_used(
         finally:
             own_server.restart()
         assert await backend.get_state() is None
+
+
+async def test_reads_and_writes_authenticate_again_after_an_etcd_restart(
+    auth_server: EtcdServer, auth_password: str, etcd_key_prefix: str
+) -> None:
+    """After etcd restarts (its auth tokens gone), a read and a write re-authenticate and work."""
+    async with rdzv.connect(
+        auth_server.endpoint, read_timeout=15, username="alice", password=auth_password
+    ) as connection:
+        backend = rdzv.AsyncEtcdBackend(connection, "job", key_prefix=f"/allowed{etcd_key_prefix}")
+        _, token, _ = present(await backend.set_state(b"before"))
+        auth_server.restart()
+        assert await backend.get_state() == (b"before", token)
+        auth_server.restart()
+        state, _, written = present(await backend.set_state(b"after", token))
+    assert (state, written) == (b"after", True)
