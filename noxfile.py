@@ -19,9 +19,17 @@ RUFF = "ruff==0.17.6"
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run the test suite against real etcd servers the tests start themselves."""
+    """The test suite against real etcd servers the tests start themselves, with coverage.
+
+    Branch coverage of rdzv, subprocesses included ([tool.coverage] in pyproject.toml), is
+    printed at the end. The coverage floor (fail_under) holds for a run of the whole suite only:
+    with arguments (`nox -s tests -- tests/test_cli.py`) the report is printed, not enforced.
+    """
     session.install("-e", ".[test,torch]", TORCH)
-    session.run("pytest", *session.posargs)
+    session.run("coverage", "erase")
+    session.run("coverage", "run", "-m", "pytest", *session.posargs)
+    session.run("coverage", "combine", "--quiet")
+    session.run("coverage", "report", *(["--fail-under=0"] if session.posargs else []))
 
 
 @nox.session(name="tests-etcd34")
@@ -33,6 +41,7 @@ def tests_etcd34(session: nox.Session) -> None:
     """
     binary = os.environ.get("RDZV_ETCD34_BINARY") or _debian_etcd34(session)
     session.install("-e", ".[test,torch]", TORCH)
+    # No coverage here: the `tests` session measures it, and tracing would only slow CI down.
     session.run("pytest", *session.posargs, env={"RDZV_ETCD_BINARY": binary})
 
 
