@@ -75,87 +75,156 @@ async def drive(
     `what` completes "etcd refused to ..." in error messages; `key` names the key of a write
     in `RendezvousOutcomeUnknownError`.
     """
-    delay = INITIAL_BACKOFF
-    reauthenticated = False
-    last_error: BaseException | None = None
-    last_fields = Fields(endpoint=None, code=None, details=None)
+    attempts = _Attempts(links, what=what, deadline=deadline, may_resend=may_resend, key=key)
     link: Link | None = None
     while deadline > time.monotonic():
         # Holding a retired link while waiting (a suspended connection) would keep its channel,
         # and gRPC's poller thread, alive across a fork.
         link = None
         link = await links.acquire(deadline)
-        token: str | None = None
-        sent = False
         try:
-            async with links.in_flight():
-                if _replaced(link):
-                    continue  # replaced while this call waited for a slot: never send on it
-                # The wait for a slot counts against the deadline.
-                timeout = links.attempt_timeout(deadline - time.monotonic())
-                if timeout <= 0:
-                    break
-                token = await links.authenticate(link, timeout)
-                if _replaced(link):
-                    continue  # replaced while this call waited to authenticate
-                if not may_resend and not await _ready(link, timeout):
-                    # Nothing was sent: safe to try again, elsewhere.
-                    last_error = TimeoutError(f"{link.endpoint} did not connect in {timeout:g} s")
-                    last_fields = Fields(endpoint=str(link.endpoint), code=None, details=None)
-                    links.fail_over(link)
-                    delay = await _backoff(delay, deadline)
-                    continue
-                sent = True
-                result = await send(link, timeout)
-            links.answered()
-            return result
-        except ForeignCluster as error:
-            # Whatever it did there, it did not do here: try the next endpoint.
-            last_error = error.with_traceback(None)
-            last_fields = Fields(endpoint=str(link.endpoint), code=None, details=str(error))
-            links.fail_over(link)
-            delay = await _backoff(delay, deadline)
-        except grpc.aio.UsageError as error:
-            # The channel was closed before the request could leave (another call failed over,
-            # or the connection was suspended or closed): nothing was sent.
-            links.check_open()
-            last_error = error.with_traceback(None)
+            result = await attempts.send(link, send)
+        except _Again as again:
+            if again.pause:
+                await attempts.back_off()
+            continue
         except asyncio.CancelledError:
             if not link.retired or _cancelling():
                 raise
             # gRPC ended the call because rdzv closed its channel, not because the caller was
             # cancelled.
-            links.check_open()
-            last_fields = Fields(endpoint=str(link.endpoint), code="CANCELLED", details=None)
-            if sent and not may_resend:
-                raise lost_answer(what, key, last_fields) from None
-        except Refused as refusal:
-            if refusal.auth and links.username is not None and not reauthenticated:
-                links.forget_token(token)
-                reauthenticated = True
-                continue
-            raise _refused(refusal, what=what, link=link, username=links.username) from refusal
-        except grpc.aio.AioRpcError as error:
-            # Without its traceback, whose frames hold the link.
-            last_error, last_fields = error.with_traceback(None), fields(error, link.endpoint)
-            kind = classify(error)
-            if kind is Kind.AUTH_EXPIRED and links.username is not None and not reauthenticated:
-                links.forget_token(token)
-                reauthenticated = True
-                continue
-            if kind is Kind.FINAL or kind is Kind.AUTH_EXPIRED:
-                raise translate(
-                    error, what=what, endpoint=link.endpoint, username=links.username
-                ) from error
-            if kind is Kind.TRANSIENT:
-                await links.diagnose(link, error, deadline)
-                links.fail_over(link)
-                if sent and not may_resend:
-                    raise lost_answer(what, key, last_fields) from error
-                reauthenticated = False
-            # Kind.BUSY: etcd applied nothing; back off and send again.
-            delay = await _backoff(delay, deadline)
-    raise RendezvousConnectionError(CONNECTION_FAILED_MESSAGE, **last_fields) from last_error
+            attempts.after_closed_channel(link)
+            continue
+        except (ForeignCluster, grpc.aio.UsageError, Refused, grpc.aio.AioRpcError) as error:
+            if await attempts.after(link, error):
+                await attempts.back_off()
+            continue
+        links.answered()
+        return result
+    raise attempts.exhausted() from attempts.last_error
+
+
+class _Again(Exception):
+    """Nothing was sent: try again, after a backoff if `pause`."""
+
+    def __init__(self, *, pause: bool) -> None:
+        super().__init__()
+        self.pause = pause
+
+
+class _Attempts:
+    """The attempts of one call: what they learned, and what to do after each failure."""
+
+    def __init__(
+        self, links: Links, *, what: str, deadline: float, may_resend: bool, key: str | None
+    ) -> None:
+        self._links = links
+        self._what = what
+        self._deadline = deadline
+        self._may_resend = may_resend
+        self._key = key
+        self._delay = INITIAL_BACKOFF
+        self._reauthenticated = False
+        self._token: str | None = None
+        self._sent = False
+        self._last_error: BaseException | None = None
+        self._last_fields = Fields(endpoint=None, code=None, details=None)
+
+    async def send(self, link: Link, send: Callable[[Link, float], Awaitable[T]]) -> T:
+        """One attempt on `link`; `_Again` if it cannot be sent there."""
+        self._token, self._sent = None, False
+        async with self._links.in_flight():
+            if _replaced(link):
+                raise _Again(pause=False)  # replaced while this call waited for a slot
+            # The wait for a slot counts against the deadline.
+            timeout = self._links.attempt_timeout(self._deadline - time.monotonic())
+            if timeout <= 0:
+                raise _Again(pause=False)
+            self._token = await self._links.authenticate(link, timeout)
+            if _replaced(link):
+                raise _Again(pause=False)  # replaced while this call waited to authenticate
+            if not self._may_resend and not await _ready(link, timeout):
+                # Nothing was sent: safe to try again, elsewhere.
+                self._failed(TimeoutError(f"{link.endpoint} did not connect in {timeout:g} s"))
+                self._last_fields = Fields(endpoint=str(link.endpoint), code=None, details=None)
+                self._links.fail_over(link)
+                raise _Again(pause=True)
+            self._sent = True
+            return await send(link, timeout)
+
+    async def after(self, link: Link, error: Exception) -> bool:
+        """Raise if `error` ends the call; else whether to back off before the next attempt."""
+        if isinstance(error, ForeignCluster):
+            # Whatever it did there, it did not do here: try the next endpoint.
+            self._failed(error)
+            self._last_fields = Fields(endpoint=str(link.endpoint), code=None, details=str(error))
+            self._links.fail_over(link)
+            return True
+        if isinstance(error, grpc.aio.UsageError):
+            # The channel was closed before the request could leave (another call failed over,
+            # or the connection was suspended or closed): nothing was sent.
+            self._links.check_open()
+            self._failed(error)
+            return False
+        if isinstance(error, Refused):
+            if error.auth and self._reauthenticate():
+                return False
+            raise _refused(
+                error, what=self._what, link=link, username=self._links.username
+            ) from error
+        assert isinstance(error, grpc.aio.AioRpcError)
+        return await self._after_rpc_error(link, error)
+
+    async def _after_rpc_error(self, link: Link, error: grpc.aio.AioRpcError) -> bool:
+        self._failed(error)
+        self._last_fields = fields(error, link.endpoint)
+        kind = classify(error)
+        if kind is Kind.AUTH_EXPIRED and self._reauthenticate():
+            return False
+        if kind is Kind.FINAL or kind is Kind.AUTH_EXPIRED:
+            raise translate(
+                error, what=self._what, endpoint=link.endpoint, username=self._links.username
+            ) from error
+        if kind is Kind.TRANSIENT:
+            await self._links.diagnose(link, error, self._deadline)
+            self._links.fail_over(link)
+            if self._sent and not self._may_resend:
+                raise lost_answer(self._what, self._key, self._last_fields) from error
+            self._reauthenticated = False
+        # Kind.BUSY: etcd applied nothing; back off and send again.
+        return True
+
+    def after_closed_channel(self, link: Link) -> None:
+        """After gRPC ended the call on a channel that rdzv closed (failover, suspend, close)."""
+        self._links.check_open()
+        self._last_fields = Fields(endpoint=str(link.endpoint), code="CANCELLED", details=None)
+        if self._sent and not self._may_resend:
+            raise lost_answer(self._what, self._key, self._last_fields) from None
+
+    def _reauthenticate(self) -> bool:
+        """Drop the rejected token, once per attempt; false if that was done already."""
+        if self._links.username is None or self._reauthenticated:
+            return False
+        self._links.forget_token(self._token)
+        self._reauthenticated = True
+        return True
+
+    def _failed(self, error: BaseException) -> None:
+        # Kept without its traceback, whose frames hold the link.
+        self._last_error = error.with_traceback(None)
+
+    async def back_off(self) -> None:
+        """Sleep a jittered, growing delay, never past the deadline."""
+        self._delay = await _backoff(self._delay, self._deadline)
+
+    @property
+    def last_error(self) -> BaseException | None:
+        """The last failure, to chain to the call's error."""
+        return self._last_error
+
+    def exhausted(self) -> RendezvousConnectionError:
+        """The error when the deadline passed."""
+        return RendezvousConnectionError(CONNECTION_FAILED_MESSAGE, **self._last_fields)
 
 
 async def _ready(link: Link, timeout: float) -> bool:
