@@ -32,6 +32,13 @@ def tests(session: nox.Session) -> None:
     session.run("coverage", "report", *(["--fail-under=0"] if session.posargs else []))
 
 
+@nox.session(name="tests-fast")
+def tests_fast(session: nox.Session) -> None:
+    """The fast inner loop: the tests not marked slow (`pytest -m "not slow"`), no coverage."""
+    session.install("-e", ".[test,torch]", TORCH)
+    session.run("pytest", "-m", "not slow", *session.posargs)
+
+
 @nox.session(name="tests-etcd34")
 def tests_etcd34(session: nox.Session) -> None:
     """The test suite against etcd 3.4: Debian's etcd-server and etcd-client packages.

@@ -246,6 +246,7 @@ def test_inspect_json_of_a_plain_state(etcd_endpoints: str, etcd_key_prefix: str
     assert 600 < report["lease"]["seconds_left"] <= 1200
 
 
+@pytest.mark.slow
 def test_inspect_a_state_of_torchs_dynamic_rendezvous(
     etcd_endpoints: str, etcd_key_prefix: str
 ) -> None:
@@ -402,6 +403,7 @@ def test_restricted_unpickler_checks_field_types() -> None:
         load_torch_state(pickle.dumps(state))
 
 
+@pytest.mark.slow
 def test_inspect_works_without_torch(etcd_endpoints: str, etcd_key_prefix: str) -> None:
     """inspect decodes a torch state in a process where torch cannot be imported."""
     _set_state(etcd_endpoints, etcd_key_prefix, _torch_state_bytes())
@@ -493,6 +495,7 @@ def test_environment_variables_configure_the_connection(
 # -------------------------------------------------------------------------- connection errors
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["inspect", "watch"])
 def test_unreachable_endpoint_is_a_clear_error(command: str) -> None:
     """An etcd that does not answer: one line naming the endpoint and the timeout, exit 1."""
@@ -637,6 +640,7 @@ def test_mutual_tls_options(tmp_path: Path, etcd_key_prefix: str) -> None:
 # ------------------------------------------------------------------------------------ watch
 
 
+@pytest.mark.slow
 def test_watch_prints_one_line_per_change(
     etcd_endpoints: str,
     etcd_key_prefix: str,
@@ -665,6 +669,7 @@ def test_watch_prints_one_line_per_change(
     assert process.stop(signal.SIGTERM) == 0
 
 
+@pytest.mark.slow
 def test_watch_json_starts_with_the_current_state(
     etcd_endpoints: str, etcd_key_prefix: str, rdzv_process: Callable[..., _Process]
 ) -> None:
@@ -688,6 +693,7 @@ def test_watch_json_starts_with_the_current_state(
     assert process.stop(signal.SIGINT) == 0
 
 
+@pytest.mark.slow
 def test_watch_exits_1_when_etcd_goes_away(rdzv_process: Callable[..., _Process]) -> None:
     """A watch whose etcd dies says so on one line and exits 1 after the read timeout."""
     with EtcdServer() as server:
@@ -707,6 +713,7 @@ def test_watch_exits_1_when_etcd_goes_away(rdzv_process: Callable[..., _Process]
 # ------------------------------------------------------------------------------------ serve
 
 
+@pytest.mark.slow
 def test_serve_runs_etcd_until_ctrl_c(rdzv_process: Callable[..., _Process]) -> None:
     """serve prints an endpoint that works, and SIGINT stops etcd and exits 0."""
     process = rdzv_process("serve", "--port", "0", "--peer-port", "0")
@@ -727,6 +734,7 @@ def test_serve_runs_etcd_until_ctrl_c(rdzv_process: Callable[..., _Process]) -> 
     process.stderr.until("Stopped etcd.")
 
 
+@pytest.mark.slow
 def test_serve_keeps_data_across_runs(
     tmp_path: Path, rdzv_process: Callable[..., _Process]
 ) -> None:
@@ -749,6 +757,7 @@ def test_serve_keeps_data_across_runs(
         assert process.stop(signal.SIGTERM) == 0
 
 
+@pytest.mark.slow
 def test_serve_on_a_taken_port_exits_1() -> None:
     """A client port in use: etcd cannot start, and serve says so with exit code 1."""
     with socket.socket() as taken:

@@ -59,6 +59,7 @@ def test_cli_demo_on_given_endpoints_prints_ranks(
     )
 
 
+@pytest.mark.slow
 def test_cli_demo_fails_with_exit_code_1_when_etcd_is_unreachable() -> None:
     """An unreachable etcd makes the demo exit 1 with a connection error, not hang."""
     outcome = CliRunner().invoke(
@@ -69,6 +70,7 @@ def test_cli_demo_fails_with_exit_code_1_when_etcd_is_unreachable() -> None:
     assert "The connection to etcd has failed" in outcome.output
 
 
+@pytest.mark.slow
 def test_python_m_rdzv_demo_starts_its_own_etcd() -> None:
     """`python -m rdzv demo` with no endpoints starts an embedded etcd and succeeds."""
     completed = subprocess.run(

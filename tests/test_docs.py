@@ -264,6 +264,7 @@ def test_every_page_has_samples_and_no_python_escapes_the_test() -> None:
     assert not indented, f"indented python fences are not run: {indented}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", PROGRAMS, ids=[block.name for block in PROGRAMS])
 def test_python_sample_runs(
     block: Block, tmp_path: Path, files: Path, request: pytest.FixtureRequest

@@ -38,6 +38,9 @@ from support import RawEtcd
 
 Tally = collections.Counter[str]
 
+# Hundreds of examples against a real etcd, spawned and forked writers: not for the fast loop.
+pytestmark = pytest.mark.slow
+
 settings.register_profile(
     "ci",
     deadline=None,

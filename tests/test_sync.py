@@ -110,6 +110,7 @@ def test_close_is_idempotent_and_later_calls_fail(
         backend.get_state()
 
 
+@pytest.mark.slow
 def test_unreachable_etcd_fails_construction_within_read_timeout(etcd_key_prefix: str) -> None:
     """Creating a facade for a dead endpoint raises RendezvousConnectionError in time."""
     endpoint = f"127.0.0.1:{closed_port()}"

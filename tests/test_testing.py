@@ -200,6 +200,7 @@ def test_given_data_dir_is_kept_on_stop(tmp_path: Path) -> None:
     assert (tmp_path / "data" / "member").is_dir()
 
 
+@pytest.mark.slow
 def test_kill_and_restart_keep_data(server: EtcdServer) -> None:
     """After SIGKILL, restart() comes back on the same endpoint with the data written before."""
     _put(server.client_url, "durable", "yes")
@@ -215,6 +216,7 @@ def test_kill_and_restart_keep_data(server: EtcdServer) -> None:
     assert _get(server.client_url, "durable") == "yes"
 
 
+@pytest.mark.slow
 def test_restart_does_not_mistake_another_etcd_for_itself(server: EtcdServer) -> None:
     """If another etcd took the killed server's port, restart() fails instead of using it."""
     server.kill()
@@ -225,6 +227,7 @@ def test_restart_does_not_mistake_another_etcd_for_itself(server: EtcdServer) ->
     assert not server.is_running
 
 
+@pytest.mark.slow
 def test_stop_keeping_data_then_start_keeps_data(server: EtcdServer) -> None:
     """stop(keep_data=True) stops gracefully and a later start() continues with the data."""
     _put(server.client_url, "k", "kept")
@@ -234,6 +237,7 @@ def test_stop_keeping_data_then_start_keeps_data(server: EtcdServer) -> None:
     assert _get(server.client_url, "k") == "kept"
 
 
+@pytest.mark.slow
 def test_pause_makes_requests_hang_until_resume(server: EtcdServer) -> None:
     """A paused server answers nothing (requests time out); after resume() it answers again."""
     server.pause()
@@ -266,6 +270,7 @@ def test_startup_failure_reports_the_log() -> None:
     server.stop()
 
 
+@pytest.mark.slow
 def test_start_retries_when_a_picked_port_was_taken() -> None:
     """If a free port picked for the server is taken before etcd binds it, start() picks anew."""
     server = EtcdServer()
@@ -330,6 +335,7 @@ _START_AND_REPORT = (
 )
 
 
+@pytest.mark.slow
 def test_exiting_python_kills_forgotten_servers() -> None:
     """A server never stopped is killed, and its temporary directory removed, when Python exits."""
     done = subprocess.run(
@@ -345,6 +351,7 @@ def test_exiting_python_kills_forgotten_servers() -> None:
     assert not Path(data_dir).exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_killed_python_leaves_no_etcd_behind(how: signal.Signals) -> None:
     """When the Python process is killed (no atexit), its etcd is killed and its files removed."""
@@ -363,6 +370,7 @@ def test_killed_python_leaves_no_etcd_behind(how: signal.Signals) -> None:
     assert not Path(data_dir).exists()
 
 
+@pytest.mark.slow
 def test_forked_child_exiting_leaves_the_parents_server_alone() -> None:
     """A forked child that exits normally does not stop the servers of its parent."""
     script = (
@@ -425,6 +433,7 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cwd
 
 
+@pytest.mark.slow
 def test_tls_server_serves_https_with_client_certificates(certificates: Path) -> None:
     """With EtcdTLS, clients use https and, with client_cert_auth, must show a certificate."""
     tls = EtcdTLS(

@@ -302,6 +302,7 @@ def test_create_backend_raises_error_if_read_timeout_is_invalid(
         create_backend(params)
 
 
+@pytest.mark.slow
 def test_create_backend_raises_error_if_etcd_is_unreachable(etcd_key_prefix: str) -> None:
     """With nothing listening, create_backend raises torch's RendezvousConnectionError."""
     params = _params(f"127.0.0.1:{closed_port()}", etcd_key_prefix, read_timeout="2")
@@ -311,6 +312,7 @@ def test_create_backend_raises_error_if_etcd_is_unreachable(etcd_key_prefix: str
     assert time.monotonic() - started < 30
 
 
+@pytest.mark.slow
 def test_get_waits_for_store_prefix_key(
     make_backend: MakeBackend, params: RendezvousParameters
 ) -> None:
@@ -464,6 +466,7 @@ def test_ipv6_endpoint_in_brackets_is_accepted_by_create_backend(
 # ---------------------------------------------------------------------- torch's errors
 
 
+@pytest.mark.slow
 def test_unreachable_etcd_raises_torch_connection_error(
     make_backend: MakeBackend, etcd_key_prefix: str
 ) -> None:
@@ -508,6 +511,7 @@ def test_torch_registry_creates_an_etcd_v3_handler(
         _close_handler(handler)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_three_handlers_complete_one_rendezvous(etcd_endpoints: str, etcd_key_prefix: str) -> None:
     """Three handlers in threads get ranks 0, 1 and 2 of a world of 3."""
     nodes = 3

@@ -99,6 +99,7 @@ def test_get_blocks_until_another_thread_sets(store: Store) -> None:
     assert time.monotonic() - started >= 0.4
 
 
+@pytest.mark.slow
 def test_get_times_out_with_dist_store_error(store: Store) -> None:
     """get of a key nobody sets raises DistStoreError after the store's timeout."""
     store.set_timeout(datetime.timedelta(seconds=1))
@@ -108,6 +109,7 @@ def test_get_times_out_with_dist_store_error(store: Store) -> None:
     assert 0.9 <= time.monotonic() - started < 15
 
 
+@pytest.mark.slow
 def test_set_timeout_through_prefix_store_changes_our_wait(etcd_store: EtcdStore) -> None:
     """A timeout set through a PrefixStore (in C++) is the one our store's get waits for."""
     view = PrefixStore("view", etcd_store)
@@ -198,6 +200,7 @@ def test_wait_with_timeout_returns_once_keys_are_set(store: Store) -> None:
         setter.join(timeout=30)
 
 
+@pytest.mark.slow
 def test_wait_with_timeout_raises_dist_store_error(store: Store) -> None:
     """wait(keys, timeout) raises DistStoreError when a key stays missing."""
     store.set("present", "1")
@@ -207,6 +210,7 @@ def test_wait_with_timeout_raises_dist_store_error(store: Store) -> None:
     assert 0.9 <= time.monotonic() - started < 15
 
 
+@pytest.mark.slow
 def test_wait_without_timeout_uses_the_store_timeout(store: Store) -> None:
     """wait(keys) gives up after the store's own timeout."""
     store.set_timeout(datetime.timedelta(seconds=1))
@@ -278,6 +282,7 @@ def test_append_creates_then_extends_the_value(store: Store) -> None:
 # ------------------------------------------------------------------------------- gloo
 
 
+@pytest.mark.slow
 def test_gloo_process_group_runs_over_our_store(
     etcd_store: EtcdStore, etcd_endpoints: str, etcd_key_prefix: str, tmp_path: Path
 ) -> None:

@@ -30,6 +30,7 @@ async def test_writes_within_ttl_reuse_one_lease(
     assert second.lease == first.lease
 
 
+@pytest.mark.slow
 async def test_state_lives_at_least_ttl_after_last_write(
     connection: rdzv.Connection, etcd_key_prefix: str
 ) -> None:

@@ -88,6 +88,7 @@ async def test_watch_from_compacted_token_raises(etcd_key_prefix: str) -> None:
             assert caught.value.compact_revision == latest
 
 
+@pytest.mark.slow
 async def test_watch_resumes_after_server_restart_without_losing_changes(
     etcd_key_prefix: str,
 ) -> None:
