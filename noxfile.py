@@ -89,7 +89,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict on the package."""
+    """mypy --strict on the package and the tests."""
     session.install("-e", ".[test,torch]", TORCH, "mypy")
     session.run("mypy")
 

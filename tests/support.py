@@ -22,12 +22,18 @@ import functools
 import socket
 from collections.abc import AsyncIterator
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aetcd
 from anyio.from_thread import start_blocking_portal
 
 import rdzv
+
+if TYPE_CHECKING:
+    # Not imported at run time: torch takes seconds to import, and spawned workers import this.
+    from torch.distributed.elastic.rendezvous import RendezvousHandler
+
+    from rdzv.torch import TorchEtcdBackend
 
 T = TypeVar("T")
 
@@ -46,6 +52,23 @@ def present(value: T | None) -> T:
     """`value`, which must not be None: for results such as `set_state`'s, typed as optional."""
     assert value is not None
     return value
+
+
+def torch_backend_of(handler: RendezvousHandler) -> TorchEtcdBackend:
+    """The rdzv backend under a torch rendezvous handler: torch offers no public way to it."""
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
+        DynamicRendezvousHandler,
+        _BackendRendezvousStateHolder,
+    )
+
+    from rdzv.torch import TorchEtcdBackend
+
+    assert isinstance(handler, DynamicRendezvousHandler)
+    holder = handler._state_holder
+    assert isinstance(holder, _BackendRendezvousStateHolder)
+    backend = holder._backend
+    assert isinstance(backend, TorchEtcdBackend)
+    return backend
 
 
 def _client(endpoint: str) -> Any:

@@ -33,8 +33,8 @@ import rdzv
 from rdzv._cli import main
 from rdzv._inspect import NotATorchStateError, load_torch_state
 from rdzv.testing import EtcdServer, EtcdTLS
-from rdzv.torch import TorchEtcdBackend, create_handler
-from support import RawEtcd, closed_port
+from rdzv.torch import create_handler
+from support import RawEtcd, closed_port, torch_backend_of
 
 STATE_KEY = b"a-shared-state-key-of-32-bytes!!"
 
@@ -288,9 +288,7 @@ def test_inspect_a_state_of_torchs_dynamic_rendezvous(
     finally:
         for handler in handlers:
             handler.shutdown()
-            backend = handler._state_holder._backend  # type: ignore[attr-defined]
-            assert isinstance(backend, TorchEtcdBackend)
-            backend.facade.close()
+            torch_backend_of(handler).facade.close()
     closed = json.loads(_invoke("inspect", "--json", *arguments, "--run-id", "job").stdout)
 
     assert text.exit_code == 0, text.output
@@ -357,7 +355,7 @@ def test_hostile_pickle_inside_a_real_state_is_refused(tmp_path: Path) -> None:
     """A hostile object hidden in a genuine state's fields is refused too."""
     witness = tmp_path / "pwned"
     state = _RendezvousState()
-    state.participants[_NodeDesc("a", 1, 0)] = _Hostile(f"touch {witness}")  # type: ignore[assignment]
+    state.participants[_NodeDesc("a", 1, 0)] = _Hostile(f"touch {witness}")  # type: ignore[assignment]  # on purpose
     with pytest.raises(NotATorchStateError, match=r"refused global 'posix\.system'"):
         load_torch_state(pickle.dumps(state))
     assert not witness.exists()
@@ -398,7 +396,7 @@ def test_inspect_escapes_control_characters_from_the_state(
 def test_restricted_unpickler_checks_field_types() -> None:
     """A state whose fields have the wrong types is not taken for a state."""
     state = _RendezvousState()
-    state.round = "one"  # type: ignore[assignment]
+    state.round = "one"  # type: ignore[assignment]  # the wrong type, on purpose
     with pytest.raises(NotATorchStateError, match="its round is a str, not an int"):
         load_torch_state(pickle.dumps(state))
 

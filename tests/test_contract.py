@@ -6,6 +6,7 @@ import aetcd
 import pytest
 
 import rdzv
+from support import present
 
 pytestmark = pytest.mark.anyio
 
@@ -19,22 +20,22 @@ async def test_get_state_returns_none_when_there_is_no_state(
 
 async def test_set_state_without_token_creates_the_state(backend: rdzv.AsyncEtcdBackend) -> None:
     """A None token writes when no state exists, and returns the new token."""
-    state, token, written = await backend.set_state(b"first")  # type: ignore[misc]
+    state, token, written = present(await backend.set_state(b"first"))
     assert (state, written) == (b"first", True)
     assert await backend.get_state() == (b"first", token)
 
 
 async def test_set_state_without_token_does_not_overwrite(backend: rdzv.AsyncEtcdBackend) -> None:
     """A None token never overwrites an existing state; the current one comes back."""
-    _, token, _ = await backend.set_state(b"first")  # type: ignore[misc]
+    _, token, _ = present(await backend.set_state(b"first"))
     assert await backend.set_state(b"second") == (b"first", token, False)
     assert await backend.get_state() == (b"first", token)
 
 
 async def test_set_state_with_current_token_writes(backend: rdzv.AsyncEtcdBackend) -> None:
     """The current token lets set_state write, and the token moves forward."""
-    _, token, _ = await backend.set_state(b"first")  # type: ignore[misc]
-    state, new_token, written = await backend.set_state(b"second", token)  # type: ignore[misc]
+    _, token, _ = present(await backend.set_state(b"first"))
+    state, new_token, written = present(await backend.set_state(b"second", token))
     assert (state, written) == (b"second", True)
     assert new_token > token
     assert await backend.get_state() == (b"second", new_token)
@@ -44,8 +45,8 @@ async def test_set_state_with_stale_token_returns_current_state(
     backend: rdzv.AsyncEtcdBackend,
 ) -> None:
     """A stale token does not write and returns the current state and token."""
-    _, stale, _ = await backend.set_state(b"first")  # type: ignore[misc]
-    _, current, _ = await backend.set_state(b"second", stale)  # type: ignore[misc]
+    _, stale, _ = present(await backend.set_state(b"first"))
+    _, current, _ = present(await backend.set_state(b"second", stale))
     assert await backend.set_state(b"third", stale) == (b"second", current, False)
     assert await backend.get_state() == (b"second", current)
 
@@ -63,7 +64,7 @@ async def test_set_state_with_invalid_token_does_not_write(
     backend: rdzv.AsyncEtcdBackend, token: object
 ) -> None:
     """A token that is not an etcd revision returns the current state and does not write."""
-    _, current, _ = await backend.set_state(b"first")  # type: ignore[misc]
+    _, current, _ = present(await backend.set_state(b"first"))
     assert await backend.set_state(b"second", token) == (b"first", current, False)
     assert await backend.get_state() == (b"first", current)
 
@@ -81,7 +82,7 @@ async def test_token_is_the_keys_mod_revision(
     backend: rdzv.AsyncEtcdBackend, raw_etcd: aetcd.Client, etcd_key_prefix: str
 ) -> None:
     """The token is the etcd mod_revision of the key f"{key_prefix}/{run_id}"."""
-    _, token, _ = await backend.set_state(b"state")  # type: ignore[misc]
+    _, token, _ = present(await backend.set_state(b"state"))
     assert backend.key == f"{etcd_key_prefix}/job"
     stored = await raw_etcd.get(backend.key.encode())
     assert stored is not None
@@ -107,7 +108,7 @@ async def test_backend_name_is_etcd_v3(backend: rdzv.AsyncEtcdBackend) -> None:
 async def test_state_of_one_mebibyte_round_trips(backend: rdzv.AsyncEtcdBackend) -> None:
     """A 1 MiB state is written and read back intact."""
     state = bytes(range(256)) * 4096
-    _, token, written = await backend.set_state(state)  # type: ignore[misc]
+    _, token, written = present(await backend.set_state(state))
     assert written
     assert await backend.get_state() == (state, token)
 
@@ -116,7 +117,7 @@ async def test_oversize_state_is_a_clear_error_and_writes_nothing(
     backend: rdzv.AsyncEtcdBackend,
 ) -> None:
     """A state larger than etcd accepts raises RendezvousStateTooLargeError; nothing changes."""
-    _, token, _ = await backend.set_state(b"small")  # type: ignore[misc]
+    _, token, _ = present(await backend.set_state(b"small"))
     for size in (int(1.7 * 2**20), 3 * 2**20):
         with pytest.raises(rdzv.RendezvousStateTooLargeError, match="Nothing was written"):
             await backend.set_state(b"x" * size, token)
@@ -126,5 +127,5 @@ async def test_oversize_state_is_a_clear_error_and_writes_nothing(
 async def test_non_bytes_state_is_rejected(backend: rdzv.AsyncEtcdBackend) -> None:
     """A state that is not bytes raises TypeError before anything is written."""
     with pytest.raises(TypeError, match="must be bytes"):
-        await backend.set_state("text")  # type: ignore[arg-type]
+        await backend.set_state("text")  # type: ignore[arg-type]  # the wrong type, on purpose
     assert await backend.get_state() is None

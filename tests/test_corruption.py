@@ -6,6 +6,7 @@ import aetcd
 import pytest
 
 import rdzv
+from support import present
 
 pytestmark = pytest.mark.anyio
 
@@ -50,7 +51,7 @@ async def test_stale_token_over_corrupt_value_raises(
     backend: rdzv.AsyncEtcdBackend, raw_etcd: aetcd.Client
 ) -> None:
     """set_state with a stale token raises rather than return the corrupt value."""
-    _, token, _ = await backend.set_state(b"first")  # type: ignore[misc]
+    _, token, _ = present(await backend.set_state(b"first"))
     await raw_etcd.put(backend.key.encode(), b"garbage")
     with pytest.raises(rdzv.RendezvousStateError, match="corrupt"):
         await backend.set_state(b"second", token)
@@ -64,6 +65,6 @@ async def test_corrupt_value_is_overwritten_with_its_token(
     with pytest.raises(rdzv.RendezvousStateError) as caught:
         await backend.get_state()
     assert caught.value.token is not None
-    _, token, written = await backend.set_state(b"fresh", caught.value.token)  # type: ignore[misc]
+    _, token, written = present(await backend.set_state(b"fresh", caught.value.token))
     assert written
     assert await backend.get_state() == (b"fresh", token)

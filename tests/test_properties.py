@@ -34,7 +34,7 @@ from hypothesis.stateful import (
 )
 
 import rdzv
-from support import RawEtcd
+from support import RawEtcd, present, torch_backend_of
 
 Tally = collections.Counter[str]
 
@@ -296,10 +296,14 @@ def test_backends_follow_the_model(
     etcd_endpoints: str, etcd_key_prefix: str, raw_etcd_sync: RawEtcd, tally: Tally
 ) -> None:
     """Interleaved reads, writes, raw writes, deletes and expiries match a simple model."""
-    run_state_machine_as_test(
-        lambda: RendezvousModel(etcd_endpoints, etcd_key_prefix, raw_etcd_sync, tally),
-        settings=_settings("model"),
-    )
+
+    class Model(RendezvousModel):
+        """The model on this test's etcd, key prefix and tally (Hypothesis wants a class)."""
+
+        def __init__(self) -> None:
+            super().__init__(etcd_endpoints, etcd_key_prefix, raw_etcd_sync, tally)
+
+    run_state_machine_as_test(Model, settings=_settings("model"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,7 +355,7 @@ async def _corrupt_async(
     backend: rdzv.AsyncEtcdBackend, raw: aetcd.Client, state: bytes, damage: Corruption
 ) -> tuple[int, int]:
     """Write `state`, then damage it raw; return the stale token and the corrupt revision."""
-    _, stale, _ = await backend.set_state(state)  # type: ignore[misc]
+    _, stale, _ = present(await backend.set_state(state))
     stored = await raw.get(backend.key.encode())
     assert stored is not None
     assert len(stored.value) == HEADER_SIZE + len(state)
@@ -363,7 +367,7 @@ def _corrupt_sync(
     backend: rdzv.EtcdBackend, raw: RawEtcd, state: bytes, damage: Corruption
 ) -> tuple[int, int]:
     """Write `state`, then damage it raw; return the stale token and the corrupt revision."""
-    _, stale, _ = backend.set_state(state)  # type: ignore[misc]
+    _, stale, _ = present(backend.set_state(state))
     stored = raw.get(backend.key.encode())
     assert stored is not None
     assert len(stored.value) == HEADER_SIZE + len(state)
@@ -432,11 +436,6 @@ def test_sync_facade_never_returns_a_corrupt_value(
     assert raw_etcd_sync.get(backend.key.encode()).mod_revision == corrupt
 
 
-def _close_handler(handler: Any) -> None:
-    """Close the rdzv connection under a torch handler (torch offers no public way to it)."""
-    handler._state_holder._backend.facade.close()
-
-
 @_settings("handler")
 @given(case=corrupted_states())
 def test_torch_handler_raises_on_a_corrupt_state(
@@ -477,7 +476,7 @@ def test_torch_handler_raises_on_a_corrupt_state(
             handler.next_rendezvous()
         tally["operations"] += 1
     finally:
-        _close_handler(handler)
+        torch_backend_of(handler).facade.close()
     assert time.monotonic() - started < join_timeout
     assert isinstance(caught.value.__cause__, rdzv.RendezvousStateError)
 
@@ -656,7 +655,7 @@ async def test_concurrent_tasks_lose_no_acknowledged_write(
 
     async with rdzv.connect(etcd_endpoints, read_timeout=READ_TIMEOUT) as connection:
         backend = rdzv.AsyncEtcdBackend(connection, run_id, key_prefix=etcd_key_prefix)
-        _, token, _ = await backend.set_state(b"[]")  # type: ignore[misc]
+        _, token, _ = present(await backend.set_state(b"[]"))
         with anyio.fail_after(WAIT):
             async with anyio.create_task_group() as tasks:
                 for writer in range(writers):
@@ -701,7 +700,7 @@ def test_concurrent_threads_lose_no_acknowledged_write(
             errors.append(error)
 
     try:
-        _, token, _ = facades[0].set_state(b"[]")  # type: ignore[misc]
+        _, token, _ = present(facades[0].set_state(b"[]"))
         threads = [threading.Thread(target=write, args=(writer,)) for writer in range(writers)]
         for thread in threads:
             thread.start()
@@ -770,7 +769,7 @@ def test_concurrent_processes_lose_no_acknowledged_write(
     with rdzv.EtcdBackend(
         etcd_endpoints, run_id, key_prefix=etcd_key_prefix, read_timeout=READ_TIMEOUT
     ) as backend:
-        _, token, _ = backend.set_state(b"[]")  # type: ignore[misc]
+        _, token, _ = present(backend.set_state(b"[]"))
         appenders: list[Appender] = []
         finished = False
         try:

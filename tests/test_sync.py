@@ -6,12 +6,12 @@ import gc
 import multiprocessing
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import pytest
 
 import rdzv
-from support import closed_port
+from support import closed_port, present
 
 
 def _new_threads_end(before: set[threading.Thread], timeout: float = 10) -> bool:
@@ -37,10 +37,10 @@ def facade(etcd_endpoints: str, etcd_key_prefix: str) -> Iterator[rdzv.EtcdBacke
 def test_facade_follows_the_contract(facade: rdzv.EtcdBackend) -> None:
     """Create, conflict and compare-and-swap behave as in the async core."""
     assert facade.get_state() is None
-    _, token, written = facade.set_state(b"one")  # type: ignore[misc]
+    _, token, written = present(facade.set_state(b"one"))
     assert written
     assert facade.set_state(b"two") == (b"one", token, False)
-    _, new_token, written = facade.set_state(b"two", token)  # type: ignore[misc]
+    _, new_token, written = present(facade.set_state(b"two", token))
     assert written
     assert facade.get_state() == (b"two", new_token)
 
@@ -52,14 +52,15 @@ def test_facade_is_named_etcd_v3(facade: rdzv.EtcdBackend) -> None:
 
 def test_watch_iterates_over_changes(facade: rdzv.EtcdBackend) -> None:
     """The blocking watch iterator yields a change made by another thread."""
-    _, token, _ = facade.set_state(b"zero")  # type: ignore[misc]
+    _, token, _ = present(facade.set_state(b"zero"))
     writer = threading.Timer(0.2, facade.set_state, (b"one", token))
     writer.start()
     changes = facade.watch(token)
+    assert isinstance(changes, Generator)  # typed as an Iterator; close() ends the watch
     try:
         state, new_token = next(changes)
     finally:
-        changes.close()  # type: ignore[attr-defined]
+        changes.close()
         writer.join()
     assert state == b"one"
     assert new_token > token
@@ -72,7 +73,7 @@ def test_many_threads_share_one_facade_without_losing_updates(facade: rdzv.EtcdB
 
     def increment() -> None:
         for _ in range(rounds):
-            state, token = facade.get_state()  # type: ignore[misc]
+            state, token = present(facade.get_state())
             while True:
                 result = facade.set_state(str(int(state) + 1).encode(), token)
                 assert result is not None
@@ -85,7 +86,7 @@ def test_many_threads_share_one_facade_without_losing_updates(facade: rdzv.EtcdB
         worker.start()
     for worker in workers:
         worker.join(timeout=60)
-    assert facade.get_state()[0] == str(threads * rounds).encode()  # type: ignore[index]
+    assert present(facade.get_state())[0] == str(threads * rounds).encode()
 
 
 def test_close_leaves_no_thread_behind(etcd_endpoints: str, etcd_key_prefix: str) -> None:
@@ -133,7 +134,10 @@ def test_bad_run_id_fails_before_a_thread_starts(etcd_endpoints: str) -> None:
 
 
 def _use_parent_facade_then_own(
-    parent: rdzv.EtcdBackend, endpoints: str, key_prefix: str, results: multiprocessing.Queue
+    parent: rdzv.EtcdBackend,
+    endpoints: str,
+    key_prefix: str,
+    results: multiprocessing.Queue[object],
 ) -> None:
     """In a forked child: the parent's facade refuses; a new facade works."""
     try:
@@ -142,7 +146,7 @@ def _use_parent_facade_then_own(
     except rdzv.RendezvousError as error:
         results.put(f"refused: {error}")
     with rdzv.EtcdBackend(endpoints, "job", key_prefix=key_prefix, read_timeout=10) as own:
-        results.put(own.set_state(b"from the child", own.get_state()[1]))  # type: ignore[index]
+        results.put(own.set_state(b"from the child", present(own.get_state())[1]))
 
 
 def test_forked_child_can_create_and_use_its_own_facade(
@@ -151,7 +155,7 @@ def test_forked_child_can_create_and_use_its_own_facade(
     """After fork(), the child makes a working facade and the parent's keeps working."""
     facade.set_state(b"from the parent")
     context = multiprocessing.get_context("fork")
-    results: multiprocessing.Queue = context.Queue()  # type: ignore[type-arg]
+    results: multiprocessing.Queue[object] = context.Queue()
     child = context.Process(
         target=_use_parent_facade_then_own, args=(facade, etcd_endpoints, etcd_key_prefix, results)
     )
@@ -159,8 +163,11 @@ def test_forked_child_can_create_and_use_its_own_facade(
     child.join(timeout=60)
     assert child.exitcode == 0
     refused = results.get(timeout=5)
+    assert isinstance(refused, str)
     assert refused.startswith("refused: ")
     assert "forked process" in refused
-    state, token, written = results.get(timeout=5)
+    written_by_child = results.get(timeout=5)
+    assert isinstance(written_by_child, tuple)
+    state, token, written = written_by_child
     assert (state, written) == (b"from the child", True)
     assert facade.get_state() == (b"from the child", token)

@@ -28,7 +28,7 @@ from rdzv.torch import (
     create_backend,
     create_handler,
 )
-from support import RawEtcd, closed_port
+from support import RawEtcd, closed_port, present, torch_backend_of
 
 CONNECTION_FAILED = r"^The connection to etcd has failed. See inner exception for details.$"
 
@@ -321,13 +321,14 @@ def test_get_waits_for_store_prefix_key(
     store.set_timeout(datetime.timedelta(seconds=30))
     backend.set_state(b"dummy_state")
     getting = threading.Event()
-    results: dict[str, object] = {}
+    values: dict[str, str] = {}
+    elapsed: list[float] = []
 
     def get() -> None:
         started = time.monotonic()
         getting.set()
-        results["value"] = store.get("MASTER_ADDR").decode()
-        results["elapsed"] = time.monotonic() - started
+        values["MASTER_ADDR"] = store.get("MASTER_ADDR").decode()
+        elapsed.append(time.monotonic() - started)
 
     def set_later() -> None:
         getting.wait(timeout=30)
@@ -339,8 +340,8 @@ def test_get_waits_for_store_prefix_key(
         thread.start()
     for thread in threads:
         thread.join(timeout=40)
-    assert results["value"] == "foo"
-    assert results["elapsed"] >= 2  # type: ignore[operator]
+    assert values == {"MASTER_ADDR": "foo"}
+    assert elapsed[0] >= 2
 
 
 # ----------------------------------------------------------------- more of create_backend
@@ -490,11 +491,9 @@ def test_entry_point_is_registered() -> None:
     assert "etcd-v3" in names
 
 
-def _close_handler(handler: DynamicRendezvousHandler) -> None:
+def _close_handler(handler: torch_api.RendezvousHandler) -> None:
     handler.shutdown()
-    backend = handler._state_holder._backend  # type: ignore[attr-defined]
-    assert isinstance(backend, TorchEtcdBackend)
-    backend.facade.close()
+    torch_backend_of(handler).facade.close()
 
 
 def test_torch_registry_creates_an_etcd_v3_handler(
@@ -508,7 +507,7 @@ def test_torch_registry_creates_an_etcd_v3_handler(
         assert isinstance(handler, DynamicRendezvousHandler)
         assert handler.get_backend() == "etcd-v3"
     finally:
-        _close_handler(handler)  # type: ignore[arg-type]
+        _close_handler(handler)
 
 
 @pytest.mark.slow
@@ -565,7 +564,7 @@ def test_state_key_file_signs_states_and_rejects_unsigned_ones(
     key_file.write_text("0123456789abcdef0123456789abcdef\n")
     signed, _ = make_backend(_params(etcd_endpoints, etcd_key_prefix, state_key_file=str(key_file)))
     unsigned, _ = make_backend(_params(etcd_endpoints, etcd_key_prefix))
-    _, token, written = signed.set_state(b"signed")  # type: ignore[misc]
+    _, token, written = present(signed.set_state(b"signed"))
     assert written
     assert signed.get_state() == (b"signed", token)
     unsigned.set_state(b"injected", token)

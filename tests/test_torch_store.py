@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -60,8 +60,8 @@ def store(request: pytest.FixtureRequest, etcd_store: EtcdStore) -> Store:
     return PrefixStore("view", etcd_store)
 
 
-def _later(delay: float, action: object, *args: object) -> threading.Timer:
-    timer = threading.Timer(delay, action, args)  # type: ignore[arg-type]
+def _later(delay: float, action: Callable[..., object], *args: object) -> threading.Timer:
+    timer = threading.Timer(delay, action, args)
     timer.start()
     return timer
 
@@ -114,7 +114,7 @@ def test_set_timeout_through_prefix_store_changes_our_wait(etcd_store: EtcdStore
     """A timeout set through a PrefixStore (in C++) is the one our store's get waits for."""
     view = PrefixStore("view", etcd_store)
     view.set_timeout(datetime.timedelta(seconds=1))
-    assert etcd_store.timeout == datetime.timedelta(seconds=1)  # type: ignore[attr-defined]
+    assert etcd_store.timeout == datetime.timedelta(seconds=1)  # type: ignore[attr-defined]  # not in the stub
     started = time.monotonic()
     with pytest.raises(dist.DistStoreError):
         etcd_store.get("missing")
@@ -275,7 +275,7 @@ def test_multi_get_waits_for_a_missing_key(store: Store) -> None:
 def test_append_creates_then_extends_the_value(store: Store) -> None:
     """append creates an absent key and appends to an existing one."""
     store.append("log", "ab")  # type: ignore[attr-defined]  # not in torch's stub
-    store.append("log", b"\x00c")  # type: ignore[attr-defined]
+    store.append("log", b"\x00c")  # type: ignore[attr-defined]  # not in torch's stub
     assert store.get("log") == b"ab\x00c"
 
 
