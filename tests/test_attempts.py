@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import socket
 import threading
@@ -115,13 +116,19 @@ async def test_watch_authenticates_again_after_an_etcd_restart(
 ) -> None:
     """After etcd restarts (its auth tokens gone), a watch re-authenticates and misses nothing."""
     key = f"/allowed{etcd_key_prefix}/watched".encode()
-    credentials = {"username": "alice", "password": auth_password, "read_timeout": 15}
-    async with rdzv.connect(auth_server.endpoint, **credentials) as watcher:  # type: ignore[arg-type]
+    credentials = functools.partial(
+        rdzv.connect,
+        auth_server.endpoint,
+        username="alice",
+        password=auth_password,
+        read_timeout=15,
+    )
+    async with credentials() as watcher:
         start = await watcher.put(key, b"before")
         changes = watcher.watch(key, start_revision=start + 1)
         try:
             auth_server.restart()
-            async with rdzv.connect(auth_server.endpoint, **credentials) as writer:  # type: ignore[arg-type]
+            async with credentials() as writer:
                 await writer.put(key, b"after")
             with anyio.fail_after(15):
                 event = await changes.__anext__()

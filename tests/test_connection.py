@@ -10,6 +10,7 @@ import pytest
 
 import rdzv
 from rdzv.testing import EtcdCluster, EtcdServer
+from support import present
 
 pytestmark = pytest.mark.anyio
 
@@ -58,7 +59,7 @@ async def test_dead_first_endpoint_fails_over_to_the_next(
     endpoints = f"127.0.0.1:{_closed_port()},{etcd_endpoints}"
     async with rdzv.connect(endpoints, read_timeout=10) as connection:
         backend = rdzv.AsyncEtcdBackend(connection, "job", key_prefix=etcd_key_prefix)
-        _, token, written = await backend.set_state(b"state")  # type: ignore[misc]
+        _, token, written = present(await backend.set_state(b"state"))
         assert written
         assert await backend.get_state() == (b"state", token)
 
@@ -80,7 +81,7 @@ async def test_one_connection_serves_many_backends(
     ]
     for i, backend in enumerate(backends):
         await backend.set_state(str(i).encode())
-    assert [(await b.get_state())[0] for b in backends] == [b"0", b"1", b"2", b"3", b"4"]  # type: ignore[index]
+    assert [present(await b.get_state())[0] for b in backends] == [b"0", b"1", b"2", b"3", b"4"]
 
 
 async def test_call_made_while_the_server_restarts_succeeds_once_it_is_back(
@@ -90,12 +91,12 @@ async def test_call_made_while_the_server_restarts_succeeds_once_it_is_back(
     with EtcdServer() as server:
         async with rdzv.connect(server.endpoint, read_timeout=20) as connection:
             backend = rdzv.AsyncEtcdBackend(connection, "job", key_prefix=etcd_key_prefix)
-            _, token, _ = await backend.set_state(b"before")  # type: ignore[misc]
+            _, token, _ = present(await backend.set_state(b"before"))
             await anyio.to_thread.run_sync(server.kill)
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(_restart_after, server, 1.0)
                 assert await backend.get_state() == (b"before", token)
-                assert (await backend.set_state(b"after", token))[2]  # type: ignore[index]
+                assert present(await backend.set_state(b"after", token))[2]
 
 
 async def _restart_after(server: EtcdServer, seconds: float) -> None:
@@ -109,7 +110,7 @@ async def test_writes_continue_after_the_leader_of_a_cluster_dies(
     """Killing the leader of a 3-member cluster only delays compare-and-swap writes."""
     async with rdzv.connect(etcd_cluster.endpoints, read_timeout=15) as connection:
         backend = rdzv.AsyncEtcdBackend(connection, "job", key_prefix=etcd_key_prefix)
-        _, token, _ = await backend.set_state(b"0")  # type: ignore[misc]
+        _, token, _ = present(await backend.set_state(b"0"))
         leader = await anyio.to_thread.run_sync(etcd_cluster.leader)
         await anyio.to_thread.run_sync(leader.kill)
         for value in range(1, 6):

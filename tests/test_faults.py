@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -19,6 +20,7 @@ import pytest
 
 import rdzv
 from rdzv.testing import EtcdCluster, EtcdServer
+from support import present
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -144,7 +146,7 @@ async def test_every_call_finishes_in_time_while_the_connected_member_is_frozen(
     endpoints = _endpoints_from(etcd_cluster, frozen)
     async with rdzv.connect(endpoints, read_timeout=read_timeout) as connection:
         backend = rdzv.AsyncEtcdBackend(connection, "job", key_prefix=etcd_key_prefix)
-        _, token, _ = await backend.set_state(b"0")  # type: ignore[misc]
+        _, token, _ = present(await backend.set_state(b"0"))
         await anyio.to_thread.run_sync(frozen.pause)
         tally["faults: member paused"] += 1
         durations: list[float] = []
@@ -160,9 +162,7 @@ async def test_every_call_finishes_in_time_while_the_connected_member_is_frozen(
             # The first call is a compare-and-swap sent to the frozen member: its answer never
             # comes, so the write's outcome is unknown until rdzv reads it from another member.
             for n in range(1, 6):
-                result = await timed(
-                    lambda n=n, token=token: backend.set_state(str(n).encode(), token)  # type: ignore[misc]
-                )
+                result = await timed(functools.partial(backend.set_state, str(n).encode(), token))
                 assert result is not None
                 state, token, written = result
                 assert written
@@ -192,11 +192,11 @@ async def test_state_survives_a_restart_and_the_same_connection_recovers(
     with EtcdServer() as server:
         async with rdzv.connect(server.endpoint, read_timeout=READ_TIMEOUT) as connection:
             backend = rdzv.AsyncEtcdBackend(connection, "job", key_prefix=etcd_key_prefix)
-            _, first, _ = await backend.set_state(b"0")  # type: ignore[misc]
+            _, first, _ = present(await backend.set_state(b"0"))
             acked = []
             token = first
             for n in range(1, 21):
-                _, token, written = await backend.set_state(str(n).encode(), token)  # type: ignore[misc]
+                _, token, written = present(await backend.set_state(str(n).encode(), token))
                 assert written
                 acked.append((str(n).encode(), token))
             if how == "crash":
@@ -228,7 +228,7 @@ async def test_total_outage_fails_in_time_then_the_same_connection_recovers(
     read_timeout = 3
     async with rdzv.connect(etcd_cluster.endpoints, read_timeout=read_timeout) as connection:
         backend = rdzv.AsyncEtcdBackend(connection, "job", key_prefix=etcd_key_prefix)
-        _, token, _ = await backend.set_state(b"before")  # type: ignore[misc]
+        _, token, _ = present(await backend.set_state(b"before"))
         for member in etcd_cluster.members:
             await anyio.to_thread.run_sync(member.kill)
         tally["faults: members killed"] += len(etcd_cluster.members)
@@ -246,7 +246,7 @@ async def test_total_outage_fails_in_time_then_the_same_connection_recovers(
         assert slowest < read_timeout + SLACK
 
         for member in etcd_cluster.members:
-            await anyio.to_thread.run_sync(lambda member=member: member.restart(wait=False))
+            await anyio.to_thread.run_sync(functools.partial(member.restart, wait=False))
         await anyio.to_thread.run_sync(etcd_cluster.wait_ready, 30)
         started = time.monotonic()
         assert await backend.get_state() == (b"before", token)
@@ -272,7 +272,7 @@ async def test_watch_misses_no_change_across_a_leader_change(
     ):
         watcher = rdzv.AsyncEtcdBackend(watching, "job", key_prefix=etcd_key_prefix)
         writer = rdzv.AsyncEtcdBackend(writing, "job", key_prefix=etcd_key_prefix)
-        _, token, _ = await writer.set_state(b"0")  # type: ignore[misc]
+        _, token, _ = present(await writer.set_state(b"0"))
         seen: list[tuple[bytes | None, int]] = []
         acked: list[tuple[bytes, int]] = []
         halfway = anyio.Event()
@@ -295,7 +295,7 @@ async def test_watch_misses_no_change_across_a_leader_change(
                         await anyio.to_thread.run_sync(leader.kill)
                         tally["faults: leader killed"] += 1
                     state = str(n).encode()
-                    _, token, written = await writer.set_state(state, token)  # type: ignore[misc]
+                    _, token, written = present(await writer.set_state(state, token))
                     assert written
                     acked.append((state, token))
     tally["operations"] += writes + 2
@@ -319,7 +319,7 @@ async def test_watch_on_a_frozen_member_moves_on_without_missing_a_change(
     ):
         watcher = rdzv.AsyncEtcdBackend(watching, "job", key_prefix=etcd_key_prefix)
         writer = rdzv.AsyncEtcdBackend(writing, "job", key_prefix=etcd_key_prefix)
-        _, token, _ = await writer.set_state(b"0")  # type: ignore[misc]
+        _, token, _ = present(await writer.set_state(b"0"))
         seen: list[tuple[bytes | None, int]] = []
         acked: list[tuple[bytes, int]] = []
         first, done = anyio.Event(), anyio.Event()
@@ -336,7 +336,7 @@ async def test_watch_on_a_frozen_member_moves_on_without_missing_a_change(
         try:
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(watch, token)
-                _, token, _ = await writer.set_state(b"1", token)  # type: ignore[misc]
+                _, token, _ = present(await writer.set_state(b"1", token))
                 acked.append((b"1", token))
                 with anyio.fail_after(READ_TIMEOUT):
                     await first.wait()
@@ -345,7 +345,7 @@ async def test_watch_on_a_frozen_member_moves_on_without_missing_a_change(
                 tally["faults: member paused"] += 1
                 for n in range(2, writes + 1):
                     state = str(n).encode()
-                    _, token, written = await writer.set_state(state, token)  # type: ignore[misc]
+                    _, token, written = present(await writer.set_state(state, token))
                     assert written
                     acked.append((state, token))
                 with anyio.move_on_after(bound - (time.monotonic() - paused_at)):

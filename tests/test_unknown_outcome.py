@@ -11,6 +11,7 @@ import pytest
 
 import rdzv
 from rdzv import _envelope
+from support import present
 
 pytestmark = pytest.mark.anyio
 
@@ -19,7 +20,7 @@ async def test_landed_write_is_reported_written(
     backend: rdzv.AsyncEtcdBackend, raw_etcd: aetcd.Client
 ) -> None:
     """If etcd holds exactly our value, the write landed: (state, its token, True)."""
-    _, token, _ = await backend.set_state(b"before")  # type: ignore[misc]
+    _, token, _ = present(await backend.set_state(b"before"))
     ours = _envelope.encode(b"ours", backend.key)
     await raw_etcd.put(backend.key.encode(), ours)
     landed = await raw_etcd.get(backend.key.encode())
@@ -32,7 +33,7 @@ async def test_landed_write_is_reported_written(
 
 async def test_untouched_key_means_retry(backend: rdzv.AsyncEtcdBackend) -> None:
     """If the key still has the token's revision, the write did not land: send it again."""
-    _, token, _ = await backend.set_state(b"before")  # type: ignore[misc]
+    _, token, _ = present(await backend.set_state(b"before"))
     ours = _envelope.encode(b"ours", backend.key)
     assert (
         await backend._resolve_unknown_outcome(b"ours", ours, token, backend.connection.deadline())
@@ -44,12 +45,12 @@ async def test_landed_then_overwritten_write_is_reported_written(
     backend: rdzv.AsyncEtcdBackend, raw_etcd: aetcd.Client
 ) -> None:
     """If our value was the first change after the token, it landed even if overwritten since."""
-    _, token, _ = await backend.set_state(b"before")  # type: ignore[misc]
+    _, token, _ = present(await backend.set_state(b"before"))
     ours = _envelope.encode(b"ours", backend.key)
     await raw_etcd.put(backend.key.encode(), ours)
     landed = await raw_etcd.get(backend.key.encode())
     assert landed is not None
-    _, later, _ = await backend.set_state(b"someone else's", landed.mod_revision)  # type: ignore[misc]
+    _, later, _ = present(await backend.set_state(b"someone else's", landed.mod_revision))
     resolved = await backend._resolve_unknown_outcome(
         b"ours", ours, token, backend.connection.deadline()
     )
@@ -59,8 +60,8 @@ async def test_landed_then_overwritten_write_is_reported_written(
 
 async def test_lost_race_is_reported_as_conflict(backend: rdzv.AsyncEtcdBackend) -> None:
     """If another write came first after the token, ours did not land: the current state."""
-    _, token, _ = await backend.set_state(b"before")  # type: ignore[misc]
-    _, theirs, _ = await backend.set_state(b"theirs", token)  # type: ignore[misc]
+    _, token, _ = present(await backend.set_state(b"before"))
+    _, theirs, _ = present(await backend.set_state(b"theirs", token))
     ours = _envelope.encode(b"ours", backend.key)
     assert await backend._resolve_unknown_outcome(
         b"ours", ours, token, backend.connection.deadline()
@@ -99,7 +100,7 @@ async def test_landed_then_deleted_write_is_reported_written(
     backend: rdzv.AsyncEtcdBackend, raw_etcd: aetcd.Client
 ) -> None:
     """If our value was the first change after the token and the key is gone now, it landed."""
-    _, token, _ = await backend.set_state(b"before")  # type: ignore[misc]
+    _, token, _ = present(await backend.set_state(b"before"))
     ours = _envelope.encode(b"ours", backend.key)
     await raw_etcd.put(backend.key.encode(), ours)
     landed = await raw_etcd.get(backend.key.encode())
@@ -115,7 +116,7 @@ async def test_resolution_that_runs_out_of_time_is_outcome_unknown(
     backend: rdzv.AsyncEtcdBackend,
 ) -> None:
     """A resolver with no time left says "may or may not have landed", never a guess."""
-    _, token, _ = await backend.set_state(b"before")  # type: ignore[misc]
+    _, token, _ = present(await backend.set_state(b"before"))
     ours = _envelope.encode(b"ours", backend.key)
     with pytest.raises(rdzv.RendezvousOutcomeUnknownError) as caught:
         await backend._resolve_unknown_outcome(b"ours", ours, token, 0.0)
