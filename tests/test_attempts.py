@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import anyio
 import pytest
+from anyio.from_thread import start_blocking_portal
 
 import rdzv
 from rdzv.testing import EtcdServer
@@ -244,3 +245,35 @@ async def test_reads_and_writes_authenticate_again_after_an_etcd_restart(
         auth_server.restart()
         state, _, written = present(await backend.set_state(b"after", token))
     assert (state, written) == (b"after", True)
+
+
+def _child_reports_grpc_unusable(endpoints: str) -> None:
+    """In a forked child: making a facade must raise the clear error, nothing worse."""
+    try:
+        rdzv.EtcdBackend(endpoints, "job", read_timeout=5).close()
+    except rdzv.RendezvousError as error:
+        raise SystemExit(4 if "forked while gRPC" in str(error) else 3) from None
+    raise SystemExit(0)
+
+
+@pytest.mark.slow
+def test_fork_while_grpc_stays_busy_gives_the_child_a_clear_error(
+    etcd_endpoints: str, etcd_key_prefix: str
+) -> None:
+    """If gRPC cannot go idle before a fork, the child gets a RendezvousError, not a crash."""
+    context = multiprocessing.get_context("fork")
+    with (
+        rdzv.EtcdBackend(etcd_endpoints, "job", key_prefix=etcd_key_prefix),
+        start_blocking_portal("asyncio") as portal,
+    ):
+        # A channel that is not rdzv's facade's keeps gRPC's poller thread alive.
+        other = portal.call(rdzv.connect(etcd_endpoints).__aenter__)
+        try:
+            child = context.Process(target=_child_reports_grpc_unusable, args=(etcd_endpoints,))
+            child.start()
+            child.join(30)
+            if child.exitcode is None:
+                child.kill()
+        finally:
+            portal.call(other.aclose)
+    assert child.exitcode == 4

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import anyio
@@ -10,23 +9,16 @@ import pytest
 
 import rdzv
 from rdzv.testing import EtcdCluster, EtcdServer
-from support import present
+from support import closed_port, present
 
 pytestmark = pytest.mark.anyio
-
-
-def _closed_port() -> int:
-    """A loopback port with nothing listening on it."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def test_unreachable_endpoint_fails_within_read_timeout() -> None:
     """Opening a connection to a dead endpoint raises RendezvousConnectionError in time."""
     started = time.monotonic()
     with pytest.raises(rdzv.RendezvousConnectionError) as caught:
-        async with rdzv.connect(f"127.0.0.1:{_closed_port()}", read_timeout=1.5):
+        async with rdzv.connect(f"127.0.0.1:{closed_port()}", read_timeout=1.5):
             pass
     assert time.monotonic() - started < 1.5 + 1.0
     assert str(caught.value) == (
@@ -39,7 +31,7 @@ async def test_backend_call_on_unreachable_endpoint_fails_within_read_timeout(
     etcd_key_prefix: str,
 ) -> None:
     """get_state against a dead endpoint raises RendezvousConnectionError instead of hanging."""
-    connection = rdzv.connect(f"127.0.0.1:{_closed_port()}", read_timeout=1)
+    connection = rdzv.connect(f"127.0.0.1:{closed_port()}", read_timeout=1)
     backend = rdzv.AsyncEtcdBackend(connection, "job", key_prefix=etcd_key_prefix)
     started = time.monotonic()
     try:
@@ -56,7 +48,7 @@ async def test_dead_first_endpoint_fails_over_to_the_next(
     etcd_endpoints: str, etcd_key_prefix: str
 ) -> None:
     """With a dead endpoint listed first, calls succeed on the live one."""
-    endpoints = f"127.0.0.1:{_closed_port()},{etcd_endpoints}"
+    endpoints = f"127.0.0.1:{closed_port()},{etcd_endpoints}"
     async with rdzv.connect(endpoints, read_timeout=10) as connection:
         backend = rdzv.AsyncEtcdBackend(connection, "job", key_prefix=etcd_key_prefix)
         _, token, written = present(await backend.set_state(b"state"))

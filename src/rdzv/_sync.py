@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import gc
 import os
 import threading
-import time
 import weakref
 from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Any, TypeVar
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
+from rdzv import _fork
 from rdzv._backend import (
     DEFAULT_KEY_PREFIX,
     DEFAULT_TTL,
@@ -36,8 +35,6 @@ from rdzv._etcd import Connection
 T = TypeVar("T")
 
 _THREAD_NAME = "rdzv-event-loop"
-_GRPC_POLLER = "_poll_wrapper"
-_GRPC_IDLE_TIMEOUT = 2.0
 
 _open_loops: weakref.WeakSet[LoopThread] = weakref.WeakSet()
 
@@ -49,31 +46,12 @@ def _close_open_loops() -> None:
         loop.close()
 
 
-def _suspend_open_loops() -> None:
+def _suspend_open_loops() -> bool:
     """Before fork(): no gRPC channel may be live, or the child cannot use gRPC at all."""
     loops = list(_open_loops)
     for loop in loops:
         loop.suspend()
-    if loops:
-        _wait_for_grpc_to_go_idle()
-
-
-def _wait_for_grpc_to_go_idle() -> None:
-    """Wait (briefly) until grpc.aio's poller thread has ended.
-
-    grpc.aio polls its completion queue on a thread of its own while any channel object
-    exists. A fork while that thread is inside gRPC skips gRPC's own fork handlers ("Other
-    threads are currently calling into gRPC"), and the child crashes or hangs in gRPC's poller
-    (`ev_epoll1_linux.cc ... Check failed`). With every channel closed and collected, the
-    thread ends. It is recognised by its target's name, `_poll_wrapper` (grpcio 1.60-1.85); if
-    a grpcio names it otherwise, this waits for nothing.
-    """
-    deadline = time.monotonic() + _GRPC_IDLE_TIMEOUT
-    while time.monotonic() < deadline:
-        gc.collect()
-        if not any(_GRPC_POLLER in thread.name for thread in threading.enumerate()):
-            return
-        time.sleep(0.01)
+    return bool(loops)
 
 
 def _resume_open_loops() -> None:
@@ -81,7 +59,7 @@ def _resume_open_loops() -> None:
         loop.resume()
 
 
-os.register_at_fork(before=_suspend_open_loops, after_in_parent=_resume_open_loops)
+_fork.on_fork(before=_suspend_open_loops, after_in_parent=_resume_open_loops)
 
 
 async def _next(changes: AsyncGenerator[T, None]) -> T:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
 
+import anyio
 import grpc
 import grpc.aio
 
@@ -28,11 +29,13 @@ from rdzv._errors import (
     RendezvousError,
     RendezvousOutcomeUnknownError,
 )
-from rdzv._etcd._classify import Fields, Kind, classify, fields, translate
+from rdzv._etcd._classify import Fields, Kind, classify, fields, synthetic, translate
 from rdzv._etcd._links import ForeignCluster, Link, Links
 
 T = TypeVar("T")
 
+# How long past its own timeout a call may take before rdzv stops waiting for gRPC to end it.
+_GUARD_SECONDS: Final = 1.0
 INITIAL_BACKOFF: Final = 0.025
 MAX_BACKOFF: Final = 0.5
 
@@ -150,7 +153,15 @@ class _Attempts:
                 self._links.fail_over(link)
                 raise _Again(pause=True)
             self._sent = True
-            return await send(link, timeout)
+            try:
+                # gRPC enforces `timeout` itself; this only bounds a call whose gRPC is wedged
+                # (its completions never delivered, as after a fork that went wrong).
+                with anyio.fail_after(timeout + _GUARD_SECONDS):
+                    return await send(link, timeout)
+            except TimeoutError:
+                raise synthetic(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, "gRPC did not end the call in time"
+                ) from None
 
     async def after(self, link: Link, error: Exception) -> bool:
         """Raise if `error` ends the call; else whether to back off before the next attempt."""

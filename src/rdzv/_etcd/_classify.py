@@ -75,6 +75,24 @@ def classify(error: grpc.aio.AioRpcError) -> Kind:
     return Kind.FINAL
 
 
+def synthetic(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    """A gRPC error for a failure that gRPC did not report (a stream's end, no answer in time)."""
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+def is_auth_refusal(reason: str) -> bool:
+    """Whether etcd cancelled a watch for its credentials (the reason is all it gives).
+
+    etcd 3.5 says "permission denied" both for a user without permission and for a token it
+    no longer knows; etcd 3.4 says "invalid auth token" (code Unauthenticated) for the latter.
+    """
+    lowered = reason.lower()
+    return any(
+        marker in lowered
+        for marker in ("permission denied", "invalid auth token", "unauthenticated")
+    )
+
+
 def is_too_large(error: grpc.aio.AioRpcError) -> bool:
     """Whether etcd (or gRPC) refused a request for its size."""
     code, details = error.code(), error.details()

@@ -22,7 +22,7 @@ from rdzv._errors import (
     RendezvousWatchCompactedError,
 )
 from rdzv._etcd._attempts import Refused, drive
-from rdzv._etcd._classify import Kind, classify, translate
+from rdzv._etcd._classify import Kind, classify, is_auth_refusal, synthetic, translate
 from rdzv._etcd._endpoints import Endpoint, resolve_endpoints
 from rdzv._etcd._links import Link, Links
 from rdzv._etcd._tls import channel_credentials
@@ -60,11 +60,6 @@ async def _finish(call: Any) -> None:
     call.cancel()
     with contextlib.suppress(Exception):
         await asyncio.wait_for(asyncio.shield(call.code()), _FINISH_TIMEOUT)
-
-
-def _broken(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
-    """A gRPC error for a stream that ended without one (EOF, no answer in time)."""
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
 
 
 def _validate_max_in_flight(max_in_flight: object) -> int:
@@ -363,15 +358,15 @@ class Connection:
             try:
                 response = await asyncio.wait_for(call.read(), timeout)
             except asyncio.TimeoutError:
-                raise _broken(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer to a watch") from None
+                raise synthetic(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer to a watch") from None
             if response is grpc.aio.EOF:
-                raise _broken(grpc.StatusCode.UNAVAILABLE, "the watch stream ended")
+                raise synthetic(grpc.StatusCode.UNAVAILABLE, "the watch stream ended")
             self._links.verify(link, response.header)
             if response.compact_revision:
                 raise _compacted(key, start_revision, response)
             if response.canceled:
                 reason = str(response.cancel_reason)
-                raise Refused(reason, auth="permission denied" in reason.lower())
+                raise Refused(reason, auth=is_auth_refusal(reason))
         except BaseException:
             await _finish(call)
             raise

@@ -22,6 +22,7 @@ import grpc
 import grpc.aio
 from aetcd import rpc
 
+from rdzv import _fork
 from rdzv._errors import (
     RendezvousAuthError,
     RendezvousConnectionError,
@@ -136,6 +137,7 @@ class Links:
                 )
         self.check_open()
         if self._link is None:
+            _fork.check_grpc_usable()
             endpoint = self.endpoints[self._index]
             target = str(endpoint)
             if self._credentials is None:
