@@ -39,6 +39,7 @@ def own_server() -> Iterator[EtcdServer]:
         yield server
 
 
+@pytest.mark.slow
 async def test_connect_to_a_silent_endpoint_keeps_its_bound(black_hole: str) -> None:
     """Opening a connection to an endpoint that never answers fails within read_timeout."""
     started = time.monotonic()
@@ -48,6 +49,7 @@ async def test_connect_to_a_silent_endpoint_keeps_its_bound(black_hole: str) -> 
     assert time.monotonic() - started < 1.5 + MARGIN
 
 
+@pytest.mark.slow
 async def test_set_state_on_a_frozen_server_keeps_its_bound(
     own_server: EtcdServer, etcd_key_prefix: str
 ) -> None:
@@ -67,6 +69,7 @@ async def test_set_state_on_a_frozen_server_keeps_its_bound(
     assert caught.value.key == backend.key
 
 
+@pytest.mark.slow
 async def test_call_waiting_on_a_channel_closed_by_failover_moves_on(
     black_hole: str, etcd_endpoints: str, etcd_key_prefix: str
 ) -> None:
@@ -112,6 +115,7 @@ async def test_unauthorized_watch_fails_fast(auth_server: EtcdServer, auth_passw
     assert caught.value.endpoint == auth_server.endpoint
 
 
+@pytest.mark.slow
 async def test_watch_authenticates_again_after_an_etcd_restart(
     auth_server: EtcdServer, auth_password: str, etcd_key_prefix: str
 ) -> None:
@@ -172,6 +176,7 @@ def _child_uses_its_own_facade(endpoints: str, key_prefix: str) -> None:
     raise SystemExit(0 if result is not None and result[0] == b"state" else 3)
 
 
+@pytest.mark.slow
 def test_fork_while_the_facade_is_busy(etcd_endpoints: str, etcd_key_prefix: str) -> None:
     """Forking while calls are in flight: children work, and every parent call completes."""
     context = multiprocessing.get_context("fork")
@@ -211,6 +216,7 @@ def test_fork_while_the_facade_is_busy(etcd_endpoints: str, etcd_key_prefix: str
     assert len(outcomes) > 5
 
 
+@pytest.mark.slow
 async def test_a_member_of_another_cluster_is_never_used(
     own_server: EtcdServer, etcd_endpoints: str, etcd_key_prefix: str
 ) -> None:
@@ -231,6 +237,7 @@ async def test_a_member_of_another_cluster_is_never_used(
         assert await backend.get_state() is None
 
 
+@pytest.mark.slow
 async def test_reads_and_writes_authenticate_again_after_an_etcd_restart(
     auth_server: EtcdServer, auth_password: str, etcd_key_prefix: str
 ) -> None:

@@ -14,6 +14,7 @@ from support import closed_port, present
 pytestmark = pytest.mark.anyio
 
 
+@pytest.mark.slow
 async def test_unreachable_endpoint_fails_within_read_timeout() -> None:
     """Opening a connection to a dead endpoint raises RendezvousConnectionError in time."""
     started = time.monotonic()
@@ -27,6 +28,7 @@ async def test_unreachable_endpoint_fails_within_read_timeout() -> None:
     assert caught.value.__cause__ is not None
 
 
+@pytest.mark.slow
 async def test_backend_call_on_unreachable_endpoint_fails_within_read_timeout(
     etcd_key_prefix: str,
 ) -> None:
@@ -76,6 +78,7 @@ async def test_one_connection_serves_many_backends(
     assert [present(await b.get_state())[0] for b in backends] == [b"0", b"1", b"2", b"3", b"4"]
 
 
+@pytest.mark.slow
 async def test_call_made_while_the_server_restarts_succeeds_once_it_is_back(
     etcd_key_prefix: str,
 ) -> None:
@@ -96,6 +99,7 @@ async def _restart_after(server: EtcdServer, seconds: float) -> None:
     await anyio.to_thread.run_sync(server.restart)
 
 
+@pytest.mark.slow
 async def test_writes_continue_after_the_leader_of_a_cluster_dies(
     etcd_cluster: EtcdCluster, etcd_key_prefix: str
 ) -> None:

@@ -50,6 +50,7 @@ def their_store(connection: rdzv.Connection, etcd_key_prefix: str) -> rdzv.Async
     return rdzv.AsyncEtcdStore(connection, prefix=f"{etcd_key_prefix}/store/")
 
 
+@pytest.mark.slow
 async def test_set_state_whose_answer_is_lost_is_reported_written(
     through_proxy: rdzv.Connection,
     connection: rdzv.Connection,
@@ -80,6 +81,7 @@ async def test_set_state_whose_request_lands_late_is_reported_written(
     assert new_token > token
 
 
+@pytest.mark.slow
 async def test_store_add_whose_request_is_lost_after_others_added(
     our_store: rdzv.AsyncEtcdStore,
     their_store: rdzv.AsyncEtcdStore,
@@ -94,6 +96,7 @@ async def test_store_add_whose_request_is_lost_after_others_added(
     assert await theirs.get("counter", timeout=5) == b"3"
 
 
+@pytest.mark.slow
 async def test_store_add_whose_answer_is_lost_is_applied_once(
     our_store: rdzv.AsyncEtcdStore,
     their_store: rdzv.AsyncEtcdStore,
@@ -108,6 +111,7 @@ async def test_store_add_whose_answer_is_lost_is_applied_once(
     assert await theirs.get("counter", timeout=5) == b"15"
 
 
+@pytest.mark.slow
 async def test_call_queued_on_a_replaced_channel_is_sent_on_the_new_one(
     proxy: FaultProxy, etcd_endpoints: str, etcd_key_prefix: str
 ) -> None:

@@ -93,6 +93,7 @@ async def test_traffic_passes_unchanged_without_faults(
     assert (proxy.connections_accepted, proxy.connections_open) == (1, 1)
 
 
+@pytest.mark.slow
 async def test_held_responses_fail_the_call_while_the_write_lands(
     proxy: FaultProxy, proxied: rdzv.AsyncEtcdBackend, direct: rdzv.AsyncEtcdBackend
 ) -> None:
@@ -135,6 +136,7 @@ async def test_answer_held_then_cut_is_lost_although_the_write_landed(
     assert results == [(b"two", stored[1], True)]
 
 
+@pytest.mark.slow
 async def test_held_requests_released_later_land_late(
     proxy: FaultProxy, proxied: rdzv.AsyncEtcdBackend, direct: rdzv.AsyncEtcdBackend
 ) -> None:
@@ -180,6 +182,7 @@ async def test_release_forwards_held_requests_in_time_for_the_call(
         await proxy.wait_for_async(lambda: proxy.held() == 0, timeout=WAIT)
 
 
+@pytest.mark.slow
 async def test_dropped_requests_vanish_while_the_connection_stays_open(
     proxy: FaultProxy, proxied: rdzv.AsyncEtcdBackend, direct: rdzv.AsyncEtcdBackend
 ) -> None:
@@ -195,6 +198,7 @@ async def test_dropped_requests_vanish_while_the_connection_stays_open(
     assert await _stored(direct) == b"one"
 
 
+@pytest.mark.slow
 async def test_drop_discards_what_was_held(
     proxy: FaultProxy, proxied: rdzv.AsyncEtcdBackend, direct: rdzv.AsyncEtcdBackend
 ) -> None:
@@ -242,6 +246,7 @@ async def test_cut_resets_every_connection_and_the_client_reconnects(
     assert (proxy.connections_accepted, proxy.connections_open) == (2, 1)
 
 
+@pytest.mark.slow
 async def test_refused_connections_fail_calls_until_allowed_again(
     proxy: FaultProxy, proxied: rdzv.AsyncEtcdBackend, etcd_key_prefix: str
 ) -> None:
