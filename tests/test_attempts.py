@@ -224,7 +224,7 @@ async def test_a_member_of_another_cluster_is_never_used(
     async with rdzv.connect(etcd_endpoints, read_timeout=5) as other:
         await rdzv.AsyncEtcdBackend(other, "job", key_prefix=etcd_key_prefix).set_state(b"theirs")
     endpoints = f"{own_server.endpoint},{etcd_endpoints}"
-    async with rdzv.connect(endpoints, read_timeout=2) as connection:
+    async with rdzv.connect(endpoints, read_timeout=4) as connection:
         backend = rdzv.AsyncEtcdBackend(connection, "job", key_prefix=etcd_key_prefix)
         assert await backend.get_state() is None
         own_server.kill()
