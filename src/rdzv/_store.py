@@ -259,7 +259,9 @@ class AsyncEtcdStore:
         # looked for in the marker's history (see `_landed_since`).
         key_bytes = self._key(key)
         operations: list[Operation] = [Get(key_bytes, count_only=True), Delete(key_bytes)]
-        result = await self._retrying(lambda: self._connection.txn([], operations))
+        result = await self._retrying(
+            lambda deadline: self._connection.txn([], operations, deadline=deadline)
+        )
         return result.counts[0] > 0
 
     # -------------------------------------------------------------------------------- reads
@@ -306,7 +308,9 @@ class AsyncEtcdStore:
         """Return the number of keys in the store (the etcd keys under its prefix, but markers)."""
         counts = [Get(self._prefix_bytes, prefix=True, count_only=True)]
         counts.append(Get(self._markers, prefix=True, count_only=True))
-        result = await self._retrying(lambda: self._connection.txn([], counts))
+        result = await self._retrying(
+            lambda deadline: self._connection.txn([], counts, deadline=deadline)
+        )
         return result.counts[0] - result.counts[1]
 
     # ---------------------------------------------------------------------------- internals
@@ -319,7 +323,7 @@ class AsyncEtcdStore:
         return (self._prefix + key).encode()
 
     def _marker(self, key: bytes) -> bytes:
-        """Where the write id of the last add/append to `key` is kept."""
+        """Where the write id of the last add, append or compare_set of `key` is kept."""
         return self._markers + key[len(self._prefix_bytes) :]
 
     def _names(self, keys: Sequence[str]) -> dict[bytes, str]:
@@ -328,22 +332,29 @@ class AsyncEtcdStore:
             raise TypeError(f"Expected a sequence of store keys, not the single str {keys!r}.")
         return {self._key(key): key for key in keys}
 
-    async def _retrying(self, attempt: Callable[[], Awaitable[TxnResult]]) -> TxnResult:
-        """Run a transaction that may run twice, again while its outcome is unknown."""
+    async def _retrying(self, attempt: Callable[[float], Awaitable[TxnResult]]) -> TxnResult:
+        """Run `attempt(deadline)` again while its outcome is unknown, all in one read timeout.
+
+        For transactions that may run twice: reads, and unconditional writes of the same values.
+        """
         deadline = self._connection.deadline()
         while True:
             try:
-                return await attempt()
+                return await attempt(deadline)
             except RendezvousOutcomeUnknownError:
                 if time.monotonic() >= deadline:
                     raise
 
     async def _put_all(self, items: Sequence[tuple[bytes, bytes]]) -> None:
-        async def write(lease: int) -> TxnResult:
-            return await self._connection.txn([], [Put(key, value, lease) for key, value in items])
+        async def put_all(deadline: float) -> TxnResult:
+            async def write(lease: int) -> TxnResult:
+                puts = [Put(key, value, lease) for key, value in items]
+                return await self._connection.txn([], puts, deadline=deadline)
+
+            return await self._lease.run(write, deadline=deadline)
 
         # Unconditional writes of the same values: landing twice is landing once.
-        await self._retrying(lambda: self._lease.run(write))
+        await self._retrying(put_all)
 
     async def _write_if(
         self, condition: Compare, key: bytes, value: bytes, write_id: bytes, deadline: float
@@ -399,7 +410,9 @@ class AsyncEtcdStore:
             kvs, revision = await self._connection.range(next(iter(keys)))
         elif len(keys) <= _MAX_TXN_OPS:
             gets = [Get(key) for key in keys]
-            result = await self._retrying(lambda: self._connection.txn([], gets))
+            result = await self._retrying(
+                lambda deadline: self._connection.txn([], gets, deadline=deadline)
+            )
             kvs = tuple(kv for found in result.ranges for kv in found)
             revision = result.revision
         else:
