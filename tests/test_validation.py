@@ -410,3 +410,10 @@ def _cli(*arguments: str) -> Result:
         name: None for name in ("RDZV_ENDPOINTS", "ETCDCTL_ENDPOINTS", "RDZV_PROTOCOL")
     }
     return CliRunner().invoke(main, list(arguments), env=unset, catch_exceptions=False)
+
+
+@pytest.mark.parametrize("bound", [0, -1, 1.5, True, "10"])
+def test_bad_max_in_flight_is_rejected(bound: object) -> None:
+    """A bound on requests in flight that is not a positive int is a ValueError naming it."""
+    with pytest.raises(ValueError, match="max_in_flight"):
+        rdzv.connect("127.0.0.1:2379", max_in_flight=bound)  # type: ignore[arg-type]
