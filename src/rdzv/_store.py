@@ -229,7 +229,9 @@ class AsyncEtcdStore:
                 lost_after = floor if lost_after is None else lost_after
                 if await self._landed_since(key, write_id, lost_after, deadline):
                     return desired
-                found = await self._resolving(key, self._connection.get(key_bytes))
+                found = await self._resolving(
+                    key, self._connection.get(key_bytes, deadline=deadline)
+                )
                 if _holds(found, expected, empty_at):
                     continue  # not landed (yet): send the same write again
             else:

@@ -162,11 +162,6 @@ class Links:
         if self._closed:
             raise RendezvousError("This etcd connection is closed.")
 
-    @property
-    def suspended(self) -> bool:
-        """Whether calls are held for a fork (see `suspend`)."""
-        return not self._resumed.is_set()
-
     def fail_over(self, link: Link) -> None:
         """Move to the next endpoint after `link` failed (unless another call already moved)."""
         if self._link is not link or len(self.endpoints) == 1:
