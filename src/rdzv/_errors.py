@@ -15,6 +15,8 @@ that handles an error never needs to read its message.
     ├── RendezvousCompactedError           etcd no longer holds the revisions asked for
     │   └── RendezvousWatchCompactedError
     ├── RendezvousLeaseNotFoundError       a write named a lease etcd no longer has
+    ├── RendezvousClosedError              the rendezvous is closed: nobody can join it any more
+    ├── RendezvousTimeoutError             (also a TimeoutError) a join did not complete in time
     └── StoreTimeoutError                  (also a TimeoutError) store keys did not appear in time
 """
 
@@ -129,6 +131,36 @@ class RendezvousLeaseNotFoundError(RendezvousError):
     Nothing was written. rdzv's backends and stores take a new lease and write again on their
     own; this error reaches callers of the low-level `Connection` only.
     """
+
+
+class RendezvousClosedError(RendezvousError):
+    """The rendezvous was closed (`AsyncRendezvous.close`): nobody can join it any more.
+
+    Attributes:
+        run_id: the closed rendezvous's run id.
+    """
+
+    def __init__(self, message: str, *, run_id: str, **fields: str | None) -> None:
+        super().__init__(message, **fields)
+        self.run_id = run_id
+
+
+class RendezvousTimeoutError(RendezvousError, TimeoutError):
+    """A join did not complete a round within its `join_timeout`; the node left the round.
+
+    Attributes:
+        run_id: the rendezvous's run id.
+        round: the round the node was waiting in.
+        timeout: the join timeout, in seconds.
+    """
+
+    def __init__(
+        self, message: str, *, run_id: str, round: int, timeout: float, **fields: str | None
+    ) -> None:
+        super().__init__(message, **fields)
+        self.run_id = run_id
+        self.round = round
+        self.timeout = timeout
 
 
 class StoreTimeoutError(RendezvousError, TimeoutError):

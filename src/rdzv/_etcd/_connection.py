@@ -312,7 +312,13 @@ class Connection:
             int(op.response_range.count) if op.WhichOneof("response") == "response_range" else 0
             for op in response.responses
         )
-        return TxnResult(bool(response.succeeded), int(response.header.revision), ranges, counts)
+        nested = tuple(
+            op.WhichOneof("response") == "response_txn" and bool(op.response_txn.succeeded)
+            for op in response.responses
+        )
+        return TxnResult(
+            bool(response.succeeded), int(response.header.revision), ranges, counts, nested
+        )
 
     async def watch(
         self, key: bytes, *, start_revision: int, prefix: bool = False

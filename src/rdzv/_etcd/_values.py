@@ -33,6 +33,8 @@ class Compare:
     target: Literal["mod_revision", "create_revision", "version", "value"]
     op: Literal["==", "!=", "<", ">"]
     operand: int | bytes
+    range_end: bytes = b""
+    """With a range end, the condition must hold for every key in [key, range_end)."""
 
     @classmethod
     def mod_revision_is(cls, key: bytes, revision: int) -> Compare:
@@ -48,6 +50,15 @@ class Compare:
     def value_is(cls, key: bytes, value: bytes) -> Compare:
         """The key exists and holds `value`."""
         return cls(key, "value", "==", value)
+
+    @classmethod
+    def prefix_empty(cls, prefix: bytes) -> Compare:
+        """No key starts with `prefix`.
+
+        etcd compares an empty range as one absent key (create revision 0), and every existing
+        key has a create revision above 0: so the condition holds exactly when none exists.
+        """
+        return cls(prefix, "create_revision", "==", 0, range_end=prefix_end(prefix))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +87,20 @@ class Delete:
     prefix: bool = False
 
 
-Operation = Put | Get | Delete
+@dataclasses.dataclass(frozen=True)
+class Nested:
+    """A transaction inside a transaction: if every `compare` holds, `success`, else `failure`.
+
+    It lets one round trip do a conditional write that the outer conditions do not decide,
+    such as "join, and take the coordinator's key if nobody holds it".
+    """
+
+    compare: tuple[Compare, ...]
+    success: tuple[Put | Get | Delete, ...]
+    failure: tuple[Put | Get | Delete, ...] = ()
+
+
+Operation = Put | Get | Delete | Nested
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +117,8 @@ class TxnResult:
     revision: int
     ranges: tuple[tuple[KeyValue, ...], ...]
     counts: tuple[int, ...] = ()
+    nested: tuple[bool, ...] = ()
+    """For each operation, whether it is a `Nested` transaction whose conditions held."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +165,7 @@ def txn_request(
 
 def _fill_compare(message: Any, compare: Compare) -> None:
     message.key = compare.key
+    message.range_end = compare.range_end
     message.result = _COMPARE_OPS[compare.op]
     if compare.target == "value":
         message.target = rpc.Compare.VALUE
@@ -170,6 +197,16 @@ def _fill_operation(message: Any, operation: Operation) -> None:
     elif isinstance(operation, Get):
         fill_range(message.request_range, operation.key, prefix=operation.prefix)
         message.request_range.count_only = operation.count_only
+    elif isinstance(operation, Nested):
+        nested = message.request_txn
+        for condition in operation.compare:
+            _fill_compare(nested.compare.add(), condition)
+        for branch, operations in (
+            (nested.success, operation.success),
+            (nested.failure, operation.failure),
+        ):
+            for inner in operations:
+                _fill_operation(branch.add(), inner)
     else:
         message.request_delete_range.key = operation.key
         if operation.prefix:
