@@ -11,6 +11,7 @@ This package replaces those pieces, one module a job:
 - `_tls`: channel credentials and recognising TLS misconfiguration;
 - `_links`: the channel to the current endpoint, failover, authentication, suspension;
 - `_attempts`: the attempt driver, the one place that retries;
+- `_keepalive`: lease keep-alives, all of a connection's leases on one stream;
 - `_connection`: the `Connection` and its calls.
 
 aetcd and grpc.aio are asyncio-only, so this package and everything above it runs on asyncio.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 from rdzv._etcd._connection import DEFAULT_MAX_IN_FLIGHT, Connection, connect
 from rdzv._etcd._endpoints import DEFAULT_PORT, Endpoint, parse_endpoints
+from rdzv._etcd._keepalive import LeaseKeeper
 from rdzv._etcd._values import (
     Compare,
     Delete,
@@ -42,6 +44,7 @@ __all__ = [
     "Endpoint",
     "Get",
     "KeyValue",
+    "LeaseKeeper",
     "Nested",
     "Operation",
     "Put",

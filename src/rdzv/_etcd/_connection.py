@@ -19,11 +19,13 @@ from aetcd import rpc
 from rdzv._errors import (
     CONNECTION_FAILED_MESSAGE,
     RendezvousConnectionError,
+    RendezvousLeaseNotFoundError,
     RendezvousWatchCompactedError,
 )
 from rdzv._etcd._attempts import Refused, drive
 from rdzv._etcd._classify import Kind, classify, is_auth_refusal, synthetic, translate
 from rdzv._etcd._endpoints import Endpoint, resolve_endpoints
+from rdzv._etcd._keepalive import KeepAlive, LeaseKeeper
 from rdzv._etcd._links import Link, Links
 from rdzv._etcd._tls import channel_credentials
 from rdzv._etcd._values import (
@@ -131,6 +133,7 @@ class Connection:
             read_timeout=self._read_timeout,
             max_in_flight=_validate_max_in_flight(max_in_flight),
         )
+        self._keepalive = KeepAlive(self._links, read_timeout=self._read_timeout, finish=_finish)
 
     def __repr__(self) -> str:
         endpoints = ",".join(map(str, self._endpoints))
@@ -160,19 +163,23 @@ class Connection:
 
     async def aclose(self) -> None:
         """Close the channel; calls in progress fail with `RendezvousError`. Harmless twice."""
+        await self._keepalive.aclose()
         await self._links.aclose()
 
     async def suspend(self) -> None:
         """Close the channel and hold new calls until `resume()` (before a fork).
 
         Calls in progress end on the closed channel and are retried, or for a write resolved,
-        once the connection resumes, within their own read timeout.
+        once the connection resumes, within their own read timeout. Kept leases are refreshed
+        again after `resume()`.
         """
+        await self._keepalive.suspend()
         await self._links.suspend()
 
     def resume(self) -> None:
         """Let calls held by `suspend()` go on; they open a new channel."""
         self._links.resume()
+        self._keepalive.resume()
 
     def deadline(self) -> float:
         """The monotonic time by which a call starting now must finish."""
@@ -267,6 +274,50 @@ class Connection:
             "lease", "LeaseTimeToLive", request, what=f"read lease {lease_id:x}", deadline=None
         )
         return int(response.TTL)
+
+    async def revoke_lease(self, lease_id: int, *, deadline: float | None = None) -> None:
+        """Revoke the lease (its keys are deleted); harmless if etcd no longer has it."""
+        request = rpc.LeaseRevokeRequest(ID=lease_id)
+        # Not found: it expired, or was revoked (perhaps by an attempt whose answer was lost).
+        with contextlib.suppress(RendezvousLeaseNotFoundError):
+            await self._unary(
+                "lease",
+                "LeaseRevoke",
+                request,
+                what=f"revoke lease {lease_id:x}",
+                deadline=deadline,
+            )
+        self._keepalive.revoked(lease_id)
+
+    def keep_alive(self, lease_id: int, ttl: int) -> LeaseKeeper:
+        """Keep lease `lease_id` (granted with `ttl` s) alive in the background until released.
+
+        Every lease of the connection is refreshed on one shared LeaseKeepAlive stream, every
+        `ttl / 3` seconds (the first time at once). The keeper reports when the lease expired,
+        or must be presumed expired (see `LeaseKeeper`). Raises `ValueError` for an id or ttl
+        that is not a positive int.
+        """
+        return self._keepalive.keep(lease_id, ttl, refreshing=True)
+
+    def follow_lease(
+        self, lease_id: int, ttl: int, *, granted_at: float | None = None
+    ) -> LeaseKeeper:
+        """Follow lease `lease_id` (granted with `ttl` seconds) without refreshing it.
+
+        The keeper learns etcd's answers to `refresh_lease(lease_id)`: it says how long the
+        lease surely lives (`LeaseKeeper.alive_until`), and when it expired. `granted_at` is the
+        `time.monotonic()` time the lease was asked for (by default, now).
+        """
+        return self._keepalive.keep(lease_id, ttl, refreshing=False, since=granted_at)
+
+    async def refresh_lease(self, lease_id: int) -> None:
+        """Send one keep-alive for `lease_id` now on the shared stream, without awaiting the answer.
+
+        It is written by the connection's keep-alive task as soon as this coroutine yields
+        (a keep-alive sent alongside a write is on the wire with it). Raises `RendezvousError`
+        if the connection is closed.
+        """
+        self._keepalive.refresh(lease_id)
 
     async def txn(
         self,
