@@ -9,10 +9,17 @@ transaction of `Get`s, `multi_set` is one transaction of `Put`s, and `add`, `app
 `compare_set` are compare-and-swap transactions whose `Else` branch reads the key, so that a
 conflict costs no extra read. Waiting for keys uses etcd's watch, started right after the read
 that found them missing, never polling.
+
+Queues (`queue_push`, `queue_pop`, `queue_len`) live apart from the keys, as in TCPStore: a queue
+is a pair of counters, `b"head tail"`, at one reserved key, and its items at keys numbered from
+`head` to `tail - 1`. A push or a pop is one compare-and-swap transaction of the counters that
+also puts, or reads and deletes, the item; so two poppers never get the same item, and a lost
+answer is resolved with a write id, like `add`'s.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -52,6 +59,13 @@ _MAX_TXN_OPS: Final = 128
 # the same transaction, so that a write whose answer was lost is recognised by that id. The
 # NUL byte keeps markers apart from the names torch uses; `num_keys` does not count them.
 _MARKERS: Final = "\x00rdzv-write-id/"
+# Every key rdzv keeps for itself starts with this: markers, and the queues below. Store names
+# that start with it are refused, and `num_keys` and `list_keys` leave such keys out.
+_RESERVED: Final = "\x00rdzv-"
+# The counters of queue `q`, `b"head tail"`, are at `prefix + _QUEUES + q`; its item number `n`
+# at `prefix + _QUEUE_ITEMS + q + "/" + n` (20 digits, so that a queue's items sort in order).
+_QUEUES: Final = "\x00rdzv-queue/"
+_QUEUE_ITEMS: Final = "\x00rdzv-queue-item/"
 _WRITE_ID_SIZE: Final = 16
 T = TypeVar("T")
 
@@ -111,6 +125,39 @@ def _holds(found: KeyValue | None, expected: bytes, empty_at: int | None) -> boo
     return found is not None and found.mod_revision == empty_at
 
 
+def _queue_bounds(value: bytes | None) -> tuple[int, int]:
+    """The `(head, tail)` counters of a queue, from the value of its counters key (or `None`)."""
+    if value is None:
+        return 0, 0
+    head, tail = (int(number) for number in value.split(b" "))
+    return head, tail
+
+
+def _queue_length(value: bytes | None) -> int:
+    head, tail = _queue_bounds(value)
+    return tail - head
+
+
+@dataclasses.dataclass(frozen=True)
+class _QueueStep:
+    """One change of a queue: its new counters, and the item pushed (`value`) or popped (None).
+
+    `read_at` is the mod revision of the counters it was planned on (0: the queue was absent).
+    """
+
+    counters: bytes
+    item: bytes
+    value: bytes | None
+    read_at: int
+
+    def operations(self, lease: int) -> list[Operation]:
+        """What the transaction does to the item, before it writes the counters."""
+        if self.value is not None:
+            return [Put(self.item, self.value, lease)]
+        # Read, then delete: the transaction's answer carries the item it popped.
+        return [Get(self.item), Delete(self.item)]
+
+
 class AsyncEtcdStore:
     """A c10d key-value store kept in etcd under one key prefix, with TCPStore's semantics.
 
@@ -134,6 +181,7 @@ class AsyncEtcdStore:
         self._prefix = _validate_prefix(prefix)
         self._prefix_bytes = self._prefix.encode()
         self._markers = (self._prefix + _MARKERS).encode()
+        self._reserved = (self._prefix + _RESERVED).encode()
         self._ttl = validate_ttl(ttl)
         self._lease = RollingLease(connection, self._ttl)
 
@@ -292,37 +340,153 @@ class AsyncEtcdStore:
     async def wait(self, keys: Sequence[str], *, timeout: float) -> None:
         """Return once every key in `keys` exists; wait up to `timeout` seconds.
 
+        As in TCPStore, a name also counts as existing while the queue of that name is not
+        empty.
+
         Raises:
             StoreTimeoutError: some keys did not exist within `timeout` seconds; the message
                 names them.
         """
-        await self._wait_for(self._names(keys), timeout)
+        await self._wait_for(self._names(keys), timeout, queues=True)
 
     async def check(self, keys: Sequence[str]) -> bool:
-        """Return whether every key in `keys` exists now, without waiting."""
+        """Return whether every key in `keys` exists now, without waiting.
+
+        As in TCPStore, a name also counts as existing while the queue of that name is not
+        empty.
+        """
         names = self._names(keys)
         if not names:
             return True
-        found, _ = await self._read(names)
-        return len(found) == len(names)
+        found, _ = await self._read(self._with_queues(names))
+        return not self._missing(names, found, queues=True)
 
     async def num_keys(self) -> int:
-        """Return the number of keys in the store (the etcd keys under its prefix, but markers)."""
+        """Return the number of keys in the store (the etcd keys under its prefix, but rdzv's own).
+
+        Queues are not keys: as in TCPStore, they are not counted.
+        """
         counts = [Get(self._prefix_bytes, prefix=True, count_only=True)]
-        counts.append(Get(self._markers, prefix=True, count_only=True))
+        counts.append(Get(self._reserved, prefix=True, count_only=True))
         result = await self._retrying(
             lambda deadline: self._connection.txn([], counts, deadline=deadline)
         )
         return result.counts[0] - result.counts[1]
+
+    async def list_keys(self) -> list[str]:
+        """Return the names of the store's keys, in etcd's key order; queues are not keys.
+
+        It reads every key and value of the store, in one request.
+        """
+        kvs, _ = await self._connection.range(self._prefix_bytes, prefix=True)
+        start = len(self._prefix_bytes)
+        return [
+            kv.key[start:].decode(errors="replace")
+            for kv in kvs
+            if not kv.key.startswith(self._reserved)
+        ]
+
+    # ------------------------------------------------------------------------------- queues
+
+    async def queue_push(self, key: str, value: bytes) -> None:
+        """Add `value` at the end of the queue `key`, creating the queue if it is absent.
+
+        A queue is not a key: `get`, `set`, `add`, `delete_key`, `num_keys` and `list_keys` do
+        not see it, and a key and a queue may have the same name. `check` and `wait` see a queue
+        while it is not empty. Items are written on the store's lease and expire as keys do;
+        `queue_pop` skips an expired item.
+        """
+        data = _as_bytes(value, "value")
+        self._key(key)  # rejects a reserved name before anything is sent
+
+        def push(counters: KeyValue | None) -> _QueueStep:
+            head, tail = _queue_bounds(None if counters is None else counters.value)
+            return _QueueStep(
+                counters=f"{head} {tail + 1}".encode(),
+                item=self._queue_item(key, tail),
+                value=data,
+                read_at=0 if counters is None else counters.mod_revision,
+            )
+
+        # Tried first as the queue's creation: for an existing queue, the failed attempt reads
+        # its counters, which costs what a read would have.
+        await self._change_queue(key, push, None)
+
+    async def queue_pop(self, key: str, *, timeout: float) -> bytes:
+        """Remove and return the oldest item of the queue `key`; wait up to `timeout` seconds.
+
+        Items come out in the order their pushes landed in etcd. Of any number of concurrent
+        poppers, in any number of processes, each item goes to exactly one. An empty queue is
+        waited for with etcd's watch; a zero `timeout` does not wait.
+
+        Raises:
+            StoreTimeoutError: the queue stayed empty for `timeout` seconds.
+        """
+        seconds = _validate_timeout(timeout)
+        counters_key = self._queue_key(key)
+        deadline = anyio.current_time() + seconds
+        while True:
+            kvs, revision = await self._connection.range(counters_key)
+            counters = kvs[0] if kvs else None
+            if counters is not None and _queue_length(counters.value) > 0:
+                # Not under the deadline: a pop cancelled in flight could lose its item.
+                popped = await self._pop(key, counters)
+                if popped is not None:
+                    return popped
+                continue  # another popper was first, or the item had expired: look again
+            found = {} if counters is None else {counters_key: counters.value}
+            try:
+                with anyio.CancelScope(deadline=deadline):
+                    await self._watch_until(
+                        [counters_key],
+                        found,
+                        revision,
+                        lambda found: _queue_length(found.get(counters_key)) > 0,
+                    )
+                    continue
+            except RendezvousWatchCompactedError:
+                continue  # etcd compacted away the revisions just after our read: read again
+            raise StoreTimeoutError(
+                f"The store queue {key!r} (under {self._prefix!r}) stayed empty for the timeout "
+                f"of {seconds:g} s."
+            )
+
+    async def queue_len(self, key: str) -> int:
+        """Return the number of items in the queue `key` (0 if there is no such queue)."""
+        counters = await self._connection.get(self._queue_key(key))
+        return _queue_length(None if counters is None else counters.value)
 
     # ---------------------------------------------------------------------------- internals
 
     def _key(self, key: str) -> bytes:
         if not isinstance(key, str):
             raise TypeError(f"A store key must be a str, not {type(key).__name__}.")
-        if key.startswith(_MARKERS):
-            raise ValueError(f"Store keys that start with {_MARKERS!r} are reserved for rdzv.")
+        if key.startswith(_RESERVED):
+            raise ValueError(f"Store keys that start with {_RESERVED!r} are reserved for rdzv.")
         return (self._prefix + key).encode()
+
+    def _queue_key(self, key: str) -> bytes:
+        """Where the counters (`b"head tail"`) of the queue `key` are kept."""
+        self._key(key)  # the same rules as a key's name
+        return (self._prefix + _QUEUES + key).encode()
+
+    def _queue_item(self, key: str, number: int) -> bytes:
+        return f"{self._prefix}{_QUEUE_ITEMS}{key}/{number:020d}".encode()
+
+    def _with_queues(self, names: dict[bytes, str]) -> dict[bytes, str]:
+        """`names`, and the counters key of the queue of each name."""
+        return names | {self._queue_key(name): name for name in names.values()}
+
+    def _missing(
+        self, names: dict[bytes, str], found: dict[bytes, bytes], *, queues: bool
+    ) -> list[str]:
+        """The names of `names` not in `found` (nor, with `queues`, a non-empty queue there)."""
+        return [
+            name
+            for key, name in names.items()
+            if key not in found
+            and not (queues and _queue_length(found.get(self._queue_key(name))) > 0)
+        ]
 
     def _marker(self, key: bytes) -> bytes:
         """Where the write id of the last add, append or compare_set of `key` is kept."""
@@ -423,37 +587,85 @@ class AsyncEtcdStore:
             kvs, revision = await self._connection.range(self._prefix_bytes, prefix=True)
         return {kv.key: kv.value for kv in kvs if kv.key in keys}, revision
 
-    async def _wait_for(self, names: dict[bytes, str], timeout: float) -> dict[bytes, bytes]:
-        """The values of the keys `names`, once they all exist at once; bounded by `timeout`."""
+    async def _wait_for(
+        self, names: dict[bytes, str], timeout: float, *, queues: bool = False
+    ) -> dict[bytes, bytes]:
+        """The values of the keys `names`, once they all exist at once; bounded by `timeout`.
+
+        With `queues`, a name whose queue is not empty counts as existing (its value is then
+        not in the result).
+        """
         seconds = _validate_timeout(timeout)
         if not names:
             return {}
+        watched = self._with_queues(names) if queues else names
         deadline = anyio.current_time() + seconds
+
+        def complete(found: dict[bytes, bytes]) -> bool:
+            return not self._missing(names, found, queues=queues)
+
         while True:
-            found, revision = await self._read(names)
-            if len(found) == len(names):
+            found, revision = await self._read(watched)
+            if complete(found):
                 return found
             try:
                 with anyio.CancelScope(deadline=deadline):
-                    await self._watch_until_present(names, found, revision)
+                    await self._watch_until(watched, found, revision, complete)
                     return found
             except RendezvousWatchCompactedError:
                 # etcd compacted away the revisions just after our read: read again.
                 continue
-            missing = ", ".join(repr(name) for key, name in names.items() if key not in found)
+            missing = ", ".join(repr(name) for name in self._missing(names, found, queues=queues))
             raise StoreTimeoutError(
                 f"The store keys {missing} (under {self._prefix!r}) did not appear within the "
                 f"timeout of {seconds:g} s."
             )
 
-    async def _watch_until_present(
-        self, keys: Collection[bytes], found: dict[bytes, bytes], revision: int
+    async def _watch_until(
+        self,
+        keys: Collection[bytes],
+        found: dict[bytes, bytes],
+        revision: int,
+        done: Callable[[dict[bytes, bytes]], bool],
     ) -> None:
-        """Apply every change of `keys` after `revision` to `found` until all of them exist."""
+        """Apply every change of `keys` after `revision` to `found` until `done(found)`."""
         # Starting right after the read's revision, no write between the read and the watch is
-        # missed. Several keys share one stream, on the store's prefix.
-        watched = next(iter(keys)) if len(keys) == 1 else self._prefix_bytes
-        changes = self._connection.watch(watched, start_revision=revision + 1, prefix=len(keys) > 1)
+        # missed. More than two keys share one stream, on the store's prefix; one or two (a key
+        # and its queue) get a stream each, so that a waiter is not woken by every write to the
+        # store (torch's store barrier has every rank add to one key while all wait for another).
+        if len(keys) > 2:
+            await self._apply_changes(self._prefix_bytes, keys, found, revision, done, prefix=True)
+            return
+        if len(keys) == 1:
+            await self._apply_changes(next(iter(keys)), keys, found, revision, done)
+            return
+        errors: list[Exception] = []
+        async with anyio.create_task_group() as watches:
+
+            async def follow(key: bytes) -> None:
+                try:
+                    await self._apply_changes(key, keys, found, revision, done)
+                except Exception as error:  # raised below, rather than as an ExceptionGroup
+                    errors.append(error)
+                watches.cancel_scope.cancel()
+
+            for key in keys:
+                watches.start_soon(follow, key)
+        if errors:
+            raise errors[0]
+
+    async def _apply_changes(
+        self,
+        watched: bytes,
+        keys: Collection[bytes],
+        found: dict[bytes, bytes],
+        revision: int,
+        done: Callable[[dict[bytes, bytes]], bool],
+        *,
+        prefix: bool = False,
+    ) -> None:
+        """Apply the changes of `keys` at `watched` (or under it) to `found` until `done`."""
+        changes = self._connection.watch(watched, start_revision=revision + 1, prefix=prefix)
         try:
             async for event in changes:
                 key = event.kv.key
@@ -463,7 +675,7 @@ class AsyncEtcdStore:
                     found.pop(key, None)
                 else:
                     found[key] = event.kv.value
-                if len(found) == len(keys):
+                if done(found):
                     return
         finally:
             await changes.aclose()
@@ -518,9 +730,8 @@ class AsyncEtcdStore:
             if lost:
                 # A lost attempt may have landed, even only since it was last looked for, and
                 # be why this one failed.
-                landed = await self._resolving(
-                    key, self._lost_write_landed(key_bytes, write_id, lost, current, deadline)
-                )
+                search = self._lost_write_landed(key_bytes, write_id, lost, current, deadline)
+                landed = await self._resolving(key, search)
                 if landed is not None:
                     return landed
             expected = None if current is None else current.mod_revision
@@ -530,11 +741,11 @@ class AsyncEtcdStore:
         self,
         key: bytes,
         write_id: bytes,
-        lost: dict[int | None, bytes],
+        lost: dict[int | None, T],
         current: KeyValue | None,
         deadline: float,
-    ) -> bytes | None:
-        """The value a lost attempt wrote if one landed, else `None`; prunes `lost`.
+    ) -> T | None:
+        """What a lost attempt wrote (`lost`'s value) if one landed, else `None`; prunes `lost`.
 
         `current` is the key as read after the attempts were sent. An attempt conditioned on
         mod revision R, if it landed, is the first change of the key after R (its condition
@@ -563,6 +774,106 @@ class AsyncEtcdStore:
             if ours is not None and ours.mod_revision == revision and ours.value == write_id:
                 return value
         return None
+
+    async def _change_queue(
+        self,
+        key: str,
+        plan: Callable[[KeyValue | None], _QueueStep | None],
+        counters: KeyValue | None,
+    ) -> tuple[_QueueStep, TxnResult | None] | None:
+        """Apply `plan(counters)` to the queue `key` once, by compare-and-swap of its counters.
+
+        `counters` is the first guess of the queue's counters key. Each attempt is conditioned
+        on the counters it was planned on, and puts this call's write id at their marker; a
+        failed one reads the counters, and the next is planned on them. A lost answer is
+        resolved as `_update` does. Returns the step that landed with the transaction's result
+        (None if the answer was lost), or None once `plan` finds nothing to do.
+        """
+        counters_key = self._queue_key(key)
+        marker = self._marker(counters_key)
+        write_id = os.urandom(_WRITE_ID_SIZE)
+        deadline = self._connection.deadline()
+        lost: dict[int | None, _QueueStep] = {}
+
+        async def attempt(step: _QueueStep, condition: Compare) -> TxnResult:
+            async def write(lease: int) -> TxnResult:
+                operations = step.operations(lease)
+                operations += [
+                    Put(counters_key, step.counters, lease),
+                    Put(marker, write_id, lease),
+                ]
+                return await self._connection.txn(
+                    [condition],
+                    operations,
+                    [Get(counters_key)],
+                    what=f"change the store queue {key!r}",
+                    deadline=deadline,
+                )
+
+            return await self._lease.run(write, deadline=deadline)
+
+        while True:
+            step = plan(counters)
+            if step is None:
+                # Every lost attempt was planned on counters that allowed it, so none can be
+                # pending now that `plan` finds nothing to do: `_lost_write_landed` forgot them.
+                return None
+            expected = None if counters is None else counters.mod_revision
+            condition = (
+                Compare.absent(counters_key)
+                if expected is None
+                else Compare.mod_revision_is(counters_key, expected)
+            )
+            try:
+                result = await attempt(step, condition)
+            except RendezvousOutcomeUnknownError:
+                lost[expected] = step
+                counters = await self._resolving(
+                    key, self._connection.get(counters_key, deadline=deadline)
+                )
+            except RendezvousConnectionError as error:
+                if lost:
+                    raise self._unresolved(key) from error
+                raise
+            else:
+                if result.succeeded:
+                    return step, result
+                counters = result.ranges[0][0] if result.ranges[0] else None
+            if lost:
+                search = self._lost_write_landed(counters_key, write_id, lost, counters, deadline)
+                landed = await self._resolving(key, search)
+                if landed is not None:
+                    return landed, None
+
+    async def _pop(self, key: str, counters: KeyValue) -> bytes | None:
+        """Pop the oldest item of the queue `key`, whose counters were read as `counters`.
+
+        Returns None, having popped nothing, if the queue was found empty; and also, having
+        moved past it, if the item had expired.
+        """
+
+        def pop(current: KeyValue | None) -> _QueueStep | None:
+            head, tail = _queue_bounds(None if current is None else current.value)
+            if current is None or head >= tail:
+                return None
+            return _QueueStep(
+                counters=f"{head + 1} {tail}".encode(),
+                item=self._queue_item(key, head),
+                value=None,
+                read_at=current.mod_revision,
+            )
+
+        landed = await self._change_queue(key, pop, counters)
+        if landed is None:
+            return None
+        step, result = landed
+        if result is not None:
+            items = result.ranges[0]  # the transaction's Get of the item
+            return items[0].value if items else None
+        # The answer was lost: the item is read as it was when the pop was planned (it was
+        # pushed before, and only this pop deleted it).
+        item = await self._resolving(key, self._connection.get(step.item, revision=step.read_at))
+        return None if item is None else item.value
 
     async def _resolving(self, key: str, resolution: Awaitable[T]) -> T:
         """`resolution`, or `RendezvousOutcomeUnknownError` if etcd cannot settle it in time."""
