@@ -62,9 +62,8 @@ __all__ = [
 PASSWORD_ENVIRONMENT_VARIABLE = "RDZV_ETCD_PASSWORD"
 DEFAULT_ENDPOINT = "localhost:2379"
 
-# (our class, torch's class), most specific first.
+# (our class, torch's class), most specific first; `StoreTimeoutError` is apart, below.
 _TORCH_ERRORS: tuple[tuple[type[RendezvousError], type[Exception]], ...] = (
-    (StoreTimeoutError, dist.DistStoreError),
     (RendezvousConnectionError, torch_api.RendezvousConnectionError),
     (RendezvousStateError, torch_api.RendezvousStateError),
     (RendezvousError, torch_api.RendezvousError),
@@ -72,10 +71,16 @@ _TORCH_ERRORS: tuple[tuple[type[RendezvousError], type[Exception]], ...] = (
 
 
 @contextlib.contextmanager
-def _as_torch_errors() -> Iterator[None]:
-    """Re-raise rdzv's errors as torch's, with the same message and the original chained."""
+def _as_torch_errors(*, timeout: type[Exception] = dist.DistStoreError) -> Iterator[None]:
+    """Re-raise rdzv's errors as torch's, with the same message and the original chained.
+
+    A `StoreTimeoutError` becomes `timeout`: `DistStoreError`, or for a pop that must not wait,
+    `QueueEmptyError` (a `DistStoreError` too), as TCPStore raises.
+    """
     try:
         yield
+    except StoreTimeoutError as error:
+        raise timeout(str(error)) from error
     except RendezvousError as error:
         for ours, theirs in _TORCH_ERRORS:
             if isinstance(error, ours):
@@ -121,8 +126,11 @@ def _as_bytes(value: str | bytes) -> bytes:
 class EtcdStore(Store):
     """A c10d `Store` whose keys live in etcd v3 under a prefix (default `/torch/elastic/store/`).
 
-    Blocking calls (`get`, `wait`, `multi_get`) wait with etcd's watch and give up after the
-    store's `timeout` (a zero timeout waits forever, as in c10d), raising `DistStoreError`.
+    Blocking calls (`get`, `wait`, `multi_get`, `queue_pop`) wait with etcd's watch and give up
+    after the store's `timeout` (a zero timeout waits forever, as in c10d), raising
+    `DistStoreError`. It has torch's extended API (`append`, `multi_get`, `multi_set`, which a
+    `PrefixStore` passes on as they are), queues, `list_keys` and `clone`; the table of every
+    `torch.distributed.Store` method is in the documentation's "Store methods" page.
     """
 
     def __init__(
@@ -134,6 +142,8 @@ class EtcdStore(Store):
         super().__init__()  # the pybind11 trampoline needs it
         self._loop = loop
         self._store = store
+        # The clones of this store and of its clones, kept alive with it (see `clone`).
+        self._clones: list[EtcdStore] = []
         if timeout is not None:
             self.set_timeout(timeout)
 
@@ -194,9 +204,42 @@ class EtcdStore(Store):
         with _as_torch_errors():
             return self._loop.call(self._store.num_keys)
 
+    def list_keys(self) -> list[str]:
+        """The names of the keys in the store, in etcd's key order (queues are not keys)."""
+        with _as_torch_errors():
+            return self._loop.call(self._store.list_keys)
+
     # c10d's C++ side looks these two up by their C++ names.
     deleteKey = delete_key
     getNumKeys = num_keys
+
+    def has_extended_api(self) -> bool:
+        """True: `append`, `multi_get` and `multi_set` are the store's own, one transaction each.
+
+        So a `PrefixStore` over this store calls them rather than falling back on `get`, `set`
+        and `compare_set` one key at a time.
+        """
+        return True
+
+    def clone(self) -> EtcdStore:
+        """A new store object on the same keys, with the same timeout, for another thread.
+
+        The clone shares this store's event-loop thread and etcd connection: that thread
+        already runs the calls of any number of threads at once, each as a task of its own, and
+        a store object holds nothing else but its timeout (which each clone sets on its own).
+        A connection of its own would cost every clone a thread, a gRPC channel, a login and a
+        lease, which nothing would release: torch clones stores (for each new process group)
+        and never closes them. So a clone is usable where this store is, and only there: not
+        once the connection is closed (`close()` of the facade that owns it), nor in a process
+        forked from this one (create a new store there).
+
+        torch's C++ code calls `clone` too, and keeps only the C++ half of the Python object it
+        gets; so each clone is kept alive as long as the store it was cloned from.
+        """
+        twin = EtcdStore(self._loop, self._store, self.timeout)  # type: ignore[attr-defined]  # missing from torch's stub
+        twin._clones = self._clones
+        self._clones.append(twin)
+        return twin
 
     def multi_get(self, keys: list[str]) -> list[bytes]:
         """The values of `keys`, in one transaction, waiting for missing keys."""
@@ -212,6 +255,29 @@ class EtcdStore(Store):
         """Append `value` to the bytes at `key` (creating it)."""
         with _as_torch_errors():
             self._loop.call(self._store.append, key, _as_bytes(value))
+
+    def queue_push(self, key: str, value: bytes | str) -> None:
+        """Add `value` at the end of the queue `key`; queues are apart from keys."""
+        with _as_torch_errors():
+            self._loop.call(self._store.queue_push, key, _as_bytes(value))
+
+    def queue_pop(self, key: str, block: bool = True) -> bytes:
+        """Remove and return the oldest item of the queue `key`.
+
+        With `block`, wait up to the store's timeout for one (`DistStoreError` after it);
+        without, raise `QueueEmptyError` at once if the queue is empty. Each item goes to one
+        popper only, in any number of processes.
+        """
+        if block:
+            with _as_torch_errors():
+                return self._loop.call(self._store.queue_pop, key, timeout=self._seconds())
+        with _as_torch_errors(timeout=dist.QueueEmptyError):
+            return self._loop.call(self._store.queue_pop, key, timeout=0)
+
+    def queue_len(self, key: str) -> int:
+        """The number of items in the queue `key` (0 if there is none)."""
+        with _as_torch_errors():
+            return self._loop.call(self._store.queue_len, key)
 
 
 def _first(params: torch_api.RendezvousParameters, *names: str) -> str | None:
