@@ -94,3 +94,48 @@ def tally(request: pytest.FixtureRequest) -> Iterator[collections.Counter[str]]:
     labels += [f"{name}={value}" for name, value in sorted(counts.items())]
     elapsed = time.monotonic() - started
     print(f"\nreliability: {request.node.name} {' '.join(labels)} seconds={elapsed:.1f}")
+
+
+class Participants:
+    """Makes rendezvous participants under the test's prefix; they all leave when it ends."""
+
+    def __init__(self, connection: rdzv.Connection, key_prefix: str) -> None:
+        self.connection = connection
+        self.key_prefix = key_prefix
+        self.made: list[rdzv.AsyncRendezvous] = []
+
+    def __call__(
+        self,
+        *,
+        min_nodes: int = 1,
+        max_nodes: int = 1,
+        last_call_timeout: float = 0.2,
+        join_timeout: float = 20,
+        lease_ttl: int = 2,
+        connection: rdzv.Connection | None = None,
+        run_id: str = "job",
+    ) -> rdzv.AsyncRendezvous:
+        """One more participant, on the shared connection unless another is given."""
+        participant = rdzv.AsyncRendezvous(
+            connection or self.connection,
+            run_id,
+            min_nodes=min_nodes,
+            max_nodes=max_nodes,
+            last_call_timeout=last_call_timeout,
+            join_timeout=join_timeout,
+            lease_ttl=lease_ttl,
+            key_prefix=self.key_prefix,
+        )
+        self.made.append(participant)
+        return participant
+
+
+@pytest.fixture
+async def participants(
+    connection: rdzv.Connection, etcd_key_prefix: str
+) -> AsyncIterator[Participants]:
+    """A factory of rendezvous participants for run id "job" under the test's own prefix."""
+    made = Participants(connection, etcd_key_prefix)
+    yield made
+    for participant in made.made:
+        await participant.leave()

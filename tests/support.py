@@ -20,11 +20,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import aetcd
+import anyio
 from anyio.from_thread import start_blocking_portal
 
 import rdzv
@@ -170,3 +171,12 @@ class LoseAnswers:
         elif self._landing == "late":
             self._late.append((args, kwargs))
         raise rdzv.RendezvousOutcomeUnknownError("lost")
+
+
+async def poll_until(check: Callable[[], Awaitable[bool]], *, interval: float = 0.01) -> None:
+    """Return once `check()` is true; the caller bounds the wait (`anyio.fail_after`).
+
+    For conditions that no event announces: keys that appear in etcd behind rdzv's back.
+    """
+    while not await check():  # noqa: ASYNC110 - nothing announces these conditions
+        await anyio.sleep(interval)

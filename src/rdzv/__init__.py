@@ -1,7 +1,8 @@
 """rdzv: an async-first etcd v3 rendezvous backend for PyTorch elastic training.
 
-The core is asyncio (`connect`, `AsyncEtcdBackend`); `EtcdBackend` is a thin synchronous facade
-over it for legacy launchers such as torchrun. rdzv runs on asyncio only: its etcd client (aetcd,
+The core is asyncio (`connect`, `AsyncRendezvous`, `AsyncEtcdBackend`, `AsyncEtcdStore`);
+`Rendezvous` and `EtcdBackend` are thin synchronous facades over it for legacy launchers such
+as torchrun. rdzv runs on asyncio only: its etcd client (aetcd,
 over grpc.aio) does not support trio.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 from rdzv._backend import DEFAULT_KEY_PREFIX, DEFAULT_TTL, AsyncEtcdBackend
 from rdzv._errors import (
     RendezvousAuthError,
+    RendezvousClosedError,
     RendezvousCompactedError,
     RendezvousConnectionError,
     RendezvousError,
@@ -17,25 +19,44 @@ from rdzv._errors import (
     RendezvousOutcomeUnknownError,
     RendezvousStateError,
     RendezvousStateTooLargeError,
+    RendezvousTimeoutError,
     RendezvousTLSError,
     RendezvousWatchCompactedError,
     StoreTimeoutError,
 )
 from rdzv._etcd import Connection, Endpoint, connect
+from rdzv._rendezvous import (
+    DEFAULT_LEASE_TTL,
+    DEFAULT_ROUNDS_PREFIX,
+    MAX_NODE_INFO,
+    MAX_NODES,
+    AsyncRendezvous,
+    Member,
+    Membership,
+)
 from rdzv._store import DEFAULT_STORE_PREFIX, AsyncEtcdStore
-from rdzv._sync import EtcdBackend
+from rdzv._sync import EtcdBackend, Rendezvous
 from rdzv._version import __version__
 
 __all__ = [
     "DEFAULT_KEY_PREFIX",
+    "DEFAULT_LEASE_TTL",
+    "DEFAULT_ROUNDS_PREFIX",
     "DEFAULT_STORE_PREFIX",
     "DEFAULT_TTL",
+    "MAX_NODES",
+    "MAX_NODE_INFO",
     "AsyncEtcdBackend",
     "AsyncEtcdStore",
+    "AsyncRendezvous",
     "Connection",
     "Endpoint",
     "EtcdBackend",
+    "Member",
+    "Membership",
+    "Rendezvous",
     "RendezvousAuthError",
+    "RendezvousClosedError",
     "RendezvousCompactedError",
     "RendezvousConnectionError",
     "RendezvousError",
@@ -44,6 +65,7 @@ __all__ = [
     "RendezvousStateError",
     "RendezvousStateTooLargeError",
     "RendezvousTLSError",
+    "RendezvousTimeoutError",
     "RendezvousWatchCompactedError",
     "StoreTimeoutError",
     "__version__",

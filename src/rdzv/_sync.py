@@ -31,6 +31,7 @@ from rdzv._backend import (
 )
 from rdzv._errors import RendezvousError
 from rdzv._etcd import Connection
+from rdzv._rendezvous import DEFAULT_LEASE_TTL, DEFAULT_ROUNDS_PREFIX, AsyncRendezvous, Membership
 
 T = TypeVar("T")
 
@@ -134,6 +135,11 @@ class LoopThread:
             )
         if self._closed:
             raise RendezvousError("This rdzv object is closed.")
+
+    @property
+    def closed(self) -> bool:
+        """Whether `close()` was called."""
+        return self._closed
 
     def close(self) -> None:
         """Close the connection and stop the thread; harmless to call twice."""
@@ -248,3 +254,101 @@ class EtcdBackend:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class Rendezvous:
+    """A blocking facade over `AsyncRendezvous`, for synchronous code.
+
+    Like `EtcdBackend`, it runs the async core on one event-loop thread that holds its
+    connection until `leave()`; every method is one call into the core. Errors are the
+    core's: `RendezvousTimeoutError`, `RendezvousClosedError`, `RendezvousConnectionError`.
+    """
+
+    def __init__(
+        self,
+        endpoints: str,
+        run_id: str,
+        *,
+        min_nodes: int,
+        max_nodes: int,
+        last_call_timeout: float = 30,
+        join_timeout: float = 600,
+        lease_ttl: int = DEFAULT_LEASE_TTL,
+        key_prefix: str = DEFAULT_ROUNDS_PREFIX,
+        protocol: str | None = None,
+        read_timeout: float = 60,
+        ca_cert: str | Path | None = None,
+        ssl_cert: str | Path | None = None,
+        ssl_cert_key: str | Path | None = None,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        connection = Connection(
+            endpoints,
+            protocol=protocol,
+            read_timeout=read_timeout,
+            ca_cert=ca_cert,
+            ssl_cert=ssl_cert,
+            ssl_cert_key=ssl_cert_key,
+            username=username,
+            password=password,
+        )
+        # Validate everything before a thread or a socket exists.
+        self._rendezvous = AsyncRendezvous(
+            connection,
+            run_id,
+            min_nodes=min_nodes,
+            max_nodes=max_nodes,
+            last_call_timeout=last_call_timeout,
+            join_timeout=join_timeout,
+            lease_ttl=lease_ttl,
+            key_prefix=key_prefix,
+        )
+        self._loop = LoopThread(connection)
+
+    def __repr__(self) -> str:
+        return repr(self._rendezvous).replace("AsyncRendezvous", "Rendezvous", 1)
+
+    @property
+    def run_id(self) -> str:
+        """The rendezvous's run id."""
+        return self._rendezvous.run_id
+
+    @property
+    def max_node_info(self) -> int:
+        """The most bytes of node info `join` accepts."""
+        return self._rendezvous.max_node_info
+
+    def join(self, node_info: bytes = b"") -> Membership:
+        """Join the next round; see `AsyncRendezvous.join`."""
+        return self._loop.call(self._rendezvous.join, node_info)
+
+    def num_nodes_waiting(self) -> int:
+        """How many nodes wait for the next round; see `AsyncRendezvous.num_nodes_waiting`."""
+        return self._loop.call(self._rendezvous.num_nodes_waiting)
+
+    def wait_for_departure(self, membership: Membership, *, timeout: float | None = None) -> bool:
+        """Wait until a member of the round is gone; see `AsyncRendezvous.wait_for_departure`."""
+        return self._loop.call(self._rendezvous.wait_for_departure, membership, timeout=timeout)
+
+    def close(self) -> None:
+        """Close the rendezvous for everybody; see `AsyncRendezvous.close`."""
+        self._loop.call(self._rendezvous.close)
+
+    def is_closed(self) -> bool:
+        """Whether the rendezvous is closed."""
+        return self._loop.call(self._rendezvous.is_closed)
+
+    def leave(self) -> None:
+        """Leave the round, then close the connection and stop the thread. Harmless twice."""
+        if not self._loop.closed:
+            try:
+                self._loop.call(self._rendezvous.leave)
+            finally:
+                self._loop.close()
+
+    def __enter__(self) -> Rendezvous:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.leave()

@@ -1,0 +1,231 @@
+"""The coordinator of a round: the one participant that decides when the round completes.
+
+Deciding needs the round's whole membership, so exactly one participant follows it: the
+coordinator watches the round's member keys (one watch, one event per join and per departure:
+O(N) events for the round, not O(N) per participant). It completes the round with one
+transaction that etcd applies at most once:
+
+    if  closed is absent
+    and latest == round - 1                  (the round is still open)
+    and the coordinator key is still ours    (we were not replaced)
+    and no member key of round - 1 is left   (the previous round is over)
+    then put done = membership, put latest = round, delete round - 1's keys
+
+A round can complete only when no member of the previous round is left, as in PyTorch's
+dynamic rendezvous: nodes that arrive while a round runs wait for the next one, and do not form
+a round of their own. After completion the coordinator keeps watching the members, and writes
+`departed` when one of them is gone (it left, joined again, or its lease expired).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import time
+from typing import Literal
+
+import anyio
+
+from rdzv._errors import RendezvousOutcomeUnknownError
+from rdzv._etcd import Compare, Connection, Delete, Get, KeyValue, Put
+from rdzv._rendezvous._control import RoundControl
+from rdzv._rendezvous._layout import Layout, Member, encode_membership, member_name
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """When a round completes."""
+
+    min_nodes: int
+    max_nodes: int
+    last_call_timeout: float
+
+
+class Coordinator:
+    """Decides the completion of round `number`, then reports the first departure."""
+
+    def __init__(
+        self,
+        connection: Connection,
+        layout: Layout,
+        number: int,
+        *,
+        member_id: int,
+        revision: int,
+        settings: Settings,
+        control: RoundControl,
+    ) -> None:
+        self._connection = connection
+        self._layout = layout
+        self._number = number
+        self._name = member_name(member_id)
+        self._revision = revision  # the mod revision of our coordinator key
+        self._settings = settings
+        self._control = control
+        self._members: dict[bytes, KeyValue] | None = None
+        self._previous_empty = number == 1
+        self._wake = asyncio.Event()
+
+    async def run(self) -> None:
+        """Coordinate until the round's first departure is written, or we are replaced."""
+        async with anyio.create_task_group() as followers:
+            followers.start_soon(self._follow_members)
+            followers.start_soon(self._follow_control)
+            if not self._previous_empty:
+                followers.start_soon(self._follow_previous)
+            if await self._decide():
+                await self._report_departure()
+            followers.cancel_scope.cancel()
+
+    # ------------------------------------------------------------------------- what we follow
+
+    def _still_ours(self) -> bool:
+        kv = self._control.get(b"coordinator")
+        return (
+            kv is not None
+            and kv.mod_revision == self._revision
+            and self._control.get(b"closed") is None
+        )
+
+    async def _follow_control(self) -> None:
+        while True:
+            await self._control.wait_for(
+                functools.partial(self._control.newer, self._control.version)
+            )
+            self._wake.set()
+
+    async def _follow_members(self) -> None:
+        prefix = self._layout.members(self._number)
+        kvs, revision = await self._connection.range(prefix, prefix=True)
+        self._members = {kv.key: kv for kv in kvs}
+        self._wake.set()
+        async for event in self._connection.watch(prefix, start_revision=revision + 1, prefix=True):
+            if event.deleted:
+                self._members.pop(event.kv.key, None)
+            else:
+                self._members[event.kv.key] = event.kv
+            self._wake.set()
+
+    async def _follow_previous(self) -> None:
+        """Until no member of the previous round is left."""
+        prefix = self._layout.members(self._number - 1)
+        counted = await self._connection.txn([], [Get(prefix, prefix=True, count_only=True)])
+        left = counted.counts[0]
+        if left:
+            changes = self._connection.watch(
+                prefix, start_revision=counted.revision + 1, prefix=True
+            )
+            async for event in changes:
+                left += -1 if event.deleted else int(event.kv.version == 1)
+                if left <= 0:
+                    break
+            await changes.aclose()
+        self._previous_empty = True
+        self._wake.set()
+
+    async def _sleep_until_woken(self, timeout: float | None) -> None:
+        with anyio.move_on_after(timeout):
+            await self._wake.wait()
+        self._wake.clear()
+
+    # ------------------------------------------------------------------------------- deciding
+
+    async def _decide(self) -> bool:
+        """Complete the round when it is time; False if the round is no longer ours to decide."""
+        last_call_from: float | None = None
+        while True:
+            if not self._still_ours():
+                return False
+            if self._control.get(b"done") is not None:
+                return True
+            timeout = None
+            if self._members is not None and self._previous_empty:
+                count = len(self._members)
+                if count < self._settings.min_nodes:
+                    last_call_from = None
+                elif last_call_from is None:
+                    last_call_from = time.monotonic()
+                if count >= self._settings.min_nodes:
+                    assert last_call_from is not None
+                    remaining = last_call_from + self._settings.last_call_timeout - time.monotonic()
+                    if count >= self._settings.max_nodes or remaining <= 0:
+                        if await self._complete(self._members):
+                            return True
+                        remaining = 0.05  # refused: look again shortly, or when woken
+                    timeout = remaining
+            await self._sleep_until_woken(timeout)
+
+    async def _complete(self, members: dict[bytes, KeyValue]) -> bool:
+        """Try to write the membership; True once the round is complete (by us or not)."""
+        chosen = sorted(members.values(), key=lambda kv: kv.create_revision)
+        chosen = chosen[: self._settings.max_nodes]
+        layout, number = self._layout, self._number
+        value = encode_membership(
+            number, [Member(layout.member_id(kv.key), kv.value) for kv in chosen]
+        )
+        compare = [
+            Compare.absent(layout.closed),
+            latest_is(layout, number - 1),
+            Compare.mod_revision_is(layout.coordinator(number), self._revision),
+        ]
+        success: list[Put | Delete] = [
+            Put(layout.done(number), value),
+            Put(layout.latest, b"%d" % number),
+            Put(layout.size(number), b"%d" % len(chosen)),
+        ]
+        if number > 1:
+            compare.append(Compare.prefix_empty(layout.members(number - 1)))
+            success.append(Delete(layout.round(number - 1), prefix=True))
+        try:
+            result = await self._connection.txn(
+                compare,
+                success,
+                [Get(layout.members(number - 1), prefix=True, count_only=True)],
+                what=f"complete round {number}",
+            )
+        except RendezvousOutcomeUnknownError:
+            # Try again: if it landed, `latest` moved on and the next attempt is refused.
+            return False
+        if not result.succeeded and number > 1 and result.counts[0]:
+            self._previous_empty = False  # a member of the previous round came back: wait
+            self._wake.set()
+        return result.succeeded
+
+    # ------------------------------------------------------------------------------ departure
+
+    async def _report_departure(self) -> None:
+        # Our own write of `done` reaches the mirror a moment after its answer reached us.
+        done = await self._control.wait_for(self._done_or_not_ours)
+        if not isinstance(done, KeyValue):
+            return  # replaced, or closed
+        _, members, _ = self._control.membership(done)
+        keys = {self._layout.member(self._number, member.id) for member in members}
+        while self._still_ours() and self._control.get(b"done") is done:
+            current = self._members if self._members is not None else {}
+            gone = sorted(keys - current.keys())
+            if self._members is not None and gone:
+                # Only while `done` exists: once the next round completed and deleted this
+                # round's keys, a `departed` key would be left behind for ever.
+                with contextlib.suppress(RendezvousOutcomeUnknownError):
+                    await self._connection.txn(
+                        [Compare(done.key, "create_revision", ">", 0)],
+                        [Put(self._layout.departed(self._number), gone[0].rsplit(b"/", 1)[-1])],
+                        what=f"report a departure from round {self._number}",
+                    )
+                    return
+                continue  # the answer was lost: writing the same key again is harmless
+            await self._sleep_until_woken(None)
+
+    def _done_or_not_ours(self) -> KeyValue | Literal[False] | None:
+        if not self._still_ours():
+            return False
+        return self._control.get(b"done")
+
+
+def latest_is(layout: Layout, number: int) -> Compare:
+    """`latest` says that round `number` is the latest complete one."""
+    if number == 0:
+        return Compare.absent(layout.latest)
+    return Compare.value_is(layout.latest, b"%d" % number)
