@@ -264,7 +264,7 @@ def test_ttl_option_reaches_the_backend_and_the_store(
     raw_etcd_sync: RawEtcd,
     etcd_key_prefix: str,
 ) -> None:
-    """ttl "30" is the backend's ttl, and state and store keys get leases of 2 * ttl."""
+    """ttl "30" is the backend's ttl, and state and store keys get leases of exactly ttl."""
     params.config["ttl"] = "30"
     backend, store = make_backend(params)
     assert backend.facade.ttl == 30
@@ -274,7 +274,7 @@ def test_ttl_option_reaches_the_backend_and_the_store(
     stored = _raw_get(raw_etcd_sync, f"{etcd_key_prefix}/store/dummy_key")
     assert state is not None
     assert stored is not None
-    assert (state[1], stored[1]) == (60, 60)
+    assert (state[1], stored[1]) == (30, 30)
 
 
 def test_create_backend_defaults_the_ttl_to_7200(

@@ -46,8 +46,8 @@ class AsyncEtcdBackend:
 
     Implements the contract of PyTorch's `RendezvousBackend` (`get_state`, `set_state` with
     compare-and-swap on a token) with one etcd round trip per call. The token is the key's etcd
-    mod revision. The state lives on a lease: it disappears between `ttl` and `2 * ttl` seconds
-    after the last write (see the docs for the exact bound).
+    mod revision. The state lives on a lease of `ttl` seconds that every write refreshes: it
+    disappears `ttl` seconds after the last write (see the docs for the exact bound).
 
     With `state_key` (at least 16 secret bytes shared by every node of the job), every value
     is signed with HMAC-SHA256 and a value without a valid signature is rejected as corrupt: who

@@ -162,9 +162,11 @@ class AsyncEtcdStore:
     """A c10d key-value store kept in etcd under one key prefix, with TCPStore's semantics.
 
     Key `k` lives at the etcd key `prefix + k` (UTF-8), and its value is stored as it is, with no
-    envelope, so that etcdctl and other tools read it plainly. Every write is attached to a
-    lease, so a finished job's keys expire between `ttl` and `2 * ttl` seconds after the last
-    write to them. Any number of stores may share one `rdzv.Connection`.
+    envelope, so that etcdctl and other tools read it plainly. Every write is attached to the
+    store's lease of `ttl` seconds, which each write of the store refreshes: a key expires
+    `ttl` seconds after the store's last write on that lease (its own last write, or a later
+    one to another key), so a finished job's keys expire `ttl` seconds after its last write.
+    Any number of stores may share one `rdzv.Connection`.
 
     Every call is bounded by the connection's read timeout, and the calls that wait for keys
     also by their own `timeout`.

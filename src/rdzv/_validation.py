@@ -16,11 +16,10 @@ MAX_READ_TIMEOUT: Final = 86_400
 ETCD_MAX_LEASE_TTL: Final = 9_000_000_000
 """The longest lease etcd grants, in seconds (`MaxLeaseTTL` in etcd's lease package)."""
 
-# `rdzv._lease.RollingLease` grants leases of LEASE_TTL_FACTOR * ttl seconds; if it changes
-# that, change this factor with it, so that the longest ttl still gets a lease from etcd.
-LEASE_TTL_FACTOR: Final = 2
-MAX_TTL: Final = ETCD_MAX_LEASE_TTL // LEASE_TTL_FACTOR
-"""The longest `ttl`, in seconds: its leases must not exceed etcd's longest."""
+# `rdzv._lease.RollingLease` grants leases of exactly `ttl` seconds; if it ever grants longer
+# ones, lower this with it, so that the longest ttl still gets a lease from etcd.
+MAX_TTL: Final = ETCD_MAX_LEASE_TTL
+"""The longest `ttl`, in seconds: a lease of `ttl` seconds must not exceed etcd's longest."""
 
 MAX_REVISION: Final = 2**63 - 1
 """The largest etcd revision: revisions are int64."""
@@ -88,8 +87,7 @@ def validate_ttl(ttl: object) -> int:
     ):
         raise ValueError(
             f"The TTL (ttl) must be a positive whole number of seconds, at most {MAX_TTL} "
-            f"(rdzv's leases last {LEASE_TTL_FACTOR} * ttl, and etcd grants none longer than "
-            f"{ETCD_MAX_LEASE_TTL} s), not {shown(ttl)}."
+            f"(etcd grants no lease longer), not {shown(ttl)}."
         )
     return int(ttl)
 
