@@ -18,6 +18,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 import latency
+import scale
 from contenders import ASYNC, C10D, RAW, SYNC, V2
 from harness import images_dir
 from rendezvous import DEMO
@@ -30,6 +31,10 @@ STYLE: dict[str, dict[str, Any]] = {
     V2: {"color": "#d62728", "marker": "v"},
     C10D: {"color": "#9467bd", "marker": "D", "linestyle": ":"},
     DEMO: {"color": "#17becf", "marker": "o", "linestyle": "-."},
+    scale.ONE: {"color": "#1f77b4", "marker": "o"},
+    scale.PER_100: {"color": "#ff7f0e", "marker": "s", "linestyle": "--"},
+    scale.FACADE: {"color": "#2ca02c", "marker": "^"},
+    scale.CAS: {"color": "#d62728", "marker": "v", "linestyle": ":"},
 }
 
 
@@ -145,11 +150,68 @@ def plot_rendezvous(data: dict[str, Any], path: Path) -> Path:
     return _save(figure, path)
 
 
+def plot_scale(data: dict[str, Any], path: Path) -> Path:
+    """Seconds against N, log-log, one panel per server; the targets as crosses."""
+    targets = {scale.ONE_ETCD: [(1_000, 1.5), (10_000, 10.0)], scale.CLUSTER: [(1_000, 2.0)]}
+    servers = data["server_kinds"]
+    figure, panels = plt.subplots(
+        1, len(servers), figsize=(5.5 * len(servers), 4.4), squeeze=False, sharey=True
+    )
+    nodes = [int(n) for n in data["nodes"]]
+    for axes, server in zip(panels[0], servers, strict=True):
+        for name in data["contenders"]:
+            done = [
+                (n, s["seconds"])
+                for n in nodes
+                if (s := data["nodes"][str(n)].get(f"{server} | {name}")) is not None
+                and s["seconds"] is not None
+            ]
+            if done:
+                _errorbars(axes, [float(n) for n, _ in done], [s for _, s in done], name)
+        # Linear growth from the 1-connection rendezvous's smallest point, for the eye.
+        first = next(
+            (
+                (n, s["seconds"]["median"])
+                for n in nodes
+                if (s := data["nodes"][str(n)].get(f"{server} | {scale.ONE}"))
+                and s["seconds"] is not None
+                and n >= 1_000
+            ),
+            None,
+        )
+        if first is not None:
+            n0, t0 = first
+            axes.plot(
+                [n0, max(nodes)],
+                [t0, t0 * max(nodes) / n0],
+                color="grey",
+                linewidth=0.9,
+                linestyle=(0, (1, 2)),
+                label="linear from N=1,000",
+            )
+        for i, (n, goal) in enumerate(targets.get(server, [])):
+            axes.plot([n], [goal], "kx", markersize=9, mew=2, label="target" if i == 0 else None)
+        axes.set_xscale("log")
+        axes.set_yscale("log")
+        axes.set_xticks(nodes, [f"{n:,}" for n in nodes])
+        axes.minorticks_off()
+        axes.set_xlabel("N nodes")
+        axes.set_title(server)
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend(fontsize=7)
+    panels[0][0].set_ylabel("seconds until every node has its rank (median, p10-p90)")
+    loads = scale.load_range(data)
+    shown = "" if loads is None else f"; 1-minute load {loads[0]:.1f}-{loads[1]:.1f}"
+    figure.suptitle(f"One round of N nodes, a fresh etcd per run{shown}")
+    return _save(figure, path)
+
+
 PLOTS = {
     "latency": plot_latency,
     "overhead": plot_overhead,
     "contention": plot_contention,
     "rendezvous": plot_rendezvous,
+    "scale": plot_scale,
 }
 
 

@@ -11,10 +11,11 @@ from typing import Any
 import contention
 import latency
 import rendezvous
+import scale
 from contenders import ASYNC, SYNC
 from harness import markdown_table, read_json, results_dir, write_json
 
-SUITES = ("latency", "overhead", "contention", "rendezvous")
+SUITES = ("latency", "overhead", "contention", "rendezvous", "scale")
 
 
 def load(*, quick: bool) -> dict[str, dict[str, Any]]:
@@ -100,6 +101,66 @@ def targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 "source": "contention",
             }
         )
+    rows.extend(scale_targets(results.get("scale")))
+    return rows
+
+
+def scale_targets(data: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The scalable rendezvous's targets (issue 10), judged on `rendezvous, 1 connection`."""
+    rows: list[dict[str, Any]] = []
+
+    def seconds(server: str, nodes: int, name: str = scale.ONE) -> float | None:
+        return None if data is None else scale.seconds_of(data, server, name, nodes)
+
+    for server, nodes, goal in (
+        (scale.ONE_ETCD, 1_000, 1.5),
+        (scale.ONE_ETCD, 10_000, 10.0),
+        (scale.CLUSTER, 1_000, 2.0),
+    ):
+        value, per_100 = seconds(server, nodes), seconds(server, nodes, scale.PER_100)
+        measured = None
+        if value is not None:
+            measured = f"{value:.2f} s"
+            if per_100 is not None:
+                measured += f" (1 connection per 100: {per_100:.2f} s)"
+        rows.append(
+            {
+                "target": f"{nodes:,} agents in at most {goal:g} s on {server}",
+                "measured": measured,
+                "met": None if value is None else value <= goal,
+                "source": "scale",
+            }
+        )
+    # Per join at the target's scale: at N=8 a round's few shared reads and watches weigh more.
+    per_join: dict[str, float] = {}
+    for nodes in (1_000, 10_000):
+        for server in () if data is None else data["server_kinds"]:
+            summary = data["nodes"].get(str(nodes), {}).get(f"{server} | {scale.ONE}")
+            if summary is not None and summary["requests_per_join"] is not None:
+                per_join[f"{nodes:,} on {server}"] = summary["requests_per_join"]
+    rows.append(
+        {
+            "target": "at most 3 etcd requests per join (N = 1,000 and 10,000)",
+            "measured": _join(per_join, "{:.2f}"),
+            "met": None if not per_join else max(per_join.values()) <= 3,
+            "missed_at": [where for where, value in per_join.items() if value > 3],
+            "source": "scale",
+        }
+    )
+    grown = {
+        server: value
+        for server in (() if data is None else data["server_kinds"])
+        if (value := scale.growth(data, server)) is not None
+    }
+    rows.append(
+        {
+            "target": "from 1,000 to 10,000 nodes, time grows at most linearly (ratio <= 10)",
+            "measured": _join(grown, "{:.1f}x"),
+            "met": None if not grown else max(grown.values()) <= 10,
+            "missed_at": [server for server, value in grown.items() if value > 10],
+            "source": "scale",
+        }
+    )
     return rows
 
 
@@ -153,6 +214,18 @@ def summary(results: dict[str, dict[str, Any]], *, quick: bool) -> str:
                 f"within {data['join_timeout']} s), backend calls and etcd requests (medians):"
             )
             parts.append(rendezvous.table(data))
+        elif suite == "scale":
+            parts.append(
+                "Seconds until every node has its rank (median of the rounds that completed "
+                f"within {data['join_timeout']:g} s, a fresh server per run), etcd requests per "
+                "join, etcd's peak memory, client and etcd CPU seconds and etcd's fsync seconds "
+                "(medians):"
+            )
+            parts.append(scale.table(data))
+            parts.append("Ratios of medians:")
+            parts.append(scale.ratio_table(data))
+            parts.append("etcd requests per join by method (rendezvous, 1 connection):")
+            parts.append(scale.methods_table(data))
     return "\n\n".join(parts) + "\n"
 
 

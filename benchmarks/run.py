@@ -6,10 +6,13 @@
 
 Suites: `latency` (get_state, successful and conflicting set_state, 1 KiB to 1 MiB),
 `overhead` (rdzv's core over raw aetcd, the sync facade over the core), `contention` (K
-concurrent writers), `rendezvous` (N nodes through torch's handler, and rdzv's demo).
+concurrent writers), `rendezvous` (N nodes through torch's handler, and rdzv's demo), `scale`
+(`rdzv.AsyncRendezvous` and the single-blob compare-and-swap from 8 to 10,000 nodes, on one etcd
+and on a 3-member cluster).
 
 One etcd 3.5 (v2 API enabled, for PyTorch's etcd-v2 backend) serves every etcd contender, and
-one TCPStore serves c10d. Contenders take turns, round by round in a new random order, so that
+one TCPStore serves c10d; the `scale` suite starts a fresh etcd (or cluster) for each of its runs
+instead. Contenders take turns, round by round in a new random order, so that
 drift in the machine's speed falls on all of them alike. Each suite writes
 benchmarks/results/<suite>.json; then come benchmarks/results/summary.md (the tables and the
 targets) and the plots, docs/img/bench-<suite>.png. A quick run writes all of these under
@@ -30,6 +33,7 @@ import latency
 import plots
 import rendezvous
 import report
+import scale
 from contenders import ALL, ASYNC, RAW, SYNC
 from harness import load_average, machine, results_dir, write_json
 from servers import Servers, describe_servers, start_servers
@@ -61,11 +65,16 @@ async def _rendezvous(servers: Servers, quick: bool) -> dict[str, Any]:
     return await rendezvous.run(servers, quick=quick)
 
 
+async def _scale(servers: Servers, quick: bool) -> dict[str, Any]:
+    return await scale.run(quick=quick)
+
+
 SUITES: dict[str, Suite] = {
     "latency": _latency,
     "overhead": _overhead,
     "contention": _contention,
     "rendezvous": _rendezvous,
+    "scale": _scale,
 }
 
 TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
@@ -73,6 +82,9 @@ TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "overhead": lambda data: latency.table(data) + "\n\n" + latency.ratio_table(data),
     "contention": contention.table,
     "rendezvous": rendezvous.table,
+    "scale": lambda data: "\n\n".join(
+        [scale.table(data), scale.ratio_table(data), scale.methods_table(data)]
+    ),
 }
 
 

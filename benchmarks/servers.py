@@ -18,7 +18,7 @@ from typing import Any, Final
 
 import aetcd
 
-from rdzv.testing import EtcdServer
+from rdzv.testing import EtcdCluster, EtcdServer
 
 # Large enough that 1 MiB states never fill etcd between two compactions (8 GiB is etcd's
 # suggested maximum).
@@ -171,6 +171,98 @@ def server_requests(etcd: EtcdServer) -> dict[str, int]:
 
 def requests_between(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {key: after[key] - before[key] for key in before}
+
+
+# etcd's own timings and counts that tell what bounds a run: its CPU, its disk, its refusals.
+_DISK: Final = {
+    "etcd_disk_wal_fsync_duration_seconds_sum": "wal_fsync_seconds",
+    "etcd_disk_wal_fsync_duration_seconds_count": "wal_fsyncs",
+    "etcd_disk_backend_commit_duration_seconds_sum": "backend_commit_seconds",
+    "process_cpu_seconds_total": "cpu_seconds",
+}
+# How calls and streams end normally: a stream the client closes ends Canceled.
+_ENDED: Final = frozenset({"OK", "Canceled"})
+# Calls refused for load, "etcdserver: too many requests": etcd 3.5.1 counts them under Unknown
+# (the client gets UNKNOWN with that text), later versions under ResourceExhausted. On a healthy
+# server, with clients that do not cancel, that is the only error with either code.
+_REFUSED: Final = frozenset({"Unknown", "ResourceExhausted"})
+_PLAIN_METRIC: Final = re.compile(r"^(?P<name>[a-z_]+) (?P<value>\S+)$")
+
+
+def server_counters(etcd: EtcdServer) -> dict[str, float]:
+    """One scrape of etcd's `/metrics`: client requests by method, refusals, disk and CPU.
+
+    `requests`: as `v3` in `server_requests` (unary KV and Lease calls, and messages received
+    on Watch and LeaseKeepAlive streams); `method:<name>`: the same, by gRPC method;
+    `refused`: calls refused for load ("too many requests"); `code:<name>`: calls and streams
+    that ended with an error, by gRPC code; `wal_fsync_seconds`, `wal_fsyncs` and
+    `backend_commit_seconds`: time in fsync of the write-ahead log, and in commits of the
+    backend database; `cpu_seconds`: the etcd process's CPU time.
+    """
+    with urllib.request.urlopen(f"{etcd.client_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    counters: dict[str, float] = {"requests": 0, "refused": 0}
+    for line in text.splitlines():
+        plain = _PLAIN_METRIC.match(line)
+        if plain is not None:
+            if plain["name"] in _DISK:
+                counters[_DISK[plain["name"]]] = float(plain["value"])
+            continue
+        match = _METRIC.match(line)
+        if match is None:
+            continue
+        name, value = match["name"], float(match["value"])
+        labels = dict(_LABEL.findall(match["labels"]))
+        if labels.get("grpc_service") not in _V3_SERVICES:
+            continue
+        kind, method = labels.get("grpc_type"), labels.get("grpc_method", "?")
+        counted = (name == "grpc_server_started_total" and kind == "unary") or (
+            name == "grpc_server_msg_received_total" and kind == "bidi_stream"
+        )
+        if counted:
+            counters["requests"] += value
+            counters[f"method:{method}"] = counters.get(f"method:{method}", 0) + value
+        elif name == "grpc_server_handled_total":
+            code = labels.get("grpc_code", "?")
+            if code not in _ENDED:
+                counters[f"code:{code}"] = counters.get(f"code:{code}", 0) + value
+            if code in _REFUSED:
+                counters["refused"] += value
+    return counters
+
+
+def counters_between(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {key: value - before.get(key, 0) for key, value in after.items()}
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """The resident memory of a process (`rss`) and its peak since it started (`peak`), KiB.
+
+    The peak is the kernel's high-water mark (`VmHWM`): exact, where sampling `VmRSS` would miss
+    a short spike.
+    """
+    fields = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields["rss" if key == "VmRSS" else "peak"] = int(value.split()[0])
+    return fields
+
+
+@contextlib.contextmanager
+def fresh_etcd(members: int) -> Iterator[list[EtcdServer]]:
+    """A new etcd, or a new cluster of `members` etcds, with etcd's default settings.
+
+    A run on a fresh server pays for nothing an earlier run left behind (keys, leases, a heap
+    that Go has not handed back), so its memory and requests are its own.
+    """
+    if members == 1:
+        with EtcdServer(name="rdzv-scale") as server:
+            yield [server]
+    else:
+        with EtcdCluster(members, name="rdzv-scale") as cluster:
+            yield list(cluster.members)
 
 
 # ------------------------------------------------------------------------------- maintenance
