@@ -228,6 +228,15 @@ async def _nothing() -> None:
     return None
 
 
+SETTINGS = settings(
+    max_examples=_EXAMPLES,
+    stateful_step_count=20,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
 def test_any_interleaving_of_joins_leaves_deaths_and_closing_is_sound(
     etcd_endpoints: str, etcd_key_prefix: str, raw_etcd_sync: RawEtcd
 ) -> None:
@@ -236,18 +245,13 @@ def test_any_interleaving_of_joins_leaves_deaths_and_closing_is_sound(
         connection = rdzv.connect(etcd_endpoints, read_timeout=10)
         portal.call(connection.open)
         try:
-            run_state_machine_as_test(
-                lambda: RendezvousMachine(portal, connection, raw_etcd_sync, etcd_key_prefix),
-                settings=settings(
-                    max_examples=_EXAMPLES,
-                    stateful_step_count=20,
-                    deadline=None,
-                    database=None,
-                    suppress_health_check=[
-                        HealthCheck.function_scoped_fixture,
-                        HealthCheck.too_slow,
-                    ],
-                ),
-            )
+
+            class Machine(RendezvousMachine):
+                """The machine on this test's loop, etcd and prefix (Hypothesis wants a class)."""
+
+                def __init__(self) -> None:
+                    super().__init__(portal, connection, raw_etcd_sync, etcd_key_prefix)
+
+            run_state_machine_as_test(Machine, settings=SETTINGS)
         finally:
             portal.call(connection.aclose)
