@@ -382,6 +382,11 @@ class EtcdServer:
         startup_timeout: seconds that `start()` may take at most, retries included.
         log_file: where etcd's output goes (appended to, and kept). `None`: a file in a temporary
             directory, removed on `stop()`.
+        auto_compaction_retention: keep only this many of the latest revisions of history:
+            every five minutes, etcd compacts away the older ones
+            (`--auto-compaction-mode=revision`), so that its memory and database stay bounded
+            however long it runs. `None`: etcd's default, which never compacts. A watch that
+            asks for a compacted revision fails (`RendezvousWatchCompactedError`).
     """
 
     def __init__(
@@ -397,9 +402,20 @@ class EtcdServer:
         startup_timeout: float = 30.0,
         log_file: str | os.PathLike[str] | None = None,
         enable_v2: bool = False,
+        auto_compaction_retention: int | None = None,
     ) -> None:
         if startup_timeout <= 0:
             raise ValueError("startup_timeout must be positive")
+        if auto_compaction_retention is not None and (
+            isinstance(auto_compaction_retention, bool)
+            or not isinstance(auto_compaction_retention, int)
+            or auto_compaction_retention < 1
+        ):
+            raise ValueError(
+                "auto_compaction_retention must be a positive int or None, "
+                f"not {auto_compaction_retention!r}"
+            )
+        self._auto_compaction_retention = auto_compaction_retention
         self._enable_v2 = enable_v2
         self._name = name
         self._tls = tls
@@ -435,6 +451,11 @@ class EtcdServer:
     def tls(self) -> EtcdTLS | None:
         """The TLS settings for clients, or `None` for plain http."""
         return self._tls
+
+    @property
+    def auto_compaction_retention(self) -> int | None:
+        """How many of the latest revisions etcd keeps when it compacts; `None`: it never does."""
+        return self._auto_compaction_retention
 
     @property
     def endpoint(self) -> str:
@@ -729,6 +750,9 @@ class EtcdServer:
             args.extend(self.tls.server_args())
         if self._enable_v2:
             args.append("--enable-v2")
+        if self._auto_compaction_retention is not None:
+            args.append("--auto-compaction-mode=revision")
+            args.append(f"--auto-compaction-retention={self._auto_compaction_retention}")
         args.extend(self.extra_args)
         return args
 
