@@ -28,7 +28,18 @@ import click
 
 from rdzv import _envelope, _inspect
 from rdzv._backend import DEFAULT_KEY_PREFIX
-from rdzv._demo import run_demo
+from rdzv._demo import (
+    DAY,
+    DEFAULT_PER_CONNECTION,
+    PROTOCOLS,
+    DemoError,
+    DemoProgress,
+    DemoResult,
+    Protocol,
+    default_key_prefix,
+    max_nodes,
+    run_demo,
+)
 from rdzv._errors import RendezvousConnectionError, RendezvousError
 from rdzv._etcd import Connection
 from rdzv._etcd._endpoints import resolve_endpoints
@@ -43,6 +54,7 @@ EXIT_USAGE = 2
 
 DEFAULT_ENDPOINT = "127.0.0.1:2379"
 DEFAULT_READ_TIMEOUT = 10.0
+DEMO_READ_TIMEOUT = 30.0
 PASSWORD_ENVIRONMENT_VARIABLE = "RDZV_ETCD_PASSWORD"
 
 _EXIT_CODES = """\b
@@ -96,12 +108,15 @@ def _etcd_endpoints(endpoints: str | None) -> Iterator[str]:
         return
     from rdzv._server import EtcdBinaryNotFoundError
 
+    server = embedded_etcd("rdzv-demo")
     try:
-        server = embedded_etcd("rdzv-demo")
         server.start()
     except EtcdBinaryNotFoundError as error:
         click.echo(f"rdzv: {error}", err=True)
         sys.exit(EXIT_USAGE)
+    except RuntimeError as error:
+        server.stop()
+        _fail("demo", f"etcd did not start: {error}")
     try:
         click.echo(f"Started an embedded etcd at {server.endpoint}.", err=True)
         yield server.endpoint
@@ -109,71 +124,200 @@ def _etcd_endpoints(endpoints: str | None) -> Iterator[str]:
         server.stop()
 
 
+def _seconds(context: click.Context, parameter: click.Parameter, value: float) -> float:
+    """A positive, finite number of seconds, at most a day."""
+    if not 0 < value <= DAY:  # false for NaN too
+        raise click.BadParameter(
+            f"{value:g} is not a number of seconds from 0 (excluded) to {DAY}."
+        )
+    return value
+
+
+_SHOWN_RANKS = 8
+
+
+def _progress_line(progress: DemoProgress, protocol: str) -> str:
+    line = (
+        f"joined {progress.joined:>{len(str(progress.nodes))}}/{progress.nodes}  "
+        f"ranked {progress.ranked:>{len(str(progress.nodes))}}/{progress.nodes}"
+    )
+    if protocol == "cas":
+        line += f"  CAS conflicts {progress.conflicts}"
+    return f"{line}  {progress.seconds:6.2f} s"
+
+
+def _requests_line(result: DemoResult, nodes: int) -> str | None:
+    if result.requests is None:
+        return None
+    total = sum(result.requests.values())
+    by_count = sorted(result.requests.items(), key=lambda item: (-item[1], item[0]))
+    methods = ", ".join(f"{method} {count}" for method, count in by_count)
+    return f"etcd received {total} requests meanwhile, {total / nodes:.1f} per agent: {methods}."
+
+
 @main.command(epilog=_DEMO_EXIT_CODES)
-@click.option("--nodes", "-n", default=8, show_default=True, type=click.IntRange(1, 4096))
+@click.option(
+    "--nodes",
+    "-n",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1, max_nodes("rounds")),
+    help=f"How many agents rendezvous (at most {max_nodes('cas')} with --protocol cas).",
+)
+@click.option(
+    "--protocol",
+    type=click.Choice(PROTOCOLS),
+    default=PROTOCOLS[0],
+    show_default=True,
+    help="rounds: one key per agent, on its own lease (rdzv.AsyncRendezvous); cas: every agent "
+    "rewrites one shared list with compare-and-swap, whose cost grows as N squared.",
+)
+@click.option(
+    "--per-connection",
+    type=click.IntRange(min=1),
+    default=None,
+    help=f"rounds: agents per connection to etcd.  [default: {DEFAULT_PER_CONNECTION}]",
+)
 @click.option(
     "--endpoints",
     envvar="ETCDCTL_ENDPOINTS",
     help="etcd endpoints (host:port,...); default: start an embedded etcd.",
 )
-@click.option("--run-id", default=None, help="Rendezvous run id; default: a fresh one.")
-@click.option("--key-prefix", default=DEFAULT_KEY_PREFIX, show_default=True)
-@click.option("--timeout", default=60.0, show_default=True, help="Seconds before giving up.")
+@click.option("--run-id", default=None, help="Rendezvous run id; default: a fresh one per run.")
 @click.option(
-    "--read-timeout", default=10.0, show_default=True, help="Seconds any one etcd call may take."
+    "--key-prefix",
+    default=None,
+    help=f"Where the keys go; default: {default_key_prefix('rounds')} (rounds), "
+    f"{default_key_prefix('cas')} (cas).",
+)
+@click.option(
+    "--timeout",
+    default=60.0,
+    show_default=True,
+    callback=_seconds,
+    help="Seconds before giving up.",
+)
+@click.option(
+    "--read-timeout",
+    default=DEMO_READ_TIMEOUT,
+    show_default=True,
+    callback=_seconds,
+    help="Seconds any one etcd call may take, the wait for a free slot on a busy connection "
+    "included.",
 )
 def demo(
     nodes: int,
+    protocol: Protocol,
+    per_connection: int | None,
     endpoints: str | None,
     run_id: str | None,
-    key_prefix: str,
+    key_prefix: str | None,
     timeout: float,
     read_timeout: float,
 ) -> None:
-    """Rendezvous N asyncio agents through etcd and print who got which rank."""
-    run_id = run_id or f"demo-{uuid.uuid4().hex[:8]}"
+    """Rendezvous N asyncio agents through etcd and print who got which rank.
+
+    The agents run in this process. By default they use rdzv.AsyncRendezvous: each writes one
+    key of its own, so the time grows with N (10,000 agents take seconds); --protocol cas shows
+    the single shared value that everybody rewrites, for comparison. Progress is printed every
+    second, also when the output is not a terminal; then the ranks, the time, and what etcd
+    received (read from its /metrics, when it can be).
+    """
+    if nodes > max_nodes(protocol):
+        raise click.BadParameter(
+            f"{nodes} is more than --protocol {protocol} takes ({max_nodes(protocol)}).",
+            param_hint="'--nodes'",
+        )
+    if per_connection is not None and protocol != "rounds":
+        raise click.UsageError("--per-connection applies to --protocol rounds only.")
+    if endpoints:
+        try:
+            resolve_endpoints(endpoints)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="'--endpoints'") from None
+    try:
+        prefix = validate_key_prefix(key_prefix or default_key_prefix(protocol))
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="'--key-prefix'") from None
+    try:
+        run_id = validate_run_id(run_id or f"demo-{uuid.uuid4().hex[:8]}")
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="'--run-id'") from None
     live = sys.stdout.isatty()
 
-    def show(joined: int, conflicts: int, seconds: float) -> None:
+    def show(progress: DemoProgress) -> None:
+        line = _progress_line(progress, protocol)
         if live:
-            line = f"joined {joined}/{nodes}  CAS conflicts {conflicts}  {seconds:6.2f} s"
             click.echo(f"\r{line}", nl=False)
+        else:
+            click.echo(line)
 
     with _etcd_endpoints(endpoints) as resolved:
-        click.echo(f"Rendezvous of {nodes} agents, run id {run_id!r}, etcd {resolved}.")
+        connections = ""
+        if protocol == "rounds":
+            share = per_connection or DEFAULT_PER_CONNECTION
+            count = -(-nodes // share)
+            connections = f" on {count} connection{'s' if count > 1 else ''}"
+        click.echo(
+            f"Rendezvous of {nodes} agents ({protocol}{connections}), run id {run_id!r}, "
+            f"etcd {resolved}."
+        )
         try:
             result = anyio.run(
                 lambda: run_demo(
                     nodes,
                     resolved,
                     run_id=run_id,
-                    key_prefix=key_prefix,
+                    key_prefix=prefix,
                     timeout=timeout,
                     read_timeout=read_timeout,
+                    protocol=protocol,
+                    per_connection=per_connection or DEFAULT_PER_CONNECTION,
                     on_progress=show,
+                    progress_interval=0.2 if live else 1.0,
                 ),
                 backend="asyncio",
             )
         except TimeoutError:
-            click.echo(f"\nrdzv demo: the rendezvous did not complete in {timeout} s.", err=True)
+            click.echo(f"\nrdzv demo: the rendezvous did not complete in {timeout:g} s.", err=True)
             sys.exit(EXIT_FAILURE)
         except RendezvousError as error:
             cause = f" ({error.__cause__})" if error.__cause__ else ""
             click.echo(f"\nrdzv demo: {error}{cause}", err=True)
             sys.exit(EXIT_FAILURE)
+        except DemoError as error:
+            click.echo(f"\nrdzv demo: {error}", err=True)
+            sys.exit(EXIT_FAILURE)
     if live:
         click.echo()
-    for name, rank in sorted(result.ranks.items(), key=lambda item: item[1]):
+    _print_result(result, nodes)
+
+
+def _print_result(result: DemoResult, nodes: int) -> None:
+    by_rank = sorted(result.ranks.items(), key=lambda item: item[1])
+    shown = by_rank if nodes <= 2 * _SHOWN_RANKS else by_rank[:_SHOWN_RANKS]
+    for name, rank in shown:
         click.echo(f"  rank {rank:>4}  {name}")
+    if len(shown) < nodes:
+        click.echo(f"  ... {nodes - 2 * _SHOWN_RANKS} more ...")
+        for name, rank in by_rank[-_SHOWN_RANKS:]:
+            click.echo(f"  rank {rank:>4}  {name}")
     ok = sorted(result.ranks.values()) == list(range(nodes))
-    click.echo(
-        f"{len(result.ranks)} agents took ranks 0..{nodes - 1} in {result.seconds:.3f} s "
-        f"with {result.conflicts} CAS conflicts."
-        if ok
-        else "The ranks are not a permutation of 0..N-1: the rendezvous failed."
-    )
     if not ok:
-        sys.exit(EXIT_FAILURE)
+        _fail("demo", "the ranks are not a permutation of 0..N-1: the rendezvous failed.")
+    if result.protocol == "rounds":
+        click.echo(
+            f"{nodes} agents took ranks 0..{nodes - 1} in round {result.round} in "
+            f"{result.seconds:.3f} s, then left in {result.leave_seconds or 0:.3f} s."
+        )
+    else:
+        click.echo(
+            f"{nodes} agents took ranks 0..{nodes - 1} in {result.seconds:.3f} s "
+            f"with {result.conflicts} CAS conflicts."
+        )
+    requests = _requests_line(result, nodes)
+    if requests is not None:
+        click.echo(requests)
 
 
 # ------------------------------------------------------------------------- connection options
