@@ -14,25 +14,29 @@ Contenders, every node joining one round of `min_nodes = max_nodes = N`:
   first contender's do, so the two differ only in the protocol. N <= 300: lost
   compare-and-swaps grow as N², and 1,000 agents did not finish in 590 s.
 
-Each run gets a fresh server, one etcd or a 3-member cluster (`rdzv.testing`, etcd's default
-settings), so that no run pays for what an earlier one left behind and its memory is its own.
-The connections and participants exist before the clock starts; the clock stops when the last
-node has its rank. Then every node leaves (timed apart, not in `seconds`) and the server stops.
+Each run gets a Python process of its own, which imports rdzv and nothing else (not torch), and
+a fresh server, one etcd or a 3-member cluster (`rdzv.testing`, etcd's default settings): no run
+pays for what an earlier one left behind, and etcd's memory is the run's own. The connections
+and participants exist before the clock starts; the clock stops when the last node has its
+rank. Then every node leaves (timed apart, not in `seconds`) and the server stops.
 
 Measured per run, for the time on the clock:
 
 - `requests_per_join`: the v3 requests etcd received (its `/metrics`, summed over members:
   unary KV and Lease calls, and messages on Watch and LeaseKeepAlive streams), divided by N;
-  `methods` has them by gRPC method, `refused` counts calls etcd ended with an error.
+  `methods` has them by gRPC method; `refused` counts calls etcd refused for load ("too many
+  requests"), `errors` every call or stream that ended with an error, by gRPC code.
 - `etcd_peak_mib`: the largest etcd process's peak resident memory (the kernel's `VmHWM`; the
   process is new, so its peak is this run's), and `etcd_start_mib`, its memory at the start.
-- `client_cpu`: CPU seconds of this process (every thread: asyncio, gRPC's, the facades').
+- `client_cpu`: CPU seconds of the run's process (every thread: asyncio, gRPC's, the
+  facades'), and `client_gc`, the part of it in Python's cyclic garbage collector.
 - `etcd_cpu`, `wal_fsync`, `backend_commit`: etcd's CPU seconds (summed over members) and its
   seconds in fsync of the write-ahead log and in backend commits (the largest member's).
 
 Contenders take turns, run by run in a new random order (`harness.interleave`).
 
-    python benchmarks/scale.py --profile 10000   # cProfile of one run's clock (1 connection)
+    python benchmarks/scale.py --profile 10000     # cProfile of one run's clock (1 connection)
+    python benchmarks/scale.py --collector 10000   # the same with Python's GC on and off
 """
 
 from __future__ import annotations
@@ -43,19 +47,22 @@ import asyncio
 import concurrent.futures
 import contextlib
 import cProfile
+import gc
 import io
 import json
 import math
 import os
 import pstats
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any, ClassVar, Final
 
 import rdzv
-from harness import describe, interleave, load_average, markdown_table, ratio
+from harness import RESULTS, describe, interleave, load_average, markdown_table, ratio, write_json
 from servers import counters_between, fresh_etcd, memory_kib, server_counters
 
 NODES: Final = (8, 128, 300, 1_000, 10_000)
@@ -71,6 +78,7 @@ FACADE = "Rendezvous (sync), threads"
 CAS = "single-blob CAS"
 CONTENDERS: Final = (ONE, PER_100, FACADE, CAS)
 AGENTS_PER_CONNECTION: Final = 100
+_SCRIPT: Final = str(Path(__file__).resolve())
 
 # A round not done in this time is reported as not completed, and that contender is not run
 # again at that N on that server.
@@ -252,6 +260,34 @@ CONTENDER_TYPES: Final[dict[str, type[Contender]]] = {
 # -------------------------------------------------------------------------------- one run
 
 
+class GcClock:
+    """The seconds Python's cyclic garbage collector runs while this is entered, by generation.
+
+    The collector stops the whole process, and each full (generation 2) collection walks every
+    object the process holds: with 10,000 participants in one process, that is much of the
+    client's time.
+    """
+
+    def __init__(self) -> None:
+        self.seconds = [0.0, 0.0, 0.0]
+        self.collections = [0, 0, 0]
+        self._started = 0.0
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds[info["generation"]] += time.perf_counter() - self._started
+            self.collections[info["generation"]] += 1
+
+    def __enter__(self) -> GcClock:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+
 def _counters(members: Sequence[Any]) -> list[dict[str, float]]:
     return [server_counters(member) for member in members]
 
@@ -276,7 +312,8 @@ async def measure(
             if profile is not None:
                 profile.enable()
             try:
-                joined = await asyncio.wait_for(contender.join(), JOIN_TIMEOUT)
+                with GcClock() as collector:
+                    joined = await asyncio.wait_for(contender.join(), JOIN_TIMEOUT)
             except TimeoutError:
                 joined = None
             finally:
@@ -316,6 +353,9 @@ async def measure(
         "etcd_start_mib": max(m["rss"] for m in start_memory) / 1024,
         "etcd_peak_mib": max(m["peak"] for m in peak_memory) / 1024,
         "client_cpu": client_cpu,
+        "client_gc": sum(collector.seconds),
+        "gc_seconds": collector.seconds,
+        "gc_collections": collector.collections,
         "etcd_cpu": total.get("cpu_seconds"),
         "wal_fsync": max(c.get("wal_fsync_seconds", 0) for c in each),
         "wal_fsyncs": max(c.get("wal_fsyncs", 0) for c in each),
@@ -324,6 +364,31 @@ async def measure(
         "load": load,
         **contender.extra,
     }
+
+
+async def measure_apart(name: str, server: str, nodes: int) -> Outcome:
+    """`measure` in a new Python process, which imports rdzv and nothing else.
+
+    The suite's own process holds torch and matplotlib (other suites import them): some 200,000
+    objects that every full garbage collection of the client would walk too. A process per run
+    also starts with no threads, tasks or garbage of an earlier run.
+    """
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        _SCRIPT,
+        "--run",
+        name,
+        "--server",
+        server,
+        "--nodes",
+        str(nodes),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    output, _ = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"{name} at N={nodes} on {server} failed (exit {process.returncode})")
+    outcome: Outcome = json.loads(output.decode().strip().splitlines()[-1])
+    return outcome
 
 
 # ------------------------------------------------------------------------------- the suite
@@ -350,14 +415,14 @@ async def run(
     # One small untimed round of each contender first: imports, gRPC's start-up and the first
     # connections are then paid for before anything is measured.
     for name in () if quick else names:
-        await measure(name, servers[0], 8)
+        await measure_apart(name, servers[0], 8)
     gave_up: set[tuple[str, str, int]] = set()
 
     def attempt(server: str, name: str, nodes: int) -> Callable[[], Awaitable[Outcome]]:
         async def run_once() -> Outcome:
             if (server, name, nodes) in gave_up:
                 return {"seconds": None, "skipped": True}
-            outcome = await measure(name, server, nodes)
+            outcome = await measure_apart(name, server, nodes)
             if outcome["seconds"] is None:
                 gave_up.add((server, name, nodes))
             shown = "—" if outcome["seconds"] is None else f"{outcome['seconds']:.2f} s"
@@ -387,6 +452,7 @@ _MEDIANS: Final = (
     "etcd_start_mib",
     "etcd_peak_mib",
     "client_cpu",
+    "client_gc",
     "etcd_cpu",
     "wal_fsync",
     "wal_fsyncs",
@@ -461,6 +527,7 @@ def table(data: dict[str, Any]) -> str:
                         s["requests_per_join"],
                         s["etcd_peak_mib"],
                         s["client_cpu"],
+                        s["client_gc"],
                         s["etcd_cpu"],
                         s["wal_fsync"],
                     ]
@@ -476,6 +543,7 @@ def table(data: dict[str, Any]) -> str:
             "requests/join",
             "etcd peak MiB",
             "client CPU s",
+            "of it GC s",
             "etcd CPU s",
             "fsync s",
         ],
@@ -566,15 +634,66 @@ async def _profiled(nodes: int, server: str) -> tuple[Outcome, str]:
     return outcome, text.getvalue()
 
 
+async def _collector_check(nodes: int, server: str, rounds: int) -> dict[str, Any]:
+    """The 1-connection rendezvous with Python's garbage collector on and off, interleaved."""
+
+    async def run_with(enabled: bool) -> Outcome:
+        gc.collect()
+        if not enabled:
+            gc.disable()
+        try:
+            return await measure(ONE, server, nodes)
+        finally:
+            gc.enable()
+
+    runs = {"collector on": lambda: run_with(True), "collector off": lambda: run_with(False)}
+    outcomes = await interleave(runs, rounds=rounds)
+    summary = {
+        mode: {
+            key: describe([o[key] for o in each])["median"]
+            for key in ("seconds", "client_cpu", "client_gc", "etcd_cpu", "wal_fsync")
+        }
+        for mode, each in outcomes.items()
+    }
+    on, off = summary["collector on"], summary["collector off"]
+    return {
+        "nodes": nodes,
+        "server": server,
+        "rounds": rounds,
+        "summary": summary,
+        "off_over_on": ratio(off["seconds"], on["seconds"]),
+        "runs": outcomes,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", type=int, metavar="N", required=True, help="nodes")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--profile", type=int, metavar="N", help="cProfile one run's clock")
+    what.add_argument("--run", choices=CONTENDERS, help="one run of this contender (as JSON)")
+    what.add_argument(
+        "--collector",
+        type=int,
+        metavar="N",
+        help="Python's garbage collector on and off, interleaved; writes scale-collector.json",
+    )
     parser.add_argument("--server", choices=list(SERVERS), default=ONE_ETCD)
+    parser.add_argument("--rounds", type=int, default=3, help="with --collector")
+    parser.add_argument("--nodes", type=int, default=8, help="with --run")
     args = parser.parse_args()
-    outcome, text = asyncio.run(_profiled(args.profile, args.server))
-    print(text)
-    summary = {k: v for k, v in outcome.items() if k != "methods"}
-    print(json.dumps(summary, indent=1), f"\nload average: {os.getloadavg()}")
+    if args.run is not None:
+        print(json.dumps(asyncio.run(measure(args.run, args.server, args.nodes))))
+        return
+    if args.profile is not None:
+        outcome, text = asyncio.run(_profiled(args.profile, args.server))
+        print(text)
+        print(json.dumps({k: v for k, v in outcome.items() if k != "methods"}, indent=1))
+    else:
+        data = asyncio.run(_collector_check(args.collector, args.server, args.rounds))
+        data["load_average"] = load_average()
+        write_json(RESULTS / "scale-collector.json", data)
+        print(json.dumps({k: v for k, v in data.items() if k != "runs"}, indent=1))
+    print(f"load average: {os.getloadavg()}")
 
 
 if __name__ == "__main__":
