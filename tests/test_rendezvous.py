@@ -6,6 +6,7 @@ Rounds, ranks, late and surplus nodes, liveness from leases, closing, and bounds
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable
 
 import aetcd
 import anyio
@@ -348,3 +349,67 @@ async def test_node_info_over_the_limit_is_a_value_error(participants: Participa
     assert node.max_node_info == 90
     with pytest.raises(ValueError, match="node_info"):
         await node.join(b"x" * 91)
+
+
+async def test_a_waiter_takes_over_when_the_coordinator_dies(
+    participants: Participants, etcd_endpoints: str, etcd_key_prefix: str, raw_etcd: aetcd.Client
+) -> None:
+    """A participant already waiting becomes coordinator when the coordinator's lease ends."""
+    doomed_connection = await rdzv.connect(etcd_endpoints, read_timeout=2).__aenter__()
+    doomed = participants(min_nodes=3, max_nodes=3, connection=doomed_connection)
+    nodes = [participants(min_nodes=3, max_nodes=3) for _ in range(3)]
+    coordinator_key = f"{etcd_key_prefix}/job/round/1/c/coordinator".encode()
+    memberships: list[rdzv.Membership] = []
+
+    async def join(node: rdzv.AsyncRendezvous) -> None:
+        memberships.append(await node.join())
+
+    async def coordinator() -> bytes | None:
+        kv = await raw_etcd.get(coordinator_key)
+        return None if kv is None else bytes(kv.value)
+
+    async def die() -> None:
+        with pytest.raises(rdzv.RendezvousError):
+            await doomed.join()
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as group:
+            group.start_soon(die)
+            await poll_until(lambda: _is_not_none(coordinator()))
+            first = await coordinator()
+            assert first is not None
+            group.start_soon(join, nodes[0])
+            await poll_until(lambda: _count_at_least(raw_etcd, etcd_key_prefix, 2))
+            # The process dies: its connection is gone, and its lease ends 2 s later.
+            await doomed_connection.aclose()
+            await poll_until(lambda: _holds_other_than(coordinator(), first))
+            for node in nodes[1:]:
+                group.start_soon(join, node)
+    assert [m.world_size for m in memberships] == [3, 3, 3]
+    assert first is not None
+    assert int(first, 16) not in {member.id for member in memberships[0].members}
+
+
+async def test_a_join_that_times_out_frees_the_coordinator_key(
+    participants: Participants, etcd_key_prefix: str, raw_etcd: aetcd.Client
+) -> None:
+    """A coordinator whose join timed out resigns: the next node coordinates without waiting."""
+    with pytest.raises(rdzv.RendezvousTimeoutError):
+        await participants(min_nodes=2, max_nodes=2, join_timeout=0.5).join()
+    assert await raw_etcd.get(f"{etcd_key_prefix}/job/round/1/c/coordinator".encode()) is None
+    with anyio.fail_after(10):
+        membership = await participants(min_nodes=1, max_nodes=1).join()
+    assert membership.round == 1
+
+
+async def _is_not_none(value: Awaitable[object]) -> bool:
+    return await value is not None
+
+
+async def _holds_other_than(value: Awaitable[bytes | None], other: bytes) -> bool:
+    held = await value
+    return held is not None and held != other
+
+
+async def _count_at_least(raw_etcd: aetcd.Client, key_prefix: str, number: int) -> bool:
+    return len(await keys_under(raw_etcd, f"{key_prefix}/job/round/1/m/")) >= number

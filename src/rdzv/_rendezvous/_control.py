@@ -15,7 +15,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
-from rdzv._errors import RendezvousError
+from rdzv._errors import RendezvousError, RendezvousWatchCompactedError
 from rdzv._etcd import Connection, KeyValue
 from rdzv._rendezvous._layout import Member, decode_membership
 
@@ -93,21 +93,35 @@ class RoundControl:
 
     async def _follow(self) -> None:
         try:
-            kvs, revision = await self._connection.range(self.prefix, prefix=True)
-            for kv in kvs:
-                self._apply(kv, deleted=False)
-            self._ready.set()
-            async for event in self._connection.watch(
-                self.prefix, start_revision=revision + 1, prefix=True
-            ):
-                self._apply(event.kv, deleted=event.deleted)
+            while True:
+                kvs, revision = await self._connection.range(self.prefix, prefix=True)
+                self._reset(kvs)
+                self._ready.set()
                 async with self._changed:
                     self._changed.notify_all()
+                changes = self._connection.watch(
+                    self.prefix, start_revision=revision + 1, prefix=True
+                )
+                try:
+                    async for event in changes:
+                        self._apply(event.kv, deleted=event.deleted)
+                        async with self._changed:
+                            self._changed.notify_all()
+                except RendezvousWatchCompactedError:
+                    continue  # etcd no longer holds what we missed: read the keys again
+                finally:
+                    await changes.aclose()
         except RendezvousError as error:
             self._failure = error
             self._ready.set()
             async with self._changed:
                 self._changed.notify_all()
+
+    def _reset(self, kvs: tuple[KeyValue, ...]) -> None:
+        self.version += 1
+        self.keys = {}
+        for kv in kvs:
+            self._apply(kv, deleted=False)
 
     def _apply(self, kv: KeyValue, *, deleted: bool) -> None:
         self.version += 1

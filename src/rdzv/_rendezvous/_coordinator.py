@@ -24,11 +24,16 @@ import contextlib
 import dataclasses
 import functools
 import time
+from collections.abc import Awaitable, Callable
 from typing import Literal
 
 import anyio
 
-from rdzv._errors import RendezvousOutcomeUnknownError
+from rdzv._errors import (
+    RendezvousError,
+    RendezvousOutcomeUnknownError,
+    RendezvousWatchCompactedError,
+)
 from rdzv._etcd import Compare, Connection, Delete, Get, KeyValue, Put
 from rdzv._rendezvous._control import RoundControl
 from rdzv._rendezvous._layout import Layout, Member, encode_membership, member_name
@@ -69,15 +74,32 @@ class Coordinator:
         self._wake = asyncio.Event()
 
     async def run(self) -> None:
-        """Coordinate until the round's first departure is written, or we are replaced."""
+        """Coordinate until the round's first departure is written, or we are replaced.
+
+        Raises the first `RendezvousError` of its calls and watches (a plain one, not a group).
+        """
+        failures: list[RendezvousError] = []
         async with anyio.create_task_group() as followers:
-            followers.start_soon(self._follow_members)
-            followers.start_soon(self._follow_control)
+
+            async def guarded(work: Callable[[], Awaitable[object]]) -> None:
+                try:
+                    await work()
+                except RendezvousError as error:
+                    failures.append(error)
+                    followers.cancel_scope.cancel()
+
+            followers.start_soon(guarded, self._follow_members)
+            followers.start_soon(guarded, self._follow_control)
             if not self._previous_empty:
-                followers.start_soon(self._follow_previous)
-            if await self._decide():
-                await self._report_departure()
+                followers.start_soon(guarded, self._follow_previous)
+            await guarded(self._coordinate)
             followers.cancel_scope.cancel()
+        if failures:
+            raise failures[0]
+
+    async def _coordinate(self) -> None:
+        if await self._decide():
+            await self._report_departure()
 
     # ------------------------------------------------------------------------- what we follow
 
@@ -98,30 +120,45 @@ class Coordinator:
 
     async def _follow_members(self) -> None:
         prefix = self._layout.members(self._number)
-        kvs, revision = await self._connection.range(prefix, prefix=True)
-        self._members = {kv.key: kv for kv in kvs}
-        self._wake.set()
-        async for event in self._connection.watch(prefix, start_revision=revision + 1, prefix=True):
-            if event.deleted:
-                self._members.pop(event.kv.key, None)
-            else:
-                self._members[event.kv.key] = event.kv
+        while True:
+            kvs, revision = await self._connection.range(prefix, prefix=True)
+            self._members = {kv.key: kv for kv in kvs}
             self._wake.set()
+            changes = self._connection.watch(prefix, start_revision=revision + 1, prefix=True)
+            try:
+                async for event in changes:
+                    if event.deleted:
+                        self._members.pop(event.kv.key, None)
+                    else:
+                        self._members[event.kv.key] = event.kv
+                    self._wake.set()
+            except RendezvousWatchCompactedError:
+                continue  # etcd no longer holds the changes we missed: read the members again
+            finally:
+                await changes.aclose()
 
     async def _follow_previous(self) -> None:
         """Until no member of the previous round is left."""
         prefix = self._layout.members(self._number - 1)
-        counted = await self._connection.txn([], [Get(prefix, prefix=True, count_only=True)])
-        left = counted.counts[0]
-        if left:
+        while True:
+            counted = await self._connection.txn([], [Get(prefix, prefix=True, count_only=True)])
+            left = counted.counts[0]
+            if not left:
+                break
             changes = self._connection.watch(
                 prefix, start_revision=counted.revision + 1, prefix=True
             )
-            async for event in changes:
-                left += -1 if event.deleted else int(event.kv.version == 1)
-                if left <= 0:
-                    break
-            await changes.aclose()
+            try:
+                async for event in changes:
+                    left += -1 if event.deleted else int(event.kv.version == 1)
+                    if left <= 0:
+                        break
+            except RendezvousWatchCompactedError:
+                continue  # count again
+            finally:
+                await changes.aclose()
+            if left <= 0:
+                break
         self._previous_empty = True
         self._wake.set()
 

@@ -148,6 +148,7 @@ class AsyncRendezvous:
         self._keeper: LeaseKeeper | None = None
         self._key: bytes | None = None  # our member key, once we joined a round
         self._coordinating: dict[int, asyncio.Task[None]] = {}
+        self._waiting: int | None = None  # the round a join waits in
         self._joining = asyncio.Lock()
 
     def __repr__(self) -> str:
@@ -225,8 +226,10 @@ class AsyncRendezvous:
                 self._drop_lease()
                 continue
             if coordinator_revision is not None:
-                self._coordinate(number, keeper.lease_id, coordinator_revision)
+                self._coordinate(number, keeper, coordinator_revision)
+            self._waiting = number
             membership = await self._wait_in(number, keeper)
+            self._waiting = None
             if membership is not None:
                 return membership
 
@@ -315,7 +318,7 @@ class AsyncRendezvous:
         self, control: RoundControl, number: int, keeper: LeaseKeeper
     ) -> Membership | _Outcome:
         """What happens next to a participant waiting in round `number`."""
-        outcome: Membership | _Outcome = "lease lost"
+        outcome: Membership | _Outcome | RendezvousError = "lease lost"
         async with anyio.create_task_group() as waiting:
 
             async def on_expiry() -> None:
@@ -323,8 +326,13 @@ class AsyncRendezvous:
                 await control.changed()
 
             waiting.start_soon(on_expiry)
-            outcome = await control.wait_for(lambda: self._outcome(control, number, keeper))
+            try:
+                outcome = await control.wait_for(lambda: self._outcome(control, number, keeper))
+            except RendezvousError as error:
+                outcome = error  # raised below, not wrapped in an exception group
             waiting.cancel_scope.cancel()
+        if isinstance(outcome, RendezvousError):
+            raise outcome
         return outcome
 
     def _outcome(
@@ -346,11 +354,16 @@ class AsyncRendezvous:
             return "elect"
         return None
 
-    def _may_elect(self, control: RoundControl, number: int) -> bool:
+    def _may_elect(self, control: RoundControl, number: int, *, holding: bool = False) -> bool:
+        """Whether to try to take round `number`'s vacant coordinator key now.
+
+        Not while another local participant tries (`holding`: we hold the election lock), and
+        not twice for one state of the mirror.
+        """
         return (
             control.get(b"coordinator") is None
             and control.version != control.election_version
-            and not control.election.locked()
+            and (holding or not control.election.locked())
             and number not in self._coordinating
         )
 
@@ -361,18 +374,15 @@ class AsyncRendezvous:
         changes: a coordinator's death wakes every waiter, but costs etcd few requests.
         """
         async with control.election:
-            if not self._may_elect(control, number):
+            if not self._may_elect(control, number, holding=True):
                 return
             control.election_version = control.version
             coordinator = self._layout.coordinator(number)
             key = self._layout.member(number, lease)
             try:
                 result = await self._connection.txn(
-                    [
-                        Compare.absent(coordinator),
-                        Compare.absent(self._layout.done(number)),
-                        Compare(key, "create_revision", ">", 0),
-                    ],
+                    # Also after completion: the coordinator then reports departures.
+                    [Compare.absent(coordinator), Compare(key, "create_revision", ">", 0)],
                     [Put(coordinator, member_name(lease), lease)],
                     what=f"take over the coordination of round {number}",
                 )
@@ -382,25 +392,25 @@ class AsyncRendezvous:
                 revision = taken.mod_revision if taken and taken.lease == lease else None
             except RendezvousLeaseNotFoundError:
                 return  # our lease is gone: the waiter learns it from the keeper
-            if revision is not None:
-                self._coordinate(number, lease, revision)
+            if revision is not None and self._keeper is not None:
+                self._coordinate(number, self._keeper, revision)
 
-    def _coordinate(self, number: int, member_id: int, revision: int) -> None:
+    def _coordinate(self, number: int, keeper: LeaseKeeper, revision: int) -> None:
         task = asyncio.get_running_loop().create_task(
-            self._run_coordinator(number, member_id, revision)
+            self._run_coordinator(number, keeper, revision)
         )
         self._coordinating[number] = task
         task.add_done_callback(lambda _: self._coordinating.pop(number, None))
 
-    async def _run_coordinator(self, number: int, member_id: int, revision: int) -> None:
-        while True:
+    async def _run_coordinator(self, number: int, keeper: LeaseKeeper, revision: int) -> None:
+        while not keeper.expired:
             try:
                 async with round_control(self._connection, self._layout.control(number)) as control:
                     coordinator = Coordinator(
                         self._connection,
                         self._layout,
                         number,
-                        member_id=member_id,
+                        member_id=keeper.lease_id,
                         revision=revision,
                         settings=self._settings,
                         control=control,
@@ -413,15 +423,34 @@ class AsyncRendezvous:
                 await asyncio.sleep(_RETRY_COORDINATION)
 
     async def _withdraw(self) -> None:
-        """After a failed join: delete our key, or let our lease lapse if we cannot."""
-        if self._key is None:
-            return
+        """After a failed join: resign, delete our key, or let our lease lapse if we cannot."""
+        number, self._waiting = self._waiting, None
         key, self._key = self._key, None
         with anyio.CancelScope(shield=True):
             try:
-                await self._connection.delete(key)
+                if number is not None:
+                    await self._resign(number)
+                if key is not None:
+                    await self._connection.delete(key)
             except RendezvousError:
-                self._drop_lease()  # the key expires with the lease, within lease_ttl
+                self._drop_lease()  # our keys expire with the lease, within lease_ttl
+
+    async def _resign(self, number: int) -> None:
+        """Stop coordinating round `number`, and free its coordinator key for a waiter."""
+        task = self._coordinating.pop(number, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._keeper is not None:
+            coordinator = self._layout.coordinator(number)
+            mine = member_name(self._keeper.lease_id)
+            with contextlib.suppress(RendezvousOutcomeUnknownError):  # deleting is idempotent
+                await self._connection.txn(
+                    [Compare.value_is(coordinator, mine)],
+                    [Delete(coordinator)],
+                    what=f"resign the coordination of round {number}",
+                )
 
     def _closed_error(self) -> RendezvousClosedError:
         return RendezvousClosedError(
