@@ -168,6 +168,16 @@ def plot_scale(data: dict[str, Any], path: Path) -> Path:
             ]
             if done:
                 _errorbars(axes, [float(n) for n, _ in done], [s for _, s in done], name)
+            for n in nodes:  # say so where a round did not complete within the join timeout
+                s = data["nodes"][str(n)].get(f"{server} | {name}")
+                if s is not None and s["seconds"] is not None and s["completed"] < s["attempted"]:
+                    axes.annotate(
+                        f"{s['completed']}/{s['attempted']} done",
+                        (n, s["seconds"]["median"]),
+                        textcoords="offset points",
+                        xytext=(-58, 6),
+                        fontsize=7,
+                    )
         # Linear growth from the 1-connection rendezvous's smallest point, for the eye.
         first = next(
             (
@@ -184,8 +194,8 @@ def plot_scale(data: dict[str, Any], path: Path) -> Path:
             axes.plot(
                 [n0, max(nodes)],
                 [t0, t0 * max(nodes) / n0],
-                color="grey",
-                linewidth=0.9,
+                color="0.35",
+                linewidth=1.0,
                 linestyle=(0, (1, 2)),
                 label="linear from N=1,000",
             )

@@ -106,6 +106,7 @@ class Contender(abc.ABC):
         self.nodes = nodes
         self.run_id = run_id
         self.extra: dict[str, Any] = {}  # what else a contender reports
+        self.ranked = 0  # nodes that have their rank so far
 
     @abc.abstractmethod
     async def prepare(self) -> None:
@@ -144,10 +145,14 @@ class AsyncRendezvousContender(Contender):
         self.extra["connections"] = len(connections)
 
     async def join(self) -> list[tuple[int, int]]:
-        joined = await asyncio.gather(
-            *(node.join(f"node-{i}".encode()) for i, node in enumerate(self._nodes))
+        return list(
+            await asyncio.gather(*(self._one(i, node) for i, node in enumerate(self._nodes)))
         )
-        return [(membership.rank, membership.world_size) for membership in joined]
+
+    async def _one(self, index: int, node: rdzv.AsyncRendezvous) -> tuple[int, int]:
+        membership = await node.join(f"node-{index}".encode())
+        self.ranked += 1
+        return membership.rank, membership.world_size
 
     async def leave(self) -> None:
         try:
@@ -178,6 +183,7 @@ class FacadeContender(Contender):
             )
 
         self._go = threading.Event()
+        self._lock = threading.Lock()
         with concurrent.futures.ThreadPoolExecutor(max_workers=16) as makers:
             self._nodes = list(await asyncio.to_thread(makers.map, make, range(self.nodes)))
         # The threads exist and wait before the clock starts; `join` only releases them.
@@ -189,6 +195,8 @@ class FacadeContender(Contender):
         if not self._go.wait(timeout=JOIN_TIMEOUT * 3):
             raise RuntimeError("never released")
         membership = node.join(b"node")
+        with self._lock:
+            self.ranked += 1
         return membership.rank, membership.world_size
 
     async def join(self) -> list[tuple[int, int]]:
@@ -241,6 +249,7 @@ class CasContender(Contender):
                         break
             finally:
                 await changes.aclose()
+        self.ranked += 1
         return names.index(name), len(names)
 
     async def join(self) -> list[tuple[int, int]]:
@@ -337,6 +346,7 @@ async def measure(
     total = {key: sum(c.get(key, 0) for c in each) for key in {k for c in each for k in c}}
     return {
         "seconds": seconds if joined is not None else None,
+        "ranked": contender.ranked,
         "requests": total["requests"],
         "requests_per_join": total["requests"] / nodes,
         "methods": {
@@ -675,7 +685,7 @@ def main() -> None:
         "--collector",
         type=int,
         metavar="N",
-        help="Python's garbage collector on and off, interleaved; writes scale-collector.json",
+        help="Python's garbage collector on and off, interleaved; writes scale-collector-N.json",
     )
     parser.add_argument("--server", choices=list(SERVERS), default=ONE_ETCD)
     parser.add_argument("--rounds", type=int, default=3, help="with --collector")
@@ -691,7 +701,7 @@ def main() -> None:
     else:
         data = asyncio.run(_collector_check(args.collector, args.server, args.rounds))
         data["load_average"] = load_average()
-        write_json(RESULTS / "scale-collector.json", data)
+        write_json(RESULTS / f"scale-collector-{args.collector}.json", data)
         print(json.dumps({k: v for k, v in data.items() if k != "runs"}, indent=1))
     print(f"load average: {os.getloadavg()}")
 
