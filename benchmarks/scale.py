@@ -53,6 +53,7 @@ import json
 import math
 import os
 import pstats
+import subprocess
 import sys
 import threading
 import time
@@ -404,6 +405,21 @@ async def measure_apart(name: str, server: str, nodes: int) -> Outcome:
 # ------------------------------------------------------------------------------- the suite
 
 
+def _code_version() -> str:
+    """The commit measured, and whether rdzv's sources differed from it ("+ changes")."""
+    root = Path(_SCRIPT).parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return f"{commit or 'unknown'}{' + changes' if changed else ''}"
+
+
 def _key(server: str, name: str) -> str:
     return f"{server} | {name}"
 
@@ -419,6 +435,7 @@ async def run(
         "join_timeout": JOIN_TIMEOUT,
         "agents_per_connection": AGENTS_PER_CONNECTION,
         "largest": {name: CONTENDER_TYPES[name].largest for name in names},
+        "code": _code_version(),
         "nodes": {},
         "load_average": {"before": load_average()},
     }
