@@ -89,7 +89,7 @@ async def drive(
                 await attempts.back_off()
             continue
         except asyncio.CancelledError:
-            if not link.retired or _cancelling():
+            if not link.retired or task_cancelling():
                 raise
             # gRPC ended the call because rdzv closed its channel, not because the caller was
             # cancelled.
@@ -251,7 +251,7 @@ def _replaced(link: Link) -> bool:
     return link.retired
 
 
-def _cancelling() -> bool:
+def task_cancelling() -> bool:
     """Whether the current task itself is being cancelled (known on Python 3.11+ only)."""
     task = asyncio.current_task()
     cancelling = getattr(task, "cancelling", None)

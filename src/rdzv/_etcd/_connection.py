@@ -22,7 +22,7 @@ from rdzv._errors import (
     RendezvousLeaseNotFoundError,
     RendezvousWatchCompactedError,
 )
-from rdzv._etcd._attempts import Refused, drive
+from rdzv._etcd._attempts import Refused, drive, task_cancelling
 from rdzv._etcd._classify import Kind, classify, is_auth_refusal, synthetic, translate
 from rdzv._etcd._endpoints import Endpoint, resolve_endpoints
 from rdzv._etcd._keepalive import KeepAlive, LeaseKeeper
@@ -448,8 +448,8 @@ class Connection:
                     self._links.fail_over(stream.link)
                 return
             except asyncio.CancelledError:
-                if not stream.link.retired:
-                    raise
+                if not stream.link.retired or task_cancelling():
+                    raise  # a cancellation of the task itself must never be swallowed
                 return
             if response is grpc.aio.EOF or (response.canceled and not response.compact_revision):
                 return

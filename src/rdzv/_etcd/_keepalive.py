@@ -43,7 +43,7 @@ import grpc.aio
 from aetcd import rpc
 
 from rdzv._errors import RendezvousError
-from rdzv._etcd._attempts import INITIAL_BACKOFF, drive
+from rdzv._etcd._attempts import INITIAL_BACKOFF, drive, task_cancelling
 from rdzv._etcd._classify import Kind, classify, synthetic
 from rdzv._etcd._links import Link, Links
 
@@ -510,7 +510,7 @@ class KeepAlive:
         except (grpc.aio.UsageError, asyncio.InvalidStateError):
             pass
         except asyncio.CancelledError:
-            if not stream.link.retired:
+            if not stream.link.retired or task_cancelling():
                 raise
             # gRPC ended the call because rdzv closed its channel (a failover, a suspension).
         stream.broken = True
