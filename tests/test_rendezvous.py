@@ -236,28 +236,34 @@ async def test_wait_for_departure_returns_false_after_its_timeout(
 
 
 async def test_a_dead_coordinator_is_replaced_while_the_round_gathers(
-    participants: Participants, etcd_key_prefix: str, raw_etcd: aetcd.Client
+    participants: Participants, etcd_endpoints: str, etcd_key_prefix: str, raw_etcd: aetcd.Client
 ) -> None:
-    """If the coordinator dies before the round completes, another participant takes over."""
-    first = participants(min_nodes=2, max_nodes=3, last_call_timeout=0.3)
+    """If the coordinator dies before the round completes, a later participant takes over."""
+    doomed_connection = await rdzv.connect(etcd_endpoints, read_timeout=2).__aenter__()
+    first = participants(
+        min_nodes=2, max_nodes=3, last_call_timeout=0.3, connection=doomed_connection
+    )
     others = [participants(min_nodes=2, max_nodes=3, last_call_timeout=0.3) for _ in range(2)]
+
+    async def die() -> None:
+        with pytest.raises(rdzv.RendezvousError):
+            await first.join()
+
+    async def coordinating() -> bool:
+        kvs = await raw_etcd.get_prefix(f"{etcd_key_prefix}/job/round/1/c/".encode())
+        return bool(kvs)
+
     with anyio.fail_after(20):
         async with anyio.create_task_group() as group:
-            group.start_soon(first.join)
-
-            async def coordinating() -> bool:
-                kvs = await raw_etcd.get_prefix(f"{etcd_key_prefix}/job/round/1/c/".encode())
-                return bool(kvs)
-
+            group.start_soon(die)
             await poll_until(coordinating)
             assert first._keeper is not None
-            await raw_etcd.revoke_lease(first._keeper.lease_id)
+            dead = first._keeper.lease_id
+            # The process dies: its connection is gone, and its lease ends 2 s later.
+            await doomed_connection.aclose()
             memberships = await join_all(others)
-            group.cancel_scope.cancel()
     assert {m.world_size for m in memberships} == {2}
-    assert first._keeper is None or first._keeper.lease_id not in {
-        member.id for member in memberships[0].members
-    }
+    assert dead not in {member.id for member in memberships[0].members}
 
 
 async def test_close_ends_waiting_joins_and_refuses_new_ones(participants: Participants) -> None:

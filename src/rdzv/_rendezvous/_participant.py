@@ -439,9 +439,7 @@ class AsyncRendezvous:
         """Stop coordinating round `number`, and free its coordinator key for a waiter."""
         task = self._coordinating.pop(number, None)
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await _stop([task], self._connection.read_timeout)
         if self._keeper is not None:
             coordinator = self._layout.coordinator(number)
             mine = member_name(self._keeper.lease_id)
@@ -550,14 +548,17 @@ class AsyncRendezvous:
 
         The other members of our round see a departure.
         """
-        tasks = list(self._coordinating.values())
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, RendezvousError):
-                await task
+        await _stop(list(self._coordinating.values()), self._connection.read_timeout)
         keeper, self._keeper, self._key = self._keeper, None, None
         if keeper is not None:
             keeper.release()
             with contextlib.suppress(RendezvousError):
                 await self._connection.revoke_lease(keeper.lease_id)
+
+
+async def _stop(tasks: list[asyncio.Task[None]], timeout: float) -> None:
+    """Cancel coordinator tasks and wait for them to end, `timeout` seconds at most."""
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout)
