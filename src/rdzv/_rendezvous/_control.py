@@ -44,6 +44,8 @@ class RoundControl:
         self._decoded: tuple[KeyValue, int, tuple[Member, ...], dict[int, int]] | None = None
         self.version = 0
         """How many changes the mirror has applied."""
+        self.revision = 0
+        """The etcd revision up to which the mirror is known to be current."""
         self.election_version = -1
         """`version` when a local participant last tried to become coordinator."""
         self.election = asyncio.Lock()
@@ -96,6 +98,7 @@ class RoundControl:
             while True:
                 kvs, revision = await self._connection.range(self.prefix, prefix=True)
                 self._reset(kvs)
+                self.revision = max(self.revision, revision)
                 self._ready.set()
                 async with self._changed:
                     self._changed.notify_all()
@@ -125,6 +128,7 @@ class RoundControl:
 
     def _apply(self, kv: KeyValue, *, deleted: bool) -> None:
         self.version += 1
+        self.revision = max(self.revision, kv.mod_revision)
         if deleted:
             self.keys.pop(kv.key, None)
         else:

@@ -104,12 +104,14 @@ class Coordinator:
     # ------------------------------------------------------------------------- what we follow
 
     def _still_ours(self) -> bool:
+        if self._control.get(b"closed") is not None:
+            return False
+        if self._control.revision < self._revision:
+            # The mirror has not seen our own write of the key yet (it was shared with other
+            # participants before we took the key): it cannot say that the key is not ours.
+            return True
         kv = self._control.get(b"coordinator")
-        return (
-            kv is not None
-            and kv.mod_revision == self._revision
-            and self._control.get(b"closed") is None
-        )
+        return kv is not None and kv.mod_revision == self._revision
 
     async def _follow_control(self) -> None:
         while True:
