@@ -14,6 +14,7 @@ import pytest
 
 import rdzv
 from conftest import Participants
+from rdzv._rendezvous._control import round_control
 from support import LoseAnswers, closed_port, poll_until
 
 pytestmark = pytest.mark.anyio
@@ -419,3 +420,18 @@ async def _holds_other_than(value: Awaitable[bytes | None], other: bytes) -> boo
 
 async def _count_at_least(raw_etcd: aetcd.Client, key_prefix: str, number: int) -> bool:
     return len(await keys_under(raw_etcd, f"{key_prefix}/job/round/1/m/")) >= number
+
+
+async def test_a_coordinator_on_a_connection_already_watching_its_round_completes_it(
+    participants: Participants, connection: rdzv.Connection, etcd_key_prefix: str
+) -> None:
+    """A coordinator whose connection's mirror of the round lags behind its key completes it."""
+    control = f"{etcd_key_prefix}/job/round/1/c/".encode()
+    for _ in range(5):
+        async with round_control(connection, control):
+            node = participants(min_nodes=1, max_nodes=1, join_timeout=5)
+            with anyio.fail_after(10):
+                membership = await node.join()
+            await node.leave()
+        assert membership.world_size == 1
+        control = f"{etcd_key_prefix}/job/round/{membership.round + 1}/c/".encode()
