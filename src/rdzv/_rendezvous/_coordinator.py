@@ -36,7 +36,7 @@ from rdzv._errors import (
 )
 from rdzv._etcd import Compare, Connection, Delete, Get, KeyValue, Put
 from rdzv._rendezvous._control import RoundControl
-from rdzv._rendezvous._layout import Layout, Member, encode_membership, member_name
+from rdzv._rendezvous._layout import Layout, Member, encode_membership
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +57,6 @@ class Coordinator:
         layout: Layout,
         number: int,
         *,
-        member_id: int,
         revision: int,
         settings: Settings,
         control: RoundControl,
@@ -65,7 +64,6 @@ class Coordinator:
         self._connection = connection
         self._layout = layout
         self._number = number
-        self._name = member_name(member_id)
         self._revision = revision  # the mod revision of our coordinator key
         self._settings = settings
         self._control = control

@@ -410,7 +410,6 @@ class AsyncRendezvous:
                         self._connection,
                         self._layout,
                         number,
-                        member_id=keeper.lease_id,
                         revision=revision,
                         settings=self._settings,
                         control=control,
