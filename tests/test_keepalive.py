@@ -142,19 +142,22 @@ async def test_thousands_of_leases_stay_alive_on_one_stream(
 ) -> None:
     """2,000 leases kept on one connection all outlive their TTL, with two tasks for them all."""
     count = 2000
+    # Longer than TTL: 2,000 leases at 2 s are 3,000 keep-alives a second, more than a loaded
+    # 2-core machine running CI reliably sends in time.
+    ttl = 6
     lease_ids: list[int] = []
     keepers: list[LeaseKeeper] = []
     tasks_before = asyncio.all_tasks()
     for start in range(0, count, 500):
         granted = await asyncio.gather(
-            *(connection.grant_lease(TTL) for _ in range(start, min(start + 500, count)))
+            *(connection.grant_lease(ttl) for _ in range(start, min(start + 500, count)))
         )
-        # Kept at once: granting 2,000 can take longer than TTL on a loaded machine.
-        keepers += [connection.keep_alive(lease_id, TTL) for lease_id in granted]
+        # Kept at once: granting 2,000 can take seconds on a loaded machine.
+        keepers += [connection.keep_alive(lease_id, ttl) for lease_id in granted]
         lease_ids += granted
     # Not a task per lease: the sender, the reader, and gRPC's own task for the stream.
     assert len(asyncio.all_tasks() - tasks_before) <= 3
-    await anyio.sleep(TTL * 1.5)
+    await anyio.sleep(ttl * 1.5)
     remaining = await asyncio.gather(*(connection.lease_time_to_live(i) for i in lease_ids))
     assert min(remaining) > 0
     assert not any(keeper.expired for keeper in keepers)
