@@ -22,10 +22,29 @@ async def test_unreachable_endpoint_fails_within_read_timeout() -> None:
         async with rdzv.connect(f"127.0.0.1:{closed_port()}", read_timeout=1.5):
             pass
     assert time.monotonic() - started < 1.5 + 1.0
-    assert str(caught.value) == (
-        "The connection to etcd has failed. See inner exception for details."
-    )
+    assert str(caught.value).startswith("The connection to etcd has failed: no answer within")
     assert caught.value.__cause__ is not None
+
+
+@pytest.mark.slow
+async def test_connection_error_names_endpoints_time_waited_and_last_status() -> None:
+    """The error says which endpoints were tried, for how long, and etcd's last gRPC status."""
+    endpoints = (f"127.0.0.1:{closed_port()}", f"127.0.0.1:{closed_port()}")
+    with pytest.raises(rdzv.RendezvousConnectionError) as caught:
+        async with rdzv.connect(",".join(endpoints), read_timeout=1.5):
+            pass
+    error = caught.value
+    assert error.endpoints == endpoints
+    assert error.waited is not None
+    assert 1.0 <= error.waited < 2.5
+    assert error.code == "UNAVAILABLE"
+    assert error.endpoint in endpoints
+    assert error.details
+    message = str(error)
+    assert all(endpoint in message for endpoint in endpoints)
+    assert f"within {error.waited:.1f} s" in message
+    assert f"was UNAVAILABLE: {error.details}" in message
+    assert isinstance(error.__cause__, Exception)
 
 
 @pytest.mark.slow

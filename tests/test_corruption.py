@@ -14,11 +14,14 @@ pytestmark = pytest.mark.anyio
 async def test_foreign_value_makes_get_state_raise(
     backend: rdzv.AsyncEtcdBackend, raw_etcd: aetcd.Client
 ) -> None:
-    """A value rdzv did not write raises RendezvousStateError naming the key."""
+    """A value rdzv did not write raises RendezvousForeignStateError naming the key."""
     await raw_etcd.put(backend.key.encode(), b"written by someone else")
-    with pytest.raises(rdzv.RendezvousStateError, match="The state object is corrupt") as caught:
+    with pytest.raises(
+        rdzv.RendezvousForeignStateError, match="The state object is not an rdzv state"
+    ) as caught:
         await backend.get_state()
     assert backend.key in str(caught.value)
+    assert caught.value.looks_like == "text"
 
 
 async def test_flipped_bit_makes_get_state_raise(
@@ -50,10 +53,10 @@ async def test_truncated_value_makes_set_state_raise(
 async def test_stale_token_over_corrupt_value_raises(
     backend: rdzv.AsyncEtcdBackend, raw_etcd: aetcd.Client
 ) -> None:
-    """set_state with a stale token raises rather than return the corrupt value."""
+    """set_state with a stale token raises rather than return the foreign value it finds."""
     _, token, _ = present(await backend.set_state(b"first"))
     await raw_etcd.put(backend.key.encode(), b"garbage")
-    with pytest.raises(rdzv.RendezvousStateError, match="corrupt"):
+    with pytest.raises(rdzv.RendezvousForeignStateError, match="not an rdzv state"):
         await backend.set_state(b"second", token)
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import pickle
 import zlib
 
 import pytest
 
-from rdzv import RendezvousStateError
+from rdzv import RendezvousForeignStateError, RendezvousStateError
 from rdzv._envelope import (
     CREATE,
     HEADER_SIZE,
@@ -56,7 +59,7 @@ def test_empty_state_is_allowed() -> None:
         (lambda v: v[:10], "shorter than"),
         (lambda v: v[:-1], "payload bytes"),
         (lambda v: v + b"!", "payload bytes"),
-        (lambda v: b"XXXX" + v[4:], "bad magic"),
+        (lambda v: b"RD", "shorter than"),
         (lambda v: v[:4] + b"\x02" + v[5:], "format version is 2"),
         (lambda v: v[:5] + b"\x80" + v[6:], "unknown flags"),
         (lambda v: v[:-1] + bytes([v[-1] ^ 1]), "checksum"),
@@ -179,3 +182,52 @@ def test_signature_without_a_position_is_rejected() -> None:
     value[5] = 0x01
     with pytest.raises(RendezvousStateError, match=r"flag 0x01.*no longer accepts"):
         decode(stored(_recrc(value)), "/p/job", KEY)
+
+
+# --------------------------------------------------------------------- not an rdzv state
+
+
+@pytest.mark.parametrize(
+    ("value", "looks_like", "said"),
+    [
+        (base64.b64encode(pickle.dumps({"round": 1})), "torch-etcd-v2", "etcd-v2"),
+        (pickle.dumps({"round": 1}), "pickle", "Python pickle"),
+        (json.dumps({"status": "setup"}).encode(), "json", "JSON"),
+        (b"written by someone else", "text", "23 bytes of text"),
+        (b"", "empty", "it is empty"),
+        (bytes(range(256)), "unknown", "256 bytes that rdzv does not recognise"),
+    ],
+)
+def test_value_without_an_envelope_is_not_an_rdzv_state(
+    value: bytes, looks_like: str, said: str
+) -> None:
+    """A value that rdzv did not write is reported as not an rdzv state, saying what it is."""
+    with pytest.raises(RendezvousForeignStateError) as caught:
+        decode(stored(value, mod_revision=42), "/prefix/job")
+    message = str(caught.value)
+    assert message.startswith("The state object is not an rdzv state.")
+    assert "corrupt" not in message
+    assert said in message
+    assert "'/prefix/job'" in message
+    assert (caught.value.looks_like, caught.value.token) == (looks_like, 42)
+
+
+def test_foreign_value_message_says_how_to_overwrite_it() -> None:
+    """The message names the token that set_state takes to overwrite the foreign value."""
+    with pytest.raises(RendezvousForeignStateError, match=r"set_state\(state, 42\)"):
+        decode(stored(b"{}", mod_revision=42), "/prefix/job")
+
+
+def test_envelope_with_damaged_magic_is_not_an_rdzv_state() -> None:
+    """An envelope whose magic bytes are damaged no longer reads as rdzv's at all."""
+    value = b"XXXX" + encode(b"some state", "/prefix/job")[4:]
+    with pytest.raises(RendezvousForeignStateError):
+        decode(stored(value), "/prefix/job")
+
+
+def test_damaged_envelope_is_corrupt_not_foreign() -> None:
+    """An envelope that fails its checks is a corrupt rdzv state, not a foreign value."""
+    value = encode(b"some state", "/prefix/job")[:-1]
+    with pytest.raises(RendezvousStateError) as caught:
+        decode(stored(value), "/prefix/job")
+    assert not isinstance(caught.value, RendezvousForeignStateError)

@@ -17,7 +17,13 @@ from torch.distributed.elastic.rendezvous import api as torch_api
 import rdzv
 from rdzv._cli import main
 from rdzv._etcd import Endpoint, parse_endpoints
-from rdzv._validation import MAX_READ_TIMEOUT, MAX_REVISION, MAX_TTL
+from rdzv._validation import (
+    MAX_READ_TIMEOUT,
+    MAX_REVISION,
+    MAX_TTL,
+    parse_read_timeout,
+    validate_read_timeout,
+)
 from rdzv.torch import create_backend
 
 pytestmark = pytest.mark.anyio
@@ -417,3 +423,27 @@ def test_bad_max_in_flight_is_rejected(bound: object) -> None:
     """A bound on requests in flight that is not a positive int is a ValueError naming it."""
     with pytest.raises(ValueError, match="max_in_flight"):
         rdzv.connect("127.0.0.1:2379", max_in_flight=bound)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------- read_timeout as text
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("0.5", 0.5), ("60", 60.0), (" 2.5 ", 2.5)])
+def test_read_timeout_text_is_read_as_seconds(text: str, seconds: float) -> None:
+    """A read_timeout option given as text accepts what rdzv.connect accepts, fractions too."""
+    assert parse_read_timeout(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "abc", "", "nan", "inf", "86401", "1e10"])
+def test_bad_read_timeout_text_gets_the_one_message(text: str) -> None:
+    """Bad text gets the same message as a bad number: one rule, one message."""
+    with pytest.raises(ValueError, match="read_timeout") as from_text:
+        parse_read_timeout(text)
+    with pytest.raises(ValueError, match="read_timeout") as from_number:
+        validate_read_timeout(0)
+    assert str(from_text.value) == str(from_number.value).replace("not 0.", f"not {text!r}.")
+
+
+def test_fractional_read_timeout_is_accepted() -> None:
+    """A read_timeout of 0.5 s is valid: it is a positive number of seconds, not an integer."""
+    assert rdzv.connect("h:1", read_timeout=0.5).read_timeout == 0.5

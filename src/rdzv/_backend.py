@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncGenerator
 from typing import Final, Literal
 
@@ -36,6 +37,8 @@ StateResult = tuple[bytes, Token]
 SetStateResult = tuple[bytes, Token, bool]
 
 _RETRY: Final = "retry"
+
+logger = logging.getLogger("rdzv.backend")
 
 # With a state key, how many tokens a backend remembers the position (`_envelope.Position`) of.
 _POSITIONS_KEPT: Final = 16
@@ -169,6 +172,11 @@ class AsyncEtcdBackend:
                 result = await self._lease.run(write, deadline=deadline)
             except RendezvousOutcomeUnknownError:
                 lost = True
+                logger.info(
+                    "A write of the state at %r lost its answer; finding out whether it landed",
+                    self._key,
+                    extra={"rdzv_key": self._key},
+                )
                 resolved = await self._resolve_unknown_outcome(state, value, expected, deadline)
                 if resolved != _RETRY:
                     return resolved
@@ -256,12 +264,35 @@ class AsyncEtcdBackend:
         lands, the other cannot, and both carry our write id.
         """
         try:
-            return await self._find_own_write(state, value, token, deadline)
+            found = await self._find_own_write(state, value, token, deadline)
         except (RendezvousCompactedError, RendezvousConnectionError) as error:
             # etcd no longer holds the history to tell, or did not answer in time.
-            raise self._unresolved() from error
+            raise self._unresolved(error) from error
+        if found == _RETRY:
+            outcome, revision = "it has not landed, and its condition still holds", token
+        elif found is None:
+            outcome, revision = "it did not land, and the state is gone", None
+        elif found[2]:
+            outcome, revision = "it landed", found[1]
+        else:
+            outcome, revision = "it did not land: another write changed the state", found[1]
+        logger.info(
+            "The lost answer to a write of the state at %r is resolved: %s (revision %s)",
+            self._key,
+            outcome,
+            revision,
+            extra={"rdzv_key": self._key, "rdzv_revision": revision, "rdzv_outcome": outcome},
+        )
+        return found
 
-    def _unresolved(self) -> RendezvousOutcomeUnknownError:
+    def _unresolved(self, cause: BaseException | None = None) -> RendezvousOutcomeUnknownError:
+        logger.warning(
+            "A write of the state at %r lost its answer, and rdzv could not find out in time "
+            "whether it landed%s",
+            self._key,
+            "" if cause is None else f" ({cause})",
+            extra={"rdzv_key": self._key, "rdzv_outcome": "unresolved"},
+        )
         return RendezvousOutcomeUnknownError(
             f"A write to '{self._key}' may or may not have landed, and rdzv could not find out "
             "within the read timeout. Read the state again.",

@@ -34,14 +34,17 @@ layout (never released); such values are rejected, and the bit is never reused.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
+import json
 import os
 import struct
 import zlib
 from typing import Final, NamedTuple, NoReturn, Protocol
 
-from rdzv._errors import RendezvousStateError
+from rdzv._errors import RendezvousForeignStateError, RendezvousStateError
 
 MAGIC = b"RDZV"
 FORMAT_VERSION = 1
@@ -154,16 +157,17 @@ def decode(stored: StoredValue, key: str, state_key: bytes | None = None) -> byt
     can overwrite the corrupt value on purpose with `set_state(new_state, error.token)`. With
     `state_key`, a value is rejected unless its HMAC is valid and it was signed for the position
     where etcd holds it (`stored.create_revision` and `stored.version`); without `state_key`, a
-    signed value is rejected.
+    signed value is rejected. A value that is no envelope at all (it does not start with the
+    magic bytes) raises the subclass `RendezvousForeignStateError`, saying what it looks like.
     """
     value, token = stored.value, stored.mod_revision
+    if not value.startswith(MAGIC[: len(value)] if value else b"\x00"):
+        _foreign(key, token, value)
     if len(value) < HEADER_SIZE:
         _corrupt(
             key, token, f"it is {len(value)} bytes, shorter than the {HEADER_SIZE}-byte header"
         )
-    magic, version, flags, reserved, _write_id, length = _HEADER.unpack_from(value)
-    if magic != MAGIC:
-        _corrupt(key, token, "it was not written by rdzv (bad magic bytes)")
+    _magic, version, flags, reserved, _write_id, length = _HEADER.unpack_from(value)
     if version != FORMAT_VERSION:
         _corrupt(key, token, f"its format version is {version}; this rdzv reads {FORMAT_VERSION}")
     if flags == _RETIRED_FLAG_HMAC_SHA256 and not reserved:
@@ -220,3 +224,60 @@ def _corrupt(key: str, token: int, reason: str) -> NoReturn:
         f"The state object is corrupt. The value at key '{key}' (revision {token}): {reason}.",
         token=token,
     )
+
+
+def _foreign(key: str, token: int, value: bytes) -> NoReturn:
+    looks_like = looks_like_what(value)
+    raise RendezvousForeignStateError(
+        f"The state object is not an rdzv state. The value at key '{key}' (revision {token}) "
+        f"has no rdzv envelope: {_FOREIGN_DESCRIPTIONS[looks_like].format(size=len(value))}. "
+        "Another program or rendezvous backend writes to this key: give this job its own key "
+        "prefix or run id, or, if the value is not needed, overwrite it with "
+        f"set_state(state, {token}).",
+        looks_like=looks_like,
+        token=token,
+    )
+
+
+_FOREIGN_DESCRIPTIONS: Final = {
+    "empty": "it is empty",
+    "torch-etcd-v2": "it looks like the state of PyTorch's etcd-v2 rendezvous backend (the "
+    "base64 text of a pickle)",
+    "pickle": "it looks like a Python pickle",
+    "json": "it looks like JSON (as PyTorch's older etcd rendezvous stores)",
+    "text": "it is {size} bytes of text",
+    "unknown": "it is {size} bytes that rdzv does not recognise",
+}
+
+# A pickle of protocol 2 or later starts with the PROTO opcode and its protocol number.
+_PICKLE_PROTOCOLS: Final = range(2, 6)
+
+
+def looks_like_what(value: bytes) -> str:
+    """What a value without rdzv's envelope seems to be (see `RendezvousForeignStateError`).
+
+    A guess from its first bytes and its syntax, for an error message: nothing is unpickled.
+    """
+    if not value:
+        return "empty"
+    if _is_pickle(value):
+        return "pickle"
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        return "unknown"
+    try:
+        if _is_pickle(base64.b64decode(text.strip(), validate=True)):
+            return "torch-etcd-v2"
+    except (binascii.Error, ValueError):
+        pass
+    try:
+        if isinstance(json.loads(text), dict | list):
+            return "json"
+    except ValueError:
+        pass
+    return "text" if all(c.isprintable() or c.isspace() for c in text) else "unknown"
+
+
+def _is_pickle(data: bytes) -> bool:
+    return len(data) >= 2 and data[0] == 0x80 and data[1] in _PICKLE_PROTOCOLS

@@ -11,6 +11,7 @@ that handles an error never needs to read its message.
     │   ├── RendezvousTLSError             TLS cannot work as configured
     │   └── RendezvousOutcomeUnknownError  a write may or may not have landed
     ├── RendezvousStateError               a corrupt stored state
+    │   ├── RendezvousForeignStateError    a stored value that is not an rdzv state at all
     │   └── RendezvousStateTooLargeError   (also a ValueError) a state etcd refuses to store
     ├── RendezvousCompactedError           etcd no longer holds the revisions asked for
     │   └── RendezvousWatchCompactedError
@@ -21,6 +22,8 @@ that handles an error never needs to read its message.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 
 class RendezvousError(Exception):
@@ -48,7 +51,28 @@ class RendezvousError(Exception):
 
 
 class RendezvousConnectionError(RendezvousError):
-    """etcd could not be reached, or did not answer within the read timeout."""
+    """etcd could not be reached, or did not answer within the read timeout.
+
+    Attributes:
+        endpoints: the etcd endpoints (`"host:port"`) that the call tried, in the order it
+            first tried them; empty when none is known.
+        waited: the seconds the call waited for an answer before it gave up, when it gave up
+            because its time ran out; `None` otherwise.
+        endpoint, code, details: the endpoint of the last failed attempt, and the gRPC status
+            (code name and details) it failed with, when known (see `RendezvousError`).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        endpoints: Sequence[str] = (),
+        waited: float | None = None,
+        **fields: str | None,
+    ) -> None:
+        super().__init__(message, **fields)
+        self.endpoints = tuple(endpoints)
+        self.waited = waited
 
 
 class RendezvousAuthError(RendezvousConnectionError):
@@ -80,8 +104,16 @@ class RendezvousOutcomeUnknownError(RendezvousConnectionError):
         key: the etcd key the write was for, when known.
     """
 
-    def __init__(self, message: str, *, key: str | None = None, **fields: str | None) -> None:
-        super().__init__(message, **fields)
+    def __init__(
+        self,
+        message: str,
+        *,
+        key: str | None = None,
+        endpoints: Sequence[str] = (),
+        waited: float | None = None,
+        **fields: str | None,
+    ) -> None:
+        super().__init__(message, endpoints=endpoints, waited=waited, **fields)
         self.key = key
 
 
@@ -96,6 +128,32 @@ class RendezvousStateError(RendezvousError):
     def __init__(self, message: str, *, token: int | None = None, **fields: str | None) -> None:
         super().__init__(message, **fields)
         self.token = token
+
+
+class RendezvousForeignStateError(RendezvousStateError):
+    """The value at the state key is not an rdzv state: rdzv did not write it.
+
+    It lacks rdzv's envelope entirely (unlike a corrupt rdzv state, an envelope that fails its
+    checks): another program, or another rendezvous backend (PyTorch's etcd-v2 backend, for
+    instance), wrote to the same key. Use another key prefix or run id, or, if the value is
+    not needed, overwrite it with `set_state(new_state, error.token)`.
+
+    Attributes:
+        looks_like: what the value seems to be: `"torch-etcd-v2"` (the base64 text of a pickled
+            PyTorch rendezvous state), `"pickle"`, `"json"`, `"text"`, `"empty"` or `"unknown"`.
+        token: the value's etcd revision (see `RendezvousStateError`).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        looks_like: str,
+        token: int | None = None,
+        **fields: str | None,
+    ) -> None:
+        super().__init__(message, token=token, **fields)
+        self.looks_like = looks_like
 
 
 class RendezvousStateTooLargeError(RendezvousStateError, ValueError):
@@ -167,4 +225,5 @@ class StoreTimeoutError(RendezvousError, TimeoutError):
     """A store operation waited for keys that did not appear within its timeout."""
 
 
-CONNECTION_FAILED_MESSAGE = "The connection to etcd has failed. See inner exception for details."
+CONNECTION_FAILED_MESSAGE = "The connection to etcd has failed"
+"""How every message of a `RendezvousConnectionError` for a call that ran out of time begins."""

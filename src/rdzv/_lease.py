@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -13,6 +14,8 @@ from rdzv._errors import RendezvousError, RendezvousLeaseNotFoundError
 from rdzv._etcd import Connection, LeaseKeeper
 
 T = TypeVar("T")
+
+logger = logging.getLogger("rdzv.lease")
 
 REFRESH_INTERVAL: Final = 0.1
 """A lease's keep-alives go out at most this often (seconds); the last write's at most this late.
@@ -149,6 +152,11 @@ class RollingLease:
             return await write(lease_id)
         except RendezvousLeaseNotFoundError:
             # The lease expired or was revoked under us; etcd wrote nothing.
+            logger.info(
+                "Lease %x expired before a write on it landed; writing again on a new lease",
+                lease_id,
+                extra={"rdzv_lease": lease_id, "rdzv_ttl": self._ttl},
+            )
             keeper = self._keeper
             if keeper is not None and keeper.lease_id == lease_id:
                 keeper.release()

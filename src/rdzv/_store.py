@@ -20,6 +20,7 @@ answer is resolved with a write id, like `add`'s.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import re
@@ -68,6 +69,8 @@ _QUEUES: Final = "\x00rdzv-queue/"
 _QUEUE_ITEMS: Final = "\x00rdzv-queue-item/"
 _WRITE_ID_SIZE: Final = 16
 T = TypeVar("T")
+
+logger = logging.getLogger("rdzv.store")
 
 # What TCPStore's `add` writes (std::to_string of an int64), with an optional sign.
 _INTEGER: Final = re.compile(rb"[+-]?[0-9]+")
@@ -276,14 +279,18 @@ class AsyncEtcdStore:
             try:
                 result = await self._write_if(condition, key_bytes, desired, write_id, deadline)
             except RendezvousOutcomeUnknownError:
+                _log_lost(key, "compare_set")
                 lost_after = floor if lost_after is None else lost_after
                 if await self._landed_since(key, write_id, lost_after, deadline):
+                    _log_resolved(key, "compare_set", "it landed")
                     return desired
                 found = await self._resolving(
                     key, self._connection.get(key_bytes, deadline=deadline)
                 )
                 if _holds(found, expected, empty_at):
+                    _log_resolved(key, "compare_set", "it has not landed: sending it again")
                     continue  # not landed (yet): send the same write again
+                _log_resolved(key, "compare_set", "it did not land: the key changed")
             else:
                 if result.succeeded:
                     return desired
@@ -293,6 +300,7 @@ class AsyncEtcdStore:
                 if lost_after is not None and await self._landed_since(
                     key, write_id, lost_after, deadline
                 ):
+                    _log_resolved(key, "compare_set", "it landed")
                     return desired
             if found is None:
                 if expected:
@@ -512,6 +520,11 @@ class AsyncEtcdStore:
             except RendezvousOutcomeUnknownError:
                 if time.monotonic() >= deadline:
                     raise
+                logger.info(
+                    "A store write lost its answer; sending it again (it may land twice, "
+                    "harmlessly)",
+                    extra={"rdzv_outcome": "sent again"},
+                )
 
     async def _put_all(self, items: Sequence[tuple[bytes, bytes]]) -> None:
         async def put_all(deadline: float) -> TxnResult:
@@ -717,6 +730,7 @@ class AsyncEtcdStore:
                 result = await self._lease.run(write, deadline=deadline)
             except RendezvousOutcomeUnknownError:
                 # Sending it again blindly could apply the change twice: look for it first.
+                _log_lost(key, "write")
                 lost[expected] = value
                 current = await self._resolving(
                     key, self._connection.get(key_bytes, deadline=deadline)
@@ -735,6 +749,7 @@ class AsyncEtcdStore:
                 search = self._lost_write_landed(key_bytes, write_id, lost, current, deadline)
                 landed = await self._resolving(key, search)
                 if landed is not None:
+                    _log_resolved(key, "write", "it landed")
                     return landed
             expected = None if current is None else current.mod_revision
             value = change(None if current is None else current.value)
@@ -829,6 +844,7 @@ class AsyncEtcdStore:
             try:
                 result = await attempt(step, condition)
             except RendezvousOutcomeUnknownError:
+                _log_lost(key, "queue change")
                 lost[expected] = step
                 counters = await self._resolving(
                     key, self._connection.get(counters_key, deadline=deadline)
@@ -845,6 +861,7 @@ class AsyncEtcdStore:
                 search = self._lost_write_landed(counters_key, write_id, lost, counters, deadline)
                 landed = await self._resolving(key, search)
                 if landed is not None:
+                    _log_resolved(key, "queue change", "it landed")
                     return landed, None
 
     async def _pop(self, key: str, counters: KeyValue) -> bytes | None:
@@ -885,8 +902,32 @@ class AsyncEtcdStore:
             raise self._unresolved(key) from error
 
     def _unresolved(self, key: str) -> RendezvousOutcomeUnknownError:
+        logger.warning(
+            "A write to the store key %r lost its answer, and rdzv could not find out in time "
+            "whether it landed",
+            key,
+            extra={"rdzv_key": key, "rdzv_outcome": "unresolved"},
+        )
         return RendezvousOutcomeUnknownError(
             f"A write to the store key {key!r} may or may not have landed, and rdzv could not "
             "find out within the read timeout.",
             key=self._prefix + key,
         )
+
+
+def _log_lost(key: str, what: str) -> None:
+    logger.info(
+        "A %s of the store key %r lost its answer; finding out whether it landed",
+        what,
+        key,
+        extra={"rdzv_key": key},
+    )
+
+
+def _log_resolved(key: str, what: str, outcome: str) -> None:
+    logger.info(
+        "The lost answer to a %s of the store key %r is resolved: %s",
+        what,
+        key,
+        extra={"rdzv_key": key, "rdzv_outcome": outcome},
+    )

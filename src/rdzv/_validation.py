@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Final, TypeGuard
 
 MAX_RUN_ID_LENGTH: Final = 256
@@ -43,11 +44,32 @@ def validate_read_timeout(read_timeout: object) -> float:
         or not isinstance(read_timeout, int | float)
         or not 0 < read_timeout <= MAX_READ_TIMEOUT  # false for NaN too
     ):
-        raise ValueError(
-            "The read_timeout must be a positive number of seconds, at most "
-            f"{MAX_READ_TIMEOUT} (one day), not {shown(read_timeout)}."
-        )
+        raise ValueError(_read_timeout_message(read_timeout))
     return float(read_timeout)
+
+
+def _read_timeout_message(read_timeout: object) -> str:
+    return (
+        "The read_timeout must be a positive number of seconds, at most "
+        f"{MAX_READ_TIMEOUT} (one day), not {shown(read_timeout)}."
+    )
+
+
+def parse_read_timeout(read_timeout: object) -> float:
+    """`validate_read_timeout` for a value that may be text (a configuration option).
+
+    `"0.5"` and `"60"` are accepted like `0.5` and `60`; text that is not a number raises the
+    same `ValueError` as any other bad `read_timeout`.
+    """
+    if isinstance(read_timeout, str):
+        try:
+            number = float(read_timeout.strip())
+        except ValueError:
+            number = math.nan  # refused below, with the text in the message
+        if math.isfinite(number) and 0 < number <= MAX_READ_TIMEOUT:
+            return number
+        raise ValueError(_read_timeout_message(read_timeout))
+    return validate_read_timeout(read_timeout)
 
 
 def validate_run_id(run_id: object) -> str:

@@ -13,6 +13,7 @@ transaction is retried only while it cannot have left, and otherwise ends with
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -29,9 +30,12 @@ from rdzv._errors import (
     RendezvousOutcomeUnknownError,
 )
 from rdzv._etcd._classify import Fields, Kind, classify, fields, translate
+from rdzv._etcd._endpoints import Endpoint
 from rdzv._etcd._links import ForeignCluster, Link, Links
 
 T = TypeVar("T")
+
+logger = logging.getLogger("rdzv.etcd")
 
 INITIAL_BACKOFF: Final = 0.025
 MAX_BACKOFF: Final = 0.5
@@ -53,6 +57,20 @@ class Refused(Exception):
 
 def lost_answer(what: str, key: str | None, cause: Fields) -> RendezvousOutcomeUnknownError:
     """The error for a write whose request left and whose answer did not come back."""
+    logger.info(
+        "etcd at %s did not answer a request to %s (%s: %s): it may or may not have been "
+        "applied, and the caller will find out",
+        cause["endpoint"],
+        what,
+        cause["code"],
+        cause["details"],
+        extra={
+            "rdzv_endpoint": cause["endpoint"],
+            "rdzv_key": key,
+            "rdzv_code": cause["code"],
+            "rdzv_details": cause["details"],
+        },
+    )
     return RendezvousOutcomeUnknownError(
         f"etcd at {cause['endpoint']} did not answer a request to {what}: it may or may not "
         "have been applied.",
@@ -99,7 +117,7 @@ async def drive(
             if await attempts.after(link, error):
                 await attempts.back_off()
             continue
-        links.answered()
+        links.answered(link)
         return result
     raise attempts.exhausted() from attempts.last_error
 
@@ -129,6 +147,8 @@ class _Attempts:
         self._sent = False
         self._last_error: BaseException | None = None
         self._last_fields = Fields(endpoint=None, code=None, details=None)
+        self._started = time.monotonic()
+        self._tried: dict[Endpoint, None] = {}  # the endpoints that failed, in order
 
     async def send(self, link: Link, send: Callable[[Link, float], Awaitable[T]]) -> T:
         """One attempt on `link`; `_Again` if it cannot be sent there."""
@@ -145,9 +165,11 @@ class _Attempts:
                 raise _Again(pause=False)  # replaced while this call waited to authenticate
             if not self._may_resend and not await _ready(link, timeout):
                 # Nothing was sent: safe to try again, elsewhere.
-                self._failed(TimeoutError(f"{link.endpoint} did not connect in {timeout:g} s"))
-                self._last_fields = Fields(endpoint=str(link.endpoint), code=None, details=None)
-                self._links.fail_over(link)
+                why = f"did not connect within {timeout:g} s"
+                self._failed(TimeoutError(f"{link.endpoint} {why}"))
+                self._tried[link.endpoint] = None
+                self._last_fields = Fields(endpoint=str(link.endpoint), code=None, details=why)
+                self._links.fail_over(link, why)
                 raise _Again(pause=True)
             self._sent = True
             # gRPC enforces `timeout`. (A guard of rdzv's own around the call, asyncio.timeout,
@@ -156,11 +178,12 @@ class _Attempts:
 
     async def after(self, link: Link, error: Exception) -> bool:
         """Raise if `error` ends the call; else whether to back off before the next attempt."""
+        self._tried[link.endpoint] = None
         if isinstance(error, ForeignCluster):
             # Whatever it did there, it did not do here: try the next endpoint.
             self._failed(error)
             self._last_fields = Fields(endpoint=str(link.endpoint), code=None, details=str(error))
-            self._links.fail_over(link)
+            self._links.fail_over(link, str(error))
             return True
         if isinstance(error, grpc.aio.UsageError):
             # The channel was closed before the request could leave (another call failed over,
@@ -169,7 +192,7 @@ class _Attempts:
             self._failed(error)
             return False
         if isinstance(error, Refused):
-            if error.auth and self._reauthenticate():
+            if error.auth and self._reauthenticate(link, error.details):
                 return False
             raise _refused(
                 error, what=self._what, link=link, username=self._links.username
@@ -181,32 +204,57 @@ class _Attempts:
         self._failed(error)
         self._last_fields = fields(error, link.endpoint)
         kind = classify(error)
-        if kind is Kind.AUTH_EXPIRED and self._reauthenticate():
+        if kind is Kind.AUTH_EXPIRED and self._reauthenticate(
+            link, f"{self._last_fields['code']}: {self._last_fields['details']}"
+        ):
             return False
         if kind is Kind.FINAL or kind is Kind.AUTH_EXPIRED:
             raise translate(
                 error, what=self._what, endpoint=link.endpoint, username=self._links.username
             ) from error
+        why = f"{self._last_fields['code']}: {self._last_fields['details']}"
         if kind is Kind.TRANSIENT:
             await self._links.diagnose(link, error, self._deadline)
-            self._links.fail_over(link)
+            self._links.fail_over(link, why)
             if self._sent and not self._may_resend:
                 raise lost_answer(self._what, self._key, self._last_fields) from error
             self._reauthenticated = False
-        # Kind.BUSY: etcd applied nothing; back off and send again.
+        if logger.isEnabledFor(logging.DEBUG):
+            # Kind.BUSY: etcd applied nothing; back off and send again.
+            logger.debug(
+                "etcd at %s could not %s (%s); trying again",
+                link.endpoint,
+                self._what,
+                why,
+                extra={
+                    "rdzv_endpoint": str(link.endpoint),
+                    "rdzv_code": self._last_fields["code"],
+                    "rdzv_details": self._last_fields["details"],
+                },
+            )
         return True
 
     def after_closed_channel(self, link: Link) -> None:
         """After gRPC ended the call on a channel that rdzv closed (failover, suspend, close)."""
         self._links.check_open()
-        self._last_fields = Fields(endpoint=str(link.endpoint), code="CANCELLED", details=None)
+        self._tried[link.endpoint] = None
+        self._last_fields = Fields(
+            endpoint=str(link.endpoint), code="CANCELLED", details="rdzv closed the channel"
+        )
         if self._sent and not self._may_resend:
             raise lost_answer(self._what, self._key, self._last_fields) from None
 
-    def _reauthenticate(self) -> bool:
+    def _reauthenticate(self, link: Link, why: str) -> bool:
         """Drop the rejected token, once per attempt; false if that was done already."""
         if self._links.username is None or self._reauthenticated:
             return False
+        logger.info(
+            "etcd at %s rejected the auth token of user %r (%s); authenticating again",
+            link.endpoint,
+            self._links.username,
+            why,
+            extra={"rdzv_endpoint": str(link.endpoint), "rdzv_details": why},
+        )
         self._links.forget_token(self._token)
         self._reauthenticated = True
         return True
@@ -226,7 +274,41 @@ class _Attempts:
 
     def exhausted(self) -> RendezvousConnectionError:
         """The error when the deadline passed."""
-        return RendezvousConnectionError(CONNECTION_FAILED_MESSAGE, **self._last_fields)
+        return timed_out(
+            tried=tuple(self._tried),
+            waited=time.monotonic() - self._started,
+            last=self._last_fields,
+        )
+
+
+def timed_out(
+    *, tried: tuple[Endpoint, ...], waited: float, last: Fields
+) -> RendezvousConnectionError:
+    """The error of a call that ran out of time: what it tried, how long, and the last error."""
+    endpoints = tuple(map(str, tried))
+    if endpoints:
+        message = (
+            f"{CONNECTION_FAILED_MESSAGE}: no answer within {waited:.1f} s from "
+            f"{' or '.join(endpoints)}."
+        )
+    else:
+        message = f"{CONNECTION_FAILED_MESSAGE}: no request reached etcd within {waited:.1f} s."
+    if last["code"] is not None:
+        message += f" The last error, from {last['endpoint']}, was {last['code']}: "
+        message += f"{last['details']}."
+    elif last["details"] is not None:
+        message += f" The last error, from {last['endpoint']}: {last['details']}."
+    message += (
+        " Check that etcd runs and that this host reaches it at these endpoints, or raise "
+        "read_timeout."
+    )
+    logger.debug(
+        "Giving up after %.1f s: %s",
+        waited,
+        message,
+        extra={"rdzv_endpoints": endpoints, "rdzv_code": last["code"]},
+    )
+    return RendezvousConnectionError(message, endpoints=endpoints, waited=waited, **last)
 
 
 async def _ready(link: Link, timeout: float) -> bool:

@@ -152,5 +152,10 @@ def translate(
         # OUT_OF_RANGE is also "too large lease TTL" and "future revision".
         return RendezvousCompactedError(f"etcd cannot {what}: {details}", **known)
     if classify(error) in (Kind.TRANSIENT, Kind.BUSY):
-        return RendezvousConnectionError(CONNECTION_FAILED_MESSAGE, **known)
+        return RendezvousConnectionError(
+            f"{CONNECTION_FAILED_MESSAGE}: etcd at {endpoint} could not {what}: {code.name}: "
+            f"{details}.",
+            endpoints=(str(endpoint),),
+            **known,
+        )
     return RendezvousError(f"etcd at {endpoint} refused to {what}: {code.name}: {details}", **known)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import logging
 import time
 from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
@@ -23,7 +24,14 @@ from rdzv._errors import (
     RendezvousWatchCompactedError,
 )
 from rdzv._etcd._attempts import Refused, drive, task_cancelling
-from rdzv._etcd._classify import Kind, classify, is_auth_refusal, synthetic, translate
+from rdzv._etcd._classify import (
+    Kind,
+    classify,
+    fields,
+    is_auth_refusal,
+    synthetic,
+    translate,
+)
 from rdzv._etcd._endpoints import Endpoint, resolve_endpoints
 from rdzv._etcd._keepalive import KeepAlive, LeaseKeeper
 from rdzv._etcd._links import Link, Links
@@ -50,6 +58,14 @@ flight keep a single etcd busy without that.
 """
 
 _FINISH_TIMEOUT: Final = 1.0
+
+logger = logging.getLogger("rdzv.etcd")
+lease_logger = logging.getLogger("rdzv.lease")
+
+
+def _shown_key(key: bytes) -> str:
+    """An etcd key for a log record: its text, with undecodable bytes escaped."""
+    return key.decode("utf-8", "backslashreplace")
 
 
 async def _finish(call: Any) -> None:
@@ -87,6 +103,17 @@ def _events(response: Any) -> tuple[WatchEvent, ...]:
 
 
 def _compacted(key: bytes, start_revision: int, response: Any) -> RendezvousWatchCompactedError:
+    logger.warning(
+        "Cannot watch %r from revision %d: etcd has compacted history up to revision %d",
+        _shown_key(key),
+        start_revision,
+        response.compact_revision,
+        extra={
+            "rdzv_key": _shown_key(key),
+            "rdzv_revision": start_revision,
+            "rdzv_compact_revision": int(response.compact_revision),
+        },
+    )
     return RendezvousWatchCompactedError(
         f"Cannot watch {key!r} from revision {start_revision}: etcd has compacted history up to "
         f"revision {response.compact_revision}. Read the current state and watch from its token.",
@@ -159,7 +186,19 @@ class Connection:
 
     async def open(self) -> None:
         """Check that etcd answers (and accepts the credentials) within the read timeout."""
-        await self.status()
+        status = await self.status()
+        endpoint = self._links.current_endpoint
+        logger.info(
+            "Connected to etcd %s at %s (endpoints: %s)",
+            status.version,
+            endpoint,
+            ",".join(map(str, self._endpoints)),
+            extra={
+                "rdzv_endpoint": str(endpoint),
+                "rdzv_version": str(status.version),
+                "rdzv_endpoints": tuple(map(str, self._endpoints)),
+            },
+        )
 
     async def aclose(self) -> None:
         """Close the channel; calls in progress fail with `RendezvousError`. Harmless twice."""
@@ -265,7 +304,15 @@ class Connection:
         response = await self._unary(
             "lease", "LeaseGrant", request, what="grant a lease", deadline=deadline
         )
-        return int(response.ID)
+        lease_id = int(response.ID)
+        if lease_logger.isEnabledFor(logging.DEBUG):
+            lease_logger.debug(
+                "Granted lease %x of %d s",
+                lease_id,
+                ttl,
+                extra={"rdzv_lease": lease_id, "rdzv_ttl": ttl},
+            )
+        return lease_id
 
     async def lease_time_to_live(self, lease_id: int) -> int:
         """Seconds left before lease `lease_id` expires; -1 if etcd no longer has it."""
@@ -384,6 +431,8 @@ class Connection:
         """
         next_revision = start_revision
         range_end = prefix_end(key) if prefix else b""
+        # The endpoint of the stream that broke, once one has (not its link: see `Links.suspend`).
+        broken: Endpoint | None = None
         while True:
             open_stream = functools.partial(
                 self._open_watch, key=key, range_end=range_end, start_revision=next_revision
@@ -391,6 +440,20 @@ class Connection:
             stream = await drive(
                 self._links, open_stream, what=f"watch {key!r}", deadline=self.deadline()
             )
+            if broken is not None:
+                logger.info(
+                    "The watch of %r resumed at %s from revision %d (its stream to %s broke)",
+                    _shown_key(key),
+                    stream.link.endpoint,
+                    next_revision,
+                    broken,
+                    extra={
+                        "rdzv_key": _shown_key(key),
+                        "rdzv_endpoint": str(stream.link.endpoint),
+                        "rdzv_revision": next_revision,
+                    },
+                )
+            broken = stream.link.endpoint
             try:
                 for event in stream.first:
                     next_revision = event.kv.mod_revision + 1
@@ -445,7 +508,10 @@ class Connection:
                         username=self._username,
                     ) from error
                 if classify(error) is Kind.TRANSIENT:
-                    self._links.fail_over(stream.link)
+                    known = fields(error, stream.link.endpoint)
+                    self._links.fail_over(
+                        stream.link, f"a watch broke: {known['code']}: {known['details']}"
+                    )
                 return
             except asyncio.CancelledError:
                 if not stream.link.retired or task_cancelling():
@@ -467,7 +533,8 @@ class Connection:
         Raises `RendezvousConnectionError` if it does not come by `deadline`.
         """
         changes = self.watch(key, start_revision=revision + 1)
-        remaining = (self.deadline() if deadline is None else deadline) - time.monotonic()
+        started = time.monotonic()
+        remaining = (self.deadline() if deadline is None else deadline) - started
         try:
             with anyio.fail_after(max(0.0, remaining)):
                 async for event in changes:
@@ -476,7 +543,13 @@ class Connection:
             pass
         finally:
             await changes.aclose()
-        raise RendezvousConnectionError(CONNECTION_FAILED_MESSAGE)
+        waited = time.monotonic() - started
+        raise RendezvousConnectionError(
+            f"{CONNECTION_FAILED_MESSAGE}: the change of {key!r} after revision {revision} did "
+            f"not arrive within {waited:.1f} s.",
+            endpoints=tuple(map(str, self._endpoints)),
+            waited=waited,
+        )
 
 
 def connect(

@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import heapq
 import itertools
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -44,8 +45,10 @@ from aetcd import rpc
 
 from rdzv._errors import RendezvousError
 from rdzv._etcd._attempts import INITIAL_BACKOFF, drive, task_cancelling
-from rdzv._etcd._classify import Kind, classify, synthetic
+from rdzv._etcd._classify import Kind, classify, fields, synthetic
 from rdzv._etcd._links import Link, Links
+
+logger = logging.getLogger("rdzv.lease")
 
 REFRESHES_PER_TTL: Final = 3
 """A kept lease is refreshed every `ttl / REFRESHES_PER_TTL` seconds."""
@@ -62,6 +65,10 @@ _STABLE_SECONDS: Final = 1.0
 _MAX_REOPEN_DELAY: Final = 1.0
 # How long stopping waits for a cancelled task to end (its gRPC call is then waited for too).
 _STOP_TIMEOUT: Final = 1.0
+
+
+_TIME_RAN_OUT: Final = "no keep-alive that etcd answered in time to extend it"
+_REVOKED: Final = "revoked"
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:
@@ -123,7 +130,7 @@ class LeaseKeeper:
     def expired(self) -> bool:
         """Whether the lease is gone, or must be presumed gone (then it stays true)."""
         if not self._expired and time.monotonic() >= self._alive_until:
-            self._expire()
+            self._expire(_TIME_RAN_OUT)
         return self._expired
 
     @property
@@ -156,9 +163,26 @@ class LeaseKeeper:
     def _done(self) -> bool:
         return self._expired or self._released
 
-    def _expire(self) -> None:
+    def _expire(self, why: str) -> None:
         if self._expired:
             return
+        # A lease kept alive is not meant to expire: that is news. A followed lease expires
+        # when its writer stops writing, and a revoked one was meant to go.
+        level = (
+            logging.WARNING
+            if self._refreshing and not self._released and why != _REVOKED
+            else logging.DEBUG
+        )
+        if logger.isEnabledFor(level):
+            logger.log(
+                level,
+                "Lease %x (TTL %d s, %s) expired: %s",
+                self.lease_id,
+                self.ttl,
+                "kept alive" if self._refreshing else "followed",
+                why,
+                extra={"rdzv_lease": self.lease_id, "rdzv_ttl": self.ttl, "rdzv_details": why},
+            )
         self._expired = True
         if self._event is not None:
             self._event.set()
@@ -168,8 +192,10 @@ class LeaseKeeper:
         """etcd answered a keep-alive for the lease, sent at `sent_at`, with `ttl`."""
         if self._expired:
             return
-        if ttl <= 0 or now >= self._alive_until:
-            self._expire()
+        if ttl <= 0:
+            self._expire("etcd no longer has it")
+        elif now >= self._alive_until:
+            self._expire(_TIME_RAN_OUT)
         elif sent_at is not None:
             self._alive_until = max(self._alive_until, sent_at + min(ttl, self.ttl))
 
@@ -249,7 +275,7 @@ class KeepAlive:
     def revoked(self, lease_id: int) -> None:
         """The lease was revoked: its keepers are expired."""
         for keeper in list(self._keepers.get(lease_id, ())):
-            keeper._expire()
+            keeper._expire(_REVOKED)
 
     def forget(self, keeper: LeaseKeeper) -> None:
         """Stop routing answers to `keeper` (its heap entry is dropped when it comes up)."""
@@ -386,7 +412,7 @@ class KeepAlive:
             if due != keeper._due or keeper._done:
                 continue  # an entry superseded by a later one, or of a finished keeper
             if now >= keeper._alive_until:
-                keeper._expire()
+                keeper._expire(_TIME_RAN_OUT)
                 continue
             if keeper._refreshing and keeper._next_refresh <= horizon:
                 batch[keeper.lease_id] = None
@@ -406,12 +432,17 @@ class KeepAlive:
         if stream is None:
             try:
                 stream = await self._open()
-            except RendezvousError:
+            except RendezvousError as error:
                 self._requeue(batch)
                 if self._links_closed():
                     self._closed = True  # the sender ends
                     return delay
                 # The keepers' leases run out meanwhile, and report so; try again later.
+                logger.info(
+                    "Cannot open the lease keep-alive stream (%s); trying again",
+                    error,
+                    extra={"rdzv_endpoint": error.endpoint, "rdzv_code": error.code},
+                )
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 return min(delay * 2, _MAX_REOPEN_DELAY)
         sent_at = time.monotonic()
@@ -503,8 +534,20 @@ class KeepAlive:
                 self._answered(stream, int(response.ID), int(response.TTL))
         except grpc.aio.AioRpcError as error:
             kind = classify(error)
+            known = fields(error, stream.link.endpoint)
+            why = f"{known['code']}: {known['details']}"
+            logger.debug(
+                "The lease keep-alive stream to %s broke (%s); it will be opened again",
+                stream.link.endpoint,
+                why,
+                extra={
+                    "rdzv_endpoint": known["endpoint"],
+                    "rdzv_code": known["code"],
+                    "rdzv_details": known["details"],
+                },
+            )
             if kind is Kind.TRANSIENT:
-                self._links.fail_over(stream.link)
+                self._links.fail_over(stream.link, f"the lease keep-alive stream broke: {why}")
             elif kind is Kind.AUTH_EXPIRED:
                 self._links.forget_token(stream.token)
         except (grpc.aio.UsageError, asyncio.InvalidStateError):

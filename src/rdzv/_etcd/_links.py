@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from typing import Any, Final
 
@@ -30,6 +31,8 @@ from rdzv._errors import (
 from rdzv._etcd._classify import fields
 from rdzv._etcd._endpoints import Endpoint
 from rdzv._etcd._tls import handshake_failure, plain_client_met_tls, speaks_tls
+
+logger = logging.getLogger("rdzv.etcd")
 
 # With several endpoints, one attempt gets a third of the read timeout, so that a member that
 # accepts connections but never answers (a paused process) leaves time to try the others.
@@ -87,6 +90,8 @@ class Link:
     maintenance: Any
     auth: Any
     retired: bool = False
+    answered: bool = False
+    """Whether etcd has answered a call on this channel."""
 
 
 class Links:
@@ -111,6 +116,7 @@ class Links:
         self._auth_lock = asyncio.Lock()
         self._link: Link | None = None
         self._index = 0
+        self._channels = 0  # how many channels were opened
         self._retiring: set[asyncio.Task[None]] = set()
         self._closed = False
         self._resumed = asyncio.Event()
@@ -155,20 +161,46 @@ class Links:
                 maintenance=rpc.MaintenanceStub(channel),
                 auth=rpc.AuthStub(channel),
             )
+            self._channels += 1
+            logger.debug(
+                "Opening a channel to etcd at %s",
+                endpoint,
+                extra={"rdzv_endpoint": target},
+            )
         return self._link
+
+    @property
+    def current_endpoint(self) -> Endpoint:
+        """The endpoint that calls go to now (or will, once a channel is opened)."""
+        return self.endpoints[self._index]
 
     def check_open(self) -> None:
         """Raise `RendezvousError` if the connection was closed."""
         if self._closed:
             raise RendezvousError("This etcd connection is closed.")
 
-    def fail_over(self, link: Link) -> None:
-        """Move to the next endpoint after `link` failed (unless another call already moved)."""
+    def fail_over(self, link: Link, why: str) -> None:
+        """Move to the next endpoint after `link` failed (unless another call already moved).
+
+        `why` says what failed, for the log.
+        """
         if self._link is not link or len(self.endpoints) == 1:
             # With one endpoint, gRPC's own reconnection is all we can do.
             return
         self._link = None
         self._index = (self._index + 1) % len(self.endpoints)
+        following = self.endpoints[self._index]
+        logger.warning(
+            "etcd at %s failed (%s); failing over to %s",
+            link.endpoint,
+            why,
+            following,
+            extra={
+                "rdzv_endpoint": str(link.endpoint),
+                "rdzv_next_endpoint": str(following),
+                "rdzv_details": why,
+            },
+        )
         # Calls still running on the old channel get an attempt's time to finish.
         self._retire(link, grace=self.attempt_timeout(self._read_timeout))
 
@@ -216,9 +248,19 @@ class Links:
         share = max(_MIN_ATTEMPT_TIMEOUT, self._read_timeout / _ATTEMPT_SHARE)
         return min(remaining, share)
 
-    def answered(self) -> None:
-        """Note that etcd answered: TLS works, so failures from now on are not TLS's."""
-        self._answered = True
+    def answered(self, link: Link) -> None:
+        """Note that etcd answered on `link`: TLS works, so failures from now on are not TLS's."""
+        if not link.answered:
+            link.answered = True
+            self._answered = True
+            # The first channel's first answer is `Connection.open`'s to report (with etcd's
+            # version); a later channel's follows a failover or a reconnection.
+            logger.log(
+                logging.DEBUG if self._channels == 1 else logging.INFO,
+                "Connected to etcd at %s",
+                link.endpoint,
+                extra={"rdzv_endpoint": str(link.endpoint)},
+            )
 
     def verify(self, link: Link, header: Any) -> None:
         """Raise `ForeignCluster` if an answer's header comes from another etcd cluster.
@@ -270,6 +312,12 @@ class Links:
                 raise
             self.verify(link, response.header)
             self._token = str(response.token)
+            logger.debug(
+                "Authenticated as etcd user %r at %s",
+                self.username,
+                link.endpoint,
+                extra={"rdzv_endpoint": str(link.endpoint), "rdzv_user": self.username},
+            )
             return self._token
 
     def forget_token(self, token: str | None) -> None:
