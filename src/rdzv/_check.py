@@ -14,7 +14,7 @@ import dataclasses
 import importlib.metadata
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Final, TypeVar
 
@@ -36,7 +36,7 @@ from rdzv._etcd._admin import (
     user_roles,
 )
 
-__all__ = ["Finding", "Target", "run_checks", "torch_findings"]
+__all__ = ["Finding", "Target", "passed", "run_checks", "to_json", "to_text", "torch_findings"]
 
 HANDLER_NAME: Final = "etcd-v3"
 """The name torchrun knows rdzv's rendezvous handler by (`--rdzv-backend`)."""
@@ -388,3 +388,30 @@ def torch_findings() -> list[Finding]:
         fix = "Upgrade torch: this one cannot find out-of-tree rendezvous handlers."
         findings.append(Finding("torch", "handlers", False, detail, fix=fix))
     return [*findings, _handler()]
+
+
+# ---------------------------------------------------------------------------------- output
+
+
+def passed(findings: Sequence[Finding]) -> bool:
+    """Whether every check passed."""
+    return all(finding.ok for finding in findings)
+
+
+def to_json(findings: Sequence[Finding]) -> dict[str, object]:
+    """The findings as one JSON object: `ok`, and `checks` in order."""
+    return {"ok": passed(findings), "checks": [dataclasses.asdict(f) for f in findings]}
+
+
+def to_text(findings: Sequence[Finding]) -> Iterator[str]:
+    """The findings as a table, a failed check's fix on the line below it."""
+    topic_width = max(len(finding.topic) for finding in findings)
+    name_width = max(len(finding.name) for finding in findings)
+    for finding in findings:
+        time = "" if finding.seconds is None else f"{finding.seconds * 1000:.1f} ms"
+        yield (
+            f"{'ok' if finding.ok else 'FAIL':<4}  {finding.topic:<{topic_width}}  "
+            f"{finding.name:<{name_width}}  {time:>9}  {finding.detail}"
+        )
+        if finding.fix is not None:
+            yield f"{'':<4}  fix: {finding.fix}"

@@ -1,4 +1,4 @@
-"""The `rdzv` command line: `demo`, `serve`, `inspect` and `watch`.
+"""The `rdzv` command line: `demo`, `serve`, `inspect`, `watch`, `check` and `reset`.
 
 Exit codes, for every command: 0 success; 1 the operation failed (etcd unreachable, credentials
 rejected, no state, a state that cannot be read); 2 bad usage (a bad option, or no etcd binary
@@ -13,20 +13,22 @@ import dataclasses
 import datetime
 import functools
 import json
+import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
 
 import anyio
 import click
 
-from rdzv import _envelope, _inspect
+from rdzv import _check, _envelope, _inspect, _reset
 from rdzv._backend import DEFAULT_KEY_PREFIX
 from rdzv._demo import (
     DAY,
@@ -35,18 +37,20 @@ from rdzv._demo import (
     DemoError,
     DemoProgress,
     DemoResult,
-    Protocol,
     default_key_prefix,
     max_nodes,
     run_demo,
 )
-from rdzv._errors import RendezvousConnectionError, RendezvousError
+from rdzv._errors import CONNECTION_FAILED_MESSAGE, RendezvousConnectionError, RendezvousError
 from rdzv._etcd import Connection
 from rdzv._etcd._endpoints import resolve_endpoints
+from rdzv._rendezvous import DEFAULT_ROUNDS_PREFIX
+from rdzv._store import DEFAULT_STORE_PREFIX, _validate_prefix
 from rdzv._validation import validate_key_prefix, validate_run_id
 from rdzv._version import __version__
 
 if TYPE_CHECKING:
+    from rdzv._demo import Protocol as DemoProtocol
     from rdzv._server import EtcdServer
 
 EXIT_FAILURE = 1
@@ -79,13 +83,44 @@ Exit codes:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+"""The levels `--log-level` takes, as the `logging` module names them (in any case)."""
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _LogHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler that `--log-level` puts on the `rdzv` logger (one, however often called)."""
+
+
+def configure_logging(level: str) -> None:
+    """Send the records of the `rdzv` logger hierarchy at `level` and above to stderr."""
+    logger = logging.getLogger("rdzv")
+    for handler in [h for h in logger.handlers if isinstance(h, _LogHandler)]:
+        logger.removeHandler(handler)
+    handler = _LogHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="rdzv")
-def main() -> None:
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    envvar="RDZV_LOG_LEVEL",
+    show_envvar=True,
+    default=None,
+    help="Log rdzv's own records at this level and above to stderr. Default: none.",
+)
+def main(log_level: str | None) -> None:
     """rdzv: an etcd v3 rendezvous backend for PyTorch elastic training.
 
     Exit codes: 0 success, 1 the operation failed, 2 bad usage or no etcd to run.
     """
+    if log_level is not None:
+        configure_logging(log_level)
 
 
 EMBEDDED_COMPACTION_RETENTION = 100_000
@@ -207,7 +242,7 @@ def _requests_line(result: DemoResult, nodes: int) -> str | None:
 )
 def demo(
     nodes: int,
-    protocol: Protocol,
+    protocol: DemoProtocol,
     per_connection: int | None,
     endpoints: str | None,
     run_id: str | None,
@@ -278,19 +313,51 @@ def demo(
                 ),
                 backend="asyncio",
             )
-        except TimeoutError:
-            click.echo(f"\nrdzv demo: the rendezvous did not complete in {timeout:g} s.", err=True)
-            sys.exit(EXIT_FAILURE)
-        except RendezvousError as error:
-            cause = f" ({error.__cause__})" if error.__cause__ else ""
-            click.echo(f"\nrdzv demo: {error}{cause}", err=True)
-            sys.exit(EXIT_FAILURE)
-        except DemoError as error:
-            click.echo(f"\nrdzv demo: {error}", err=True)
-            sys.exit(EXIT_FAILURE)
+        except Exception as error:
+            reach = _Reach(resolved, read_timeout)
+            message = _demo_failure(error, protocol, run_id, timeout, reach)
+            if message is None:
+                raise  # a bug, not an operational failure: the traceback says where
+            if live:
+                click.echo()  # end the progress line
+            _fail("demo", message)
     if live:
         click.echo()
     _print_result(result, nodes)
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    """The exceptions inside an exception group (a task group's), or `[error]`."""
+    inner = getattr(error, "exceptions", None)
+    if isinstance(inner, tuple):
+        return [leaf for nested in inner for leaf in _leaves(nested)]
+    return [error]
+
+
+def _demo_failure(
+    error: Exception, protocol: str, run_id: str, timeout: float, reach: _Reach
+) -> str | None:
+    """One line for a failed demo; None for an error that is not an operational failure."""
+    leaf = _leaves(error)[0]
+    if isinstance(leaf, TimeoutError):
+        return f"the rendezvous did not complete in {timeout:g} s."
+    if isinstance(leaf, RendezvousError):
+        message = _one_line(leaf, reach)
+        if type(leaf) is RendezvousConnectionError:
+            return f"{CONNECTION_FAILED_MESSAGE}: {message}"
+        if leaf.__cause__ is not None and not isinstance(leaf, RendezvousConnectionError):
+            message += " (" + " ".join(str(leaf.__cause__).split()) + ")"
+        return message
+    if isinstance(leaf, DemoError):
+        return " ".join(str(leaf).split())
+    if protocol == "cas" and isinstance(leaf, ValueError | TypeError):
+        # The agents read the run id's state as a JSON list of names: someone else's is not.
+        found = " ".join(f"{type(leaf).__name__}: {leaf}".split())
+        return (
+            f"the run id {run_id!r} holds a state that rdzv demo --protocol cas did not write "
+            f"({found}); use a fresh run id."
+        )
+    return None
 
 
 def _print_result(result: DemoResult, nodes: int) -> None:
@@ -523,7 +590,25 @@ def connection_options(command: F) -> F:
     return decorated  # type: ignore[return-value]
 
 
-def _one_line(error: BaseException, etcd: EtcdOptions) -> str:
+class _Reached(Protocol):
+    """Where a command reached etcd: what `_one_line` names in a connection failure."""
+
+    @property
+    def endpoints(self) -> str: ...
+
+    @property
+    def read_timeout(self) -> float: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class _Reach:
+    """The endpoints and read timeout of a command without `EtcdOptions` (`demo`)."""
+
+    endpoints: str
+    read_timeout: float
+
+
+def _one_line(error: BaseException, etcd: _Reached) -> str:
     """The error, with the gRPC status behind a connection failure, on one line."""
     message = str(error)
     # Exactly the base class: etcd did not answer (its subclasses say something more precise).
@@ -677,6 +762,158 @@ def watch(etcd: EtcdOptions, run_id: str, as_json: bool) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+# ------------------------------------------------------------------------------------ check
+
+_CHECK_EXIT_CODES = """\b
+Exit codes:
+  0  every check passed
+  1  a check failed (each failed line says what to do)
+  2  bad usage (a bad option or argument)"""
+
+
+def _store_prefix(context: click.Context, parameter: click.Parameter, value: str) -> str:
+    """A store prefix, ending with '/' as the store's own."""
+    try:
+        return _validate_prefix(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+_STORE_PREFIX_OPTION = click.option(
+    "--store-prefix",
+    envvar="RDZV_STORE_PREFIX",
+    default=DEFAULT_STORE_PREFIX,
+    show_default=True,
+    show_envvar=True,
+    callback=_store_prefix,
+    help="Where the c10d store's keys live (torchrun's store_prefix).",
+)
+
+
+def _check_target(etcd: EtcdOptions, store_prefix: str) -> _check.Target:
+    endpoints, _ = resolve_endpoints(etcd.endpoints, etcd.protocol)
+
+    def connect(some: str) -> Connection:
+        return dataclasses.replace(etcd, endpoints=some).connection()
+
+    return _check.Target(
+        endpoints=tuple(str(endpoint) for endpoint in endpoints),
+        connect=connect,
+        key_prefix=etcd.key_prefix,
+        store_prefix=store_prefix,
+        username=etcd.username,
+        read_timeout=etcd.read_timeout,
+    )
+
+
+@main.command(epilog=_CHECK_EXIT_CODES)
+@_STORE_PREFIX_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@connection_options
+def check(etcd: EtcdOptions, store_prefix: str, as_json: bool) -> None:
+    """Check that etcd, the credentials and torchrun are ready for a rendezvous.
+
+    For each endpoint: whether it answers, how fast, and its member and etcd version. Then
+    the cluster's members, leader and alarms; whether authentication is on, and the user's
+    roles; a write, a read, a watch and a delete of a scratch key under the rendezvous prefix
+    and under the store prefix (deleted at once; on a 60 s lease in case), each with its round
+    trip; and whether torch is installed and torchrun finds the etcd-v3 handler. A failed
+    check says what to do, such as the etcdctl command that grants a missing permission.
+    """
+    findings = anyio.run(_check.run_checks, _check_target(etcd, store_prefix), backend="asyncio")
+    if as_json:
+        click.echo(json.dumps(_check.to_json(findings), indent=2))
+    else:
+        for line in _check.to_text(findings):
+            click.echo(line)
+    if not _check.passed(findings):
+        failed = sum(not finding.ok for finding in findings)
+        _fail("check", f"{failed} of {len(findings)} checks failed.")
+
+
+# ------------------------------------------------------------------------------------ reset
+
+_RESET_EXIT_CODES = """\b
+Exit codes:
+  0  the keys were deleted, or there were none, or --dry-run
+  1  not confirmed (or no terminal to ask on, without --yes), or etcd failed
+  2  bad usage (a bad option or argument)"""
+
+
+def _confirmed(count: int, yes: bool) -> bool:
+    """Whether the operator agrees to delete `count` keys; refuses (exit 1) without a terminal."""
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        _fail("reset", "nothing deleted: no terminal to ask for confirmation on; pass --yes.")
+    return click.confirm(f"Delete these {count} keys?", default=False)
+
+
+@main.command(epilog=_RESET_EXIT_CODES)
+@click.option("--run-id", required=True, envvar="RDZV_RUN_ID", show_envvar=True, help="The job.")
+@click.option(
+    "--rounds-prefix",
+    envvar="RDZV_ROUNDS_PREFIX",
+    default=DEFAULT_ROUNDS_PREFIX,
+    show_default=True,
+    show_envvar=True,
+    help="Where rdzv.AsyncRendezvous keeps its rounds (its key_prefix).",
+)
+@click.option("--store", "with_store", is_flag=True, help="Also delete the job's store keys.")
+@_STORE_PREFIX_OPTION
+@click.option("--yes", "-y", is_flag=True, help="Delete without asking.")
+@click.option("--dry-run", is_flag=True, help="Only show what would be deleted.")
+@connection_options
+def reset(
+    etcd: EtcdOptions,
+    run_id: str,
+    rounds_prefix: str,
+    with_store: bool,
+    store_prefix: str,
+    yes: bool,
+    dry_run: bool,
+) -> None:
+    """Delete the rendezvous state of a job, so that its run id starts afresh.
+
+    Deletes the state of PyTorch's dynamic rendezvous (torchrun's etcd-v3) at
+    KEY_PREFIX/RUN_ID, and every key of rdzv.AsyncRendezvous under ROUNDS_PREFIX/RUN_ID/; with
+    --store, also the job's store keys (torch names them torch.rendezvous.RUN_ID.ROUND/...).
+    Shows the keys first and asks for confirmation, unless --yes. Stop the job first: its nodes
+    would write their keys again.
+    """
+    etcd.key(run_id)  # validates the run id
+    try:
+        rounds_prefix = validate_key_prefix(rounds_prefix)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="'--rounds-prefix'") from None
+
+    async def find(connection: Connection) -> tuple[_reset.Group, ...]:
+        return await _reset.plan(
+            connection,
+            run_id,
+            key_prefix=etcd.key_prefix,
+            rounds_prefix=rounds_prefix,
+            store_prefix=store_prefix if with_store else None,
+        )
+
+    groups = _run_on_etcd("reset", etcd, find)
+    count = sum(len(group.keys) for group in groups)
+    click.echo(f"Run id {run_id!r} on etcd at {etcd.endpoints}:")
+    for line in _reset.to_text(groups):
+        click.echo(f"  {line}")
+    if count == 0 or dry_run:
+        click.echo("Nothing to delete." if count == 0 else "Nothing deleted (--dry-run).")
+        return
+    if not _confirmed(count, yes):
+        _fail("reset", "nothing deleted.")
+
+    async def delete(connection: Connection) -> int:
+        return await _reset.delete(connection, groups)
+
+    deleted = _run_on_etcd("reset", etcd, delete)
+    click.echo(f"Deleted {deleted} keys.")
+
+
 # ------------------------------------------------------------------------------------ serve
 
 
@@ -712,6 +949,45 @@ def _log_tail(path: Path | None, size: int = 2000) -> str:
     return data.decode(errors="replace").strip() or "(empty)"
 
 
+def _port_taken(port: int) -> bool:
+    """Whether something listens on `port` of 127.0.0.1 (or on every address)."""
+    with socket.socket() as probe:
+        # As etcd binds: a port whose last connections linger in TIME_WAIT is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def _taken_message(option: str, port: int) -> str:
+    return (
+        f"etcd did not start: port {port} ({option}) is taken (address already in use); stop "
+        f"what listens there (another rdzv serve?), or choose another {option} (0: any free one)."
+    )
+
+
+def _start_serving(server: EtcdServer, ports: dict[str, int]) -> None:
+    """Start `server`, or exit: 2 without a binary, 1 when it does not start."""
+    from rdzv._server import EtcdBinaryNotFoundError
+
+    for option, port in ports.items():
+        if port and _port_taken(port):
+            _fail("serve", _taken_message(option, port))
+    try:
+        server.start()
+    except EtcdBinaryNotFoundError as error:
+        click.echo(f"rdzv serve: {error}", err=True)
+        sys.exit(EXIT_USAGE)
+    except RuntimeError as error:
+        server.stop(keep_data=True)
+        if getattr(error, "port_conflict", False):
+            # Taken between the check and etcd's start.
+            _fail("serve", _taken_message("--port or --peer-port", server.client_port))
+        _fail("serve", f"etcd did not start: {error}")
+
+
 @main.command(epilog=_SERVE_EXIT_CODES)
 @click.option(
     "--data-dir",
@@ -743,22 +1019,13 @@ def serve(data_dir: Path | None, port: int, peer_port: int) -> None:
     prints the endpoint to use, then stops etcd cleanly on Ctrl-C, SIGTERM or SIGHUP, and exits
     0.
     """
-    from rdzv._server import EtcdBinaryNotFoundError
-
     if data_dir is not None:
         data_dir.mkdir(parents=True, exist_ok=True)
     server = embedded_etcd(
         "rdzv-serve", data_dir=data_dir, client_port=port or None, peer_port=peer_port or None
     )
     with _stop_on_signals() as stop:
-        try:
-            server.start()
-        except EtcdBinaryNotFoundError as error:
-            click.echo(f"rdzv serve: {error}", err=True)
-            sys.exit(EXIT_USAGE)
-        except RuntimeError as error:
-            server.stop(keep_data=True)
-            _fail("serve", f"etcd did not start: {error}")
+        _start_serving(server, {"--port": port, "--peer-port": peer_port})
         try:
             try:
                 version = str(server.status().get("version", "?"))

@@ -815,8 +815,13 @@ class EtcdServer:
         A port freed by `kill()` can be taken by another etcd (say, another test's) before
         `restart()` binds it again: until the new process notices and exits, the other etcd
         would answer in its place. So the answering member's name and peer URL are checked
-        (once; then its member id is remembered).
+        (once; then its member id is remembered). An etcd started with the same name and ports
+        (a second `rdzv serve`) passes that check: so, where /proc tells, the client port must
+        also be one that this process listens on.
         """
+        proc = self._proc
+        if proc is not None and _listens_on(proc.pid, self.client_port) is False:
+            return False
         try:
             status = self.status(timeout=probe_timeout)
             member_id = _uint(status["header"]["member_id"])
@@ -916,6 +921,43 @@ class EtcdServer:
         """At interpreter exit: kill without delay and remove the owned temporary directory."""
         self.kill()
         self._remove_scratch()
+
+
+def _listening_sockets(port: int) -> set[str] | None:
+    """The inodes of the TCP sockets listening on `port` (Linux); None where /proc cannot tell."""
+    inodes: set[str] = set()
+    tables = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        tables += 1
+        for line in lines:
+            fields = line.split()
+            # local address "ADDR:PORT" in hex, state 0A is LISTEN, then the inode.
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes if tables else None
+
+
+def _listens_on(pid: int, port: int) -> bool | None:
+    """Whether process `pid` listens on TCP `port`; None where /proc cannot tell."""
+    inodes = _listening_sockets(port)
+    if inodes is None:
+        return None
+    try:
+        descriptors = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    for descriptor in descriptors:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{descriptor}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            return True
+    return False
 
 
 def _wait_ready(servers: Sequence[EtcdServer], deadline: float, timeout: float) -> None:
