@@ -929,5 +929,6 @@ def _log_resolved(key: str, what: str, outcome: str) -> None:
         "The lost answer to a %s of the store key %r is resolved: %s",
         what,
         key,
+        outcome,
         extra={"rdzv_key": key, "rdzv_outcome": outcome},
     )
