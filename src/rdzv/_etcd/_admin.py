@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 from aetcd import rpc
 
+from rdzv._errors import RendezvousAuthError
 from rdzv._etcd._attempts import Refused, drive
 from rdzv._etcd._classify import is_auth_refusal, synthetic
 from rdzv._etcd._connection import Connection, _finish
@@ -102,9 +103,15 @@ async def member_list(connection: Connection) -> tuple[Member, ...]:
 
 
 async def auth_enabled(connection: Connection) -> bool:
-    """Whether etcd has authentication enabled."""
+    """Whether etcd has authentication enabled.
+
+    etcd answers `Auth.AuthStatus` for root only once auth is on: its refusal says that it is.
+    """
     request = rpc.AuthStatusRequest()
-    response = await _call(connection, "Auth", "AuthStatus", request, "report its auth status")
+    try:
+        response = await _call(connection, "Auth", "AuthStatus", request, "report auth status")
+    except RendezvousAuthError:
+        return True
     return bool(response.enabled)
 
 
