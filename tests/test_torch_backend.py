@@ -30,7 +30,7 @@ from rdzv.torch import (
 )
 from support import RawEtcd, closed_port, present, torch_backend_of
 
-CONNECTION_FAILED = r"^The connection to etcd has failed. See inner exception for details.$"
+CONNECTION_FAILED = r"^The connection to etcd has failed: no answer within "
 
 MakeBackend = Callable[[RendezvousParameters], tuple[TorchEtcdBackend, EtcdStore]]
 
@@ -292,14 +292,23 @@ def test_create_backend_raises_error_if_protocol_is_invalid(params: RendezvousPa
         create_backend(params)
 
 
-@pytest.mark.parametrize("read_timeout", ["0", "-10"])
+@pytest.mark.parametrize("read_timeout", ["0", "-10", "86401", "nan", "ten"])
 def test_create_backend_raises_error_if_read_timeout_is_invalid(
     params: RendezvousParameters, read_timeout: str
 ) -> None:
-    """A read timeout that is not positive is a ValueError with upstream's message."""
+    """A read timeout that is not a number from above 0 to a day is the library's ValueError."""
     params.config["read_timeout"] = read_timeout
-    with pytest.raises(ValueError, match=r"^The read timeout must be a positive integer.$"):
+    with pytest.raises(ValueError, match=r"^The read_timeout must be a positive number"):
         create_backend(params)
+
+
+def test_create_backend_accepts_a_fractional_read_timeout(
+    make_backend: MakeBackend, params: RendezvousParameters
+) -> None:
+    """read_timeout "0.5" is half a second, as the library accepts it."""
+    params.config["read_timeout"] = "0.5"
+    backend, _ = make_backend(params)
+    assert _connection(backend).read_timeout == 0.5
 
 
 @pytest.mark.slow

@@ -7,7 +7,8 @@ gRPC's poller (`ev_epoll1_linux.cc ... Check failed`). With every channel closed
 the thread ends and a child can start gRPC afresh.
 
 So before a fork the synchronous facades close their channels (`_sync` registers that hook
-here) and the fork waits, briefly, for the poller thread to end. If it is still there (another
+here, and one that gives a child an empty registry of connections and no loop thread), and the
+fork waits, briefly, for the poller thread to end. If it is still there (another
 channel, or one that an exception's traceback keeps alive), the child is told so: making a
 connection there raises a clear `RendezvousError` instead of crashing.
 """
@@ -23,6 +24,8 @@ from typing import Final
 
 from rdzv._errors import RendezvousError
 
+__all__ = ["check_grpc_usable", "on_fork"]
+
 # grpc.aio's poller thread, recognised by its target's name (grpcio 1.60-1.85). If a grpcio
 # names it otherwise, nothing is waited for and no child is refused.
 _GRPC_POLLER: Final = "_poll_wrapper"
@@ -30,17 +33,27 @@ _IDLE_TIMEOUT: Final = 2.0
 
 _before: list[Callable[[], bool]] = []
 _after_in_parent: list[Callable[[], None]] = []
+_after_in_child: list[Callable[[], None]] = []
 _grpc_busy_at_fork = False
 _unusable_here = False
 
 
-def on_fork(*, before: Callable[[], bool], after_in_parent: Callable[[], None]) -> None:
-    """Run `before` ahead of every fork and `after_in_parent` after it, in the parent.
+def on_fork(
+    *,
+    before: Callable[[], bool],
+    after_in_parent: Callable[[], None],
+    after_in_child: Callable[[], None] | None = None,
+) -> None:
+    """Run `before` ahead of every fork, and after it `after_in_parent` or `after_in_child`.
 
     `before` returns whether it closed gRPC channels (then the fork waits for gRPC to go idle).
+    `after_in_child` runs in the child, where no thread but the forking one exists: it must not
+    wait for another thread.
     """
     _before.append(before)
     _after_in_parent.append(after_in_parent)
+    if after_in_child is not None:
+        _after_in_child.append(after_in_child)
 
 
 def check_grpc_usable() -> None:
@@ -85,6 +98,8 @@ def _in_parent() -> None:
 def _in_child() -> None:
     global _unusable_here
     _unusable_here = _unusable_here or _grpc_busy_at_fork
+    for hook in _after_in_child:
+        hook()
 
 
 os.register_at_fork(before=_prepare, after_in_parent=_in_parent, after_in_child=_in_child)

@@ -1,24 +1,26 @@
-"""The synchronous facade: the async core, run on one long-lived event-loop thread.
+"""The synchronous facade: the async core, run on the process's one event-loop thread.
 
-There is no second implementation here. `LoopThread` starts one asyncio event loop in a daemon
-thread (anyio's blocking portal), opens the `Connection` inside it (a grpc.aio channel belongs
-to the loop that made it), and runs the async core's coroutines there for any number of calling
-threads at once.
+There is no second implementation here. Every facade of a process runs the async core's
+coroutines on one event-loop thread (`_Runner`), for any number of calling threads at once, and
+facades made with the same connection parameters share one `Connection` (one gRPC channel): a
+`Portal` is one facade's hold on both. The thread starts with the first facade and stops with the
+last; a connection opens with the first facade that uses it and closes with the last. Each
+thread or channel costs a process: torchrun's agents and the processes that create many facades
+(measured: 16 handlers, 23 threads of their own, before they shared) pay for them once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
-import contextlib
+import dataclasses
+import hashlib
 import os
 import threading
 import weakref
 from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
-
-from anyio.from_thread import BlockingPortal, start_blocking_portal
+from typing import Any, Final, TypeVar
 
 from rdzv import _fork
 from rdzv._backend import (
@@ -30,73 +32,413 @@ from rdzv._backend import (
     Token,
 )
 from rdzv._errors import RendezvousError
-from rdzv._etcd import Connection
+from rdzv._etcd import DEFAULT_MAX_IN_FLIGHT, Connection
+from rdzv._etcd._endpoints import resolve_endpoints
 from rdzv._rendezvous import DEFAULT_LEASE_TTL, DEFAULT_ROUNDS_PREFIX, AsyncRendezvous, Membership
+
+__all__ = [
+    "ConnectionOptions",
+    "EtcdBackend",
+    "Portal",
+    "Rendezvous",
+    "open_shared",
+    "shared_connections",
+]
 
 T = TypeVar("T")
 
-_THREAD_NAME = "rdzv-event-loop"
+_THREAD_NAME: Final = "rdzv-event-loop"
+# How long closing a facade waits for its calls in progress to end once cancelled.
+_RELEASE_TIMEOUT: Final = 5.0
 
-_open_loops: weakref.WeakSet[LoopThread] = weakref.WeakSet()
+
+# ----------------------------------------------------------------------- connection options
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectionOptions:
+    """The arguments of a facade's `Connection`; facades whose options match share one."""
+
+    endpoints: str
+    protocol: str | None = None
+    read_timeout: float = 60
+    ca_cert: str | Path | None = None
+    ssl_cert: str | Path | None = None
+    ssl_cert_key: str | Path | None = None
+    username: str | None = None
+    password: str | None = dataclasses.field(default=None, repr=False)
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+
+    def connect(self) -> Connection:
+        """A new, unopened `Connection` with these options (`ValueError` for bad ones)."""
+        return Connection(
+            self.endpoints,
+            protocol=self.protocol,
+            read_timeout=self.read_timeout,
+            ca_cert=self.ca_cert,
+            ssl_cert=self.ssl_cert,
+            ssl_cert_key=self.ssl_cert_key,
+            username=self.username,
+            password=self.password,
+            max_in_flight=self.max_in_flight,
+        )
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def _file_digest(path: str | Path | None) -> bytes | str | None:
+    """What a TLS file holds, for the sharing key: its contents decide, not its name.
+
+    A certificate renewed in place must not be served by a channel made with the old one, as
+    a connection of its own would read the new one. (Digests, so that the registry holds no
+    second copy of a private key.)
+    """
+    if path is None:
+        return None
+    try:
+        return _digest(Path(path).read_bytes())
+    except OSError:
+        return str(path)  # the connection read it a moment ago; it is gone or changing now
+
+
+def _sharing_key(options: ConnectionOptions, connection: Connection) -> tuple[object, ...]:
+    """What must be equal for two facades to share a connection: everything it was made with.
+
+    The endpoints and the protocol as the connection resolved them (so `"h:2379"` and
+    `"http://h"` share), the read timeout, the TLS files' contents, the credentials (the
+    password as a digest) and the bound on requests in flight.
+    """
+    _, protocol = resolve_endpoints(options.endpoints, options.protocol)
+    return (
+        connection.endpoints,
+        protocol,
+        connection.read_timeout,
+        _file_digest(options.ca_cert),
+        _file_digest(options.ssl_cert),
+        _file_digest(options.ssl_cert_key),
+        options.username,
+        None if options.password is None else _digest(options.password.encode()),
+        options.max_in_flight,
+    )
+
+
+# ------------------------------------------------------------------------- the loop thread
+
+
+class _Call:
+    """One blocking call handed to the loop: a lock its caller waits on, and the outcome.
+
+    The lock is taken when the call is made and released by the loop thread once the outcome
+    is in: a waiting thread costs no polling, and the hand-off is a lock release, cheaper than
+    a `concurrent.futures.Future` (see `docs/async-vs-sync.md`).
+    """
+
+    __slots__ = ("done", "error", "task", "value")
+
+    def __init__(self) -> None:
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.done.release()
+
+
+def _closed_error() -> RendezvousError:
+    return RendezvousError("This rdzv object is closed.")
+
+
+def _closed_during_call() -> RendezvousError:
+    return RendezvousError("This rdzv object was closed while the call was in progress.")
+
+
+class _Runner:
+    """The event-loop thread that runs every facade's calls in this process."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        # Calls handed to the loop and not answered yet: failed if the loop ends first.
+        self.pending: set[_Call] = set()
+        self.stopped = False
+        started = threading.Event()
+        self.thread = threading.Thread(
+            target=self._run, args=(started,), name=_THREAD_NAME, daemon=True
+        )
+        self.thread.start()
+        started.wait()
+
+    def _run(self, started: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(started.set)
+        try:
+            self.loop.run_forever()
+        finally:
+            try:
+                remaining = asyncio.all_tasks(self.loop)
+                for task in remaining:
+                    task.cancel()
+                if remaining:
+                    self.loop.run_until_complete(asyncio.wait(remaining))
+                self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+                self.loop.run_until_complete(self.loop.shutdown_default_executor())
+            finally:
+                asyncio.set_event_loop(None)
+                self.loop.close()
+                self.stopped = True
+                for call in list(self.pending):
+                    self.pending.discard(call)
+                    call.fail(_closed_error())
+
+    def stop(self) -> None:
+        """End the loop (its remaining tasks are cancelled) and wait for the thread."""
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+
+    def call(
+        self,
+        function: Callable[..., Coroutine[Any, Any, T]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        owner: Portal | None = None,
+    ) -> T:
+        """Run `function(*args, **kwargs)` as a task of the loop; wait for it; return or raise.
+
+        With an `owner`, the task is one of its calls: cancelled when it closes, and refused
+        once it has.
+        """
+        if threading.get_ident() == self.thread.ident:
+            raise RuntimeError(
+                "A synchronous rdzv facade cannot be called from its own event-loop thread: "
+                "it would wait for itself. Use the async API there."
+            )
+        call = _Call()
+        self.pending.add(call)
+        try:
+            if self.stopped:
+                raise RuntimeError("stopped")
+            self.loop.call_soon_threadsafe(self._start, call, function, args, kwargs, owner)
+        except RuntimeError:  # the loop is closed: every facade on it was closed
+            self.pending.discard(call)
+            raise _closed_error() from None
+        try:
+            call.done.acquire()
+        except BaseException:
+            # Interrupted while waiting (KeyboardInterrupt): do not leave the call running.
+            if not self.stopped:
+                self.loop.call_soon_threadsafe(self._cancel, call)
+            raise
+        error, call.error = call.error, None
+        if error is not None:
+            raise error
+        value: T = call.value
+        return value
+
+    def _start(
+        self,
+        call: _Call,
+        function: Callable[..., Coroutine[Any, Any, Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        owner: Portal | None,
+    ) -> None:
+        if owner is not None and owner.closed:
+            self.pending.discard(call)
+            call.fail(_closed_error())
+            return
+        call.task = task = self.loop.create_task(self._step(call, function, args, kwargs, owner))
+        if owner is not None:
+            owner._tasks.add(task)
+
+    async def _step(
+        self,
+        call: _Call,
+        function: Callable[..., Coroutine[Any, Any, Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        owner: Portal | None,
+    ) -> None:
+        # The outcome is handed over here, in the task's last step, rather than by a done
+        # callback: that would cost the caller one more turn of the loop.
+        try:
+            call.value = await function(*args, **kwargs)
+        except asyncio.CancelledError:
+            closed = owner is not None and owner.closed
+            call.error = _closed_during_call() if closed else _closed_error()
+        except Exception as error:  # StopAsyncIteration too: `iterate` needs it
+            call.error = error
+        except BaseException as error:  # KeyboardInterrupt, SystemExit: the loop ends too
+            call.error = error
+            raise
+        finally:
+            if owner is not None:
+                owner._tasks.discard(call.task)
+            self.pending.discard(call)
+            call.done.release()
+
+    def _cancel(self, call: _Call) -> None:
+        if call.task is not None:
+            call.task.cancel()
+
+    def run(self, function: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+        """Run `function(*args)` on the loop for rdzv itself (open, close, fork hooks)."""
+        return self.call(function, args, {})
+
+
+class _Shared:
+    """A connection and the number of facades of this process that use it."""
+
+    def __init__(self, key: tuple[object, ...], connection: Connection) -> None:
+        self.key = key
+        self.connection = connection
+        self.users = 0
+
+
+class _Process:
+    """What the facades of one process share: the loop thread, and the connections by key.
+
+    A forked child starts with a new one (see `_fork_in_child`): nothing of its parent's
+    threads or channels exists there.
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.runner: _Runner | None = None
+        self.shared: dict[tuple[object, ...], _Shared] = {}
+
+
+_process = _Process()
+_open_portals: weakref.WeakSet[Portal] = weakref.WeakSet()
+
+
+def shared_connections() -> list[tuple[Connection, int]]:
+    """The connections that this process's open facades share, each with its number of users."""
+    with _process.lock:
+        return [(shared.connection, shared.users) for shared in _process.shared.values()]
+
+
+async def _resume(connection: Connection) -> None:
+    connection.resume()
 
 
 @atexit.register
-def _close_open_loops() -> None:
+def _close_open_portals() -> None:
     """Close the channels that facades left open, so the interpreter exits quietly."""
-    for loop in list(_open_loops):
-        loop.close()
+    for portal in list(_open_portals):
+        portal.close()
 
 
-def _suspend_open_loops() -> bool:
+def _on_loop_thread(runner: _Runner) -> bool:
+    return threading.get_ident() == runner.thread.ident
+
+
+def _suspend_connections() -> bool:
     """Before fork(): no gRPC channel may be live, or the child cannot use gRPC at all."""
-    loops = list(_open_loops)
-    for loop in loops:
-        loop.suspend()
-    return bool(loops)
+    process = _process
+    runner = process.runner
+    # A fork from the loop's own thread cannot wait for the loop.
+    if runner is None or runner.pid != os.getpid() or _on_loop_thread(runner):
+        return False
+    connections = [shared.connection for shared in list(process.shared.values())]
+    for connection in connections:
+        runner.run(connection.suspend)
+    return bool(connections)
 
 
-def _resume_open_loops() -> None:
-    for loop in list(_open_loops):
-        loop.resume()
+def _resume_connections() -> None:
+    process = _process
+    runner = process.runner
+    if runner is None or runner.pid != os.getpid() or _on_loop_thread(runner):
+        return
+    for shared in list(process.shared.values()):
+        runner.run(_resume, shared.connection)
 
 
-_fork.on_fork(before=_suspend_open_loops, after_in_parent=_resume_open_loops)
+def _fork_in_child() -> None:
+    """The child has no loop thread and no channel: its facades start anew, from nothing."""
+    global _process, _open_portals
+    _process = _Process()
+    _open_portals = weakref.WeakSet()
+
+
+_fork.on_fork(
+    before=_suspend_connections, after_in_parent=_resume_connections, after_in_child=_fork_in_child
+)
 
 
 async def _next(changes: AsyncGenerator[T, None]) -> T:
     return await changes.__anext__()
 
 
-class LoopThread:
-    """An event-loop thread that owns one open `Connection`."""
+class Portal:
+    """One facade's hold on the process's event-loop thread and on a shared `Connection`.
 
-    def __init__(self, connection: Connection) -> None:
-        self._pid = os.getpid()
+    Made by `Portal.open`; a facade and everything it hands out (the torch store and its
+    clones) call through it. `close()` ends its calls in progress and, for the last portal on a
+    connection, closes the connection, and for the last portal of the process, stops the
+    thread. A portal made before a fork refuses to work in the child.
+    """
+
+    def __init__(self, process: _Process, runner: _Runner, shared: _Shared) -> None:
+        self._process = process
+        self._runner = runner
+        self._shared = shared
+        self._pid = runner.pid
         self._lock = threading.Lock()
         self._closed = False
-        self._exit = contextlib.ExitStack()
-        self._portal: BlockingPortal = self._exit.enter_context(
-            start_blocking_portal("asyncio", name=_THREAD_NAME)
-        )
-        # Calls go straight to the portal's asyncio loop: asyncio.run_coroutine_threadsafe costs
-        # half of what BlockingPortal.call does (it starts a task in anyio's task group), and
-        # the thread hop is the whole of the facade's overhead.
-        self._loop: asyncio.AbstractEventLoop = self._portal.call(asyncio.get_running_loop)
-        self.connection = connection
+        self._tasks: set[asyncio.Task[None]] = set()  # touched on the loop thread only
+        self._generators: set[AsyncGenerator[Any, None]] = set()
+
+    @classmethod
+    def open(cls, options: ConnectionOptions, connection: Connection | None = None) -> Portal:
+        """A portal on the shared connection for `options`, checked to answer like `open()`.
+
+        `connection`, made from `options`, is used if no facade of this process uses one
+        with the same options yet; otherwise it is dropped unopened (it holds no channel).
+        Raises what `Connection.open` raises if etcd does not answer or refuses the
+        credentials.
+        """
+        candidate = options.connect() if connection is None else connection
+        key = _sharing_key(options, candidate)
+        process = _process
+        with process.lock:
+            if process.runner is None:
+                process.runner = _Runner()
+            runner = process.runner
+            shared = process.shared.get(key)
+            if shared is None:
+                shared = process.shared[key] = _Shared(key, candidate)
+            shared.users += 1
+        portal = cls(process, runner, shared)
         try:
-            self._portal.call(connection.open)
+            # Every facade checks, as it did with a connection of its own, that etcd answers.
+            portal.call(shared.connection.open)
         except BaseException:
-            self.close()
+            portal.close()
             raise
-        _open_loops.add(self)
+        _open_portals.add(portal)
+        return portal
+
+    @property
+    def connection(self) -> Connection:
+        """The connection this portal's facade uses, shared with others of the same options."""
+        return self._shared.connection
 
     def call(self, function: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
         """Run `function(*args, **kwargs)` on the event loop and wait for its result."""
-        self._check_usable()
-        return asyncio.run_coroutine_threadsafe(function(*args, **kwargs), self._loop).result()
+        if self._closed or self._pid != os.getpid():
+            self._refuse()
+        return self._runner.call(function, args, kwargs, self)
 
     def iterate(self, changes: AsyncGenerator[T, None]) -> Iterator[T]:
         """Iterate over an async generator of the loop from this thread."""
+        self._generators.add(changes)
         try:
             while True:
                 try:
@@ -106,61 +448,94 @@ class LoopThread:
                 yield item
         finally:
             if not self._closed and self._pid == os.getpid():
-                self._portal.call(changes.aclose)
+                try:
+                    self.call(changes.aclose)
+                except RendezvousError:
+                    if not self._closed:
+                        raise
+            self._generators.discard(changes)
 
-    def suspend(self) -> None:
-        """Close the channel until `resume()` (see `Connection.suspend`)."""
-        if self._usable_here():
-            self._portal.call(self.connection.suspend)
-
-    def resume(self) -> None:
-        """Reopen the connection after `suspend()`."""
-        if self._usable_here():
-            self._portal.call(self.connection.resume)
-
-    def _usable_here(self) -> bool:
-        # A fork from the loop's own thread cannot wait for the loop; nor can a closed loop.
-        return (
-            not self._closed
-            and self._pid == os.getpid()
-            and threading.current_thread().name != _THREAD_NAME
-        )
-
-    def _check_usable(self) -> None:
+    def _refuse(self) -> None:
         if self._pid != os.getpid():
             # The loop thread did not survive fork(); only the parent can use it.
             raise RendezvousError(
                 f"This rdzv object was created in process {self._pid}, and its event-loop thread "
                 "does not exist in this forked process: create a new one here."
             )
-        if self._closed:
-            raise RendezvousError("This rdzv object is closed.")
+        raise _closed_error()
 
     @property
     def closed(self) -> bool:
         """Whether `close()` was called."""
         return self._closed
 
+    async def _release(self, last: bool) -> None:
+        """End this portal's calls and watches; close the connection if no one else uses it."""
+        tasks = [task for task in self._tasks if not task.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=_RELEASE_TIMEOUT)
+        for changes in list(self._generators):
+            try:
+                await changes.aclose()
+            except Exception:  # a watch that fails to end has ended all the same
+                continue
+        if last:
+            await self._shared.connection.aclose()
+
     def close(self) -> None:
-        """Close the connection and stop the thread; harmless to call twice."""
+        """Release the connection and the thread; the last user closes them. Harmless twice.
+
+        Calls in progress through this portal end with `RendezvousError`.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        _open_loops.discard(self)
+        _open_portals.discard(self)
         if self._pid != os.getpid():
-            return
+            return  # a parent's portal in a forked child: nothing of it exists here
+        process, shared, runner = self._process, self._shared, self._runner
+        with process.lock:
+            shared.users -= 1
+            last = shared.users == 0
+            if last and process.shared.get(shared.key) is shared:
+                del process.shared[shared.key]
+            stop = process.runner is runner and not process.shared
+            if stop:
+                process.runner = None
         try:
-            self._portal.call(self.connection.aclose)
+            runner.run(self._release, last)
         finally:
-            self._exit.close()
+            if stop:
+                runner.stop()
+
+
+def open_shared(options: ConnectionOptions, make: Callable[[Connection], T]) -> tuple[Portal, T]:
+    """A portal for `options`, and `make(connection)` on its shared connection.
+
+    `make` runs first on a new connection that is not opened, so that every argument is
+    validated (`ValueError`) before a thread starts or a socket opens.
+    """
+    candidate = options.connect()
+    made = make(candidate)
+    portal = Portal.open(options, candidate)
+    if portal.connection is not candidate:
+        try:
+            made = make(portal.connection)
+        except BaseException:
+            portal.close()
+            raise
+    return portal, made
 
 
 class EtcdBackend:
     """A blocking facade over `AsyncEtcdBackend`, for synchronous code such as torchrun.
 
-    It runs the async core on one event-loop thread, created with the facade and holding its
-    connection until `close()`. Any number of threads may call it at once. Errors are the async
+    It runs the async core on the process's event-loop thread, on a connection that it shares
+    with the other facades of the process made with the same connection parameters, until
+    `close()`. Any number of threads may call it at once. Errors are the async
     core's: `RendezvousConnectionError`, `RendezvousStateError` and the rest of the tree.
 
     A process forked after the facade was created must create a facade of its own; the parent's
@@ -183,7 +558,7 @@ class EtcdBackend:
         password: str | None = None,
         state_key: bytes | None = None,
     ) -> None:
-        connection = Connection(
+        options = ConnectionOptions(
             endpoints,
             protocol=protocol,
             read_timeout=read_timeout,
@@ -193,15 +568,15 @@ class EtcdBackend:
             username=username,
             password=password,
         )
-        # Validate the run id, prefix and ttl before a thread or a socket exists.
-        backend = AsyncEtcdBackend(
-            connection, run_id, key_prefix=key_prefix, ttl=ttl, state_key=state_key
+        self._loop, self._backend = open_shared(
+            options,
+            lambda connection: AsyncEtcdBackend(
+                connection, run_id, key_prefix=key_prefix, ttl=ttl, state_key=state_key
+            ),
         )
-        self._loop = LoopThread(connection)
-        self._backend = backend
 
     @classmethod
-    def _on(cls, loop: LoopThread, backend: AsyncEtcdBackend) -> EtcdBackend:
+    def _on(cls, loop: Portal, backend: AsyncEtcdBackend) -> EtcdBackend:
         """A facade sharing `loop` (and its connection) with other facades."""
         facade = cls.__new__(cls)
         facade._loop, facade._backend = loop, backend
@@ -212,7 +587,7 @@ class EtcdBackend:
 
     @property
     def connection(self) -> Connection:
-        """The connection this facade uses (shared with its store, under `rdzv.torch`)."""
+        """The connection this facade uses, shared with the facades of the same parameters."""
         return self._loop.connection
 
     @property
@@ -246,7 +621,11 @@ class EtcdBackend:
         return self._loop.iterate(self._backend.watch(token))
 
     def close(self) -> None:
-        """Close the connection and stop the event-loop thread; closing twice is harmless."""
+        """Release the connection; the last facade on it closes it. Closing twice is harmless.
+
+        Calls in progress end with `RendezvousError`; with the last facade of the process, the
+        event-loop thread stops.
+        """
         self._loop.close()
 
     def __enter__(self) -> EtcdBackend:
@@ -259,9 +638,10 @@ class EtcdBackend:
 class Rendezvous:
     """A blocking facade over `AsyncRendezvous`, for synchronous code.
 
-    Like `EtcdBackend`, it runs the async core on one event-loop thread that holds its
-    connection until `leave()`; every method is one call into the core. Errors are the
-    core's: `RendezvousTimeoutError`, `RendezvousClosedError`, `RendezvousConnectionError`.
+    Like `EtcdBackend`, it runs the async core on the process's event-loop thread, on a
+    connection shared with the facades of the same connection parameters, until `leave()`;
+    every method is one call into the core. Errors are the core's: `RendezvousTimeoutError`,
+    `RendezvousClosedError`, `RendezvousConnectionError`.
     """
 
     def __init__(
@@ -283,7 +663,7 @@ class Rendezvous:
         username: str | None = None,
         password: str | None = None,
     ) -> None:
-        connection = Connection(
+        options = ConnectionOptions(
             endpoints,
             protocol=protocol,
             read_timeout=read_timeout,
@@ -293,18 +673,19 @@ class Rendezvous:
             username=username,
             password=password,
         )
-        # Validate everything before a thread or a socket exists.
-        self._rendezvous = AsyncRendezvous(
-            connection,
-            run_id,
-            min_nodes=min_nodes,
-            max_nodes=max_nodes,
-            last_call_timeout=last_call_timeout,
-            join_timeout=join_timeout,
-            lease_ttl=lease_ttl,
-            key_prefix=key_prefix,
+        self._loop, self._rendezvous = open_shared(
+            options,
+            lambda connection: AsyncRendezvous(
+                connection,
+                run_id,
+                min_nodes=min_nodes,
+                max_nodes=max_nodes,
+                last_call_timeout=last_call_timeout,
+                join_timeout=join_timeout,
+                lease_ttl=lease_ttl,
+                key_prefix=key_prefix,
+            ),
         )
-        self._loop = LoopThread(connection)
 
     def __repr__(self) -> str:
         return repr(self._rendezvous).replace("AsyncRendezvous", "Rendezvous", 1)
@@ -340,7 +721,7 @@ class Rendezvous:
         return self._loop.call(self._rendezvous.is_closed)
 
     def leave(self) -> None:
-        """Leave the round, then close the connection and stop the thread. Harmless twice."""
+        """Leave the round, then release the connection as `EtcdBackend.close`. Harmless twice."""
         if not self._loop.closed:
             try:
                 self._loop.call(self._rendezvous.leave)

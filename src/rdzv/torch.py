@@ -27,6 +27,7 @@ except ImportError as error:  # pragma: no cover - exercised without torch insta
 
 import contextlib
 import datetime
+import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -48,8 +49,8 @@ from rdzv._errors import (
 from rdzv._etcd import Connection
 from rdzv._etcd._endpoints import resolve_endpoints
 from rdzv._store import DEFAULT_STORE_PREFIX, AsyncEtcdStore
-from rdzv._sync import EtcdBackend, LoopThread
-from rdzv._validation import validate_ttl
+from rdzv._sync import ConnectionOptions, EtcdBackend, Portal, open_shared
+from rdzv._validation import validate_read_timeout, validate_ttl
 
 __all__ = [
     "PASSWORD_ENVIRONMENT_VARIABLE",
@@ -61,6 +62,51 @@ __all__ = [
 
 PASSWORD_ENVIRONMENT_VARIABLE = "RDZV_ETCD_PASSWORD"
 DEFAULT_ENDPOINT = "localhost:2379"
+
+_logger = logging.getLogger("rdzv.torch")
+
+# The `--rdzv-conf` keys that `create_backend` reads (`password` and `state_key` only to refuse
+# them, with a message that says where they belong).
+_RDZV_CONF_KEYS: frozenset[str] = frozenset(
+    {
+        "ca_cert",
+        "cacert",
+        "cert",
+        "key",
+        "key_prefix",
+        "password",
+        "password_file",
+        "protocol",
+        "read_timeout",
+        "ssl_cert",
+        "ssl_cert_key",
+        "state_key",
+        "state_key_file",
+        "store_prefix",
+        "ttl",
+        "username",
+    }
+)
+
+# The keys torch itself reads from `--rdzv-conf` under this backend: its
+# `dynamic_rendezvous.create_handler` (the handler's timeouts and keep-alive), and `timeout`,
+# which torchrun's launcher always adds (for the etcd-v2 and c10d backends). `local_addr` is not
+# one: torchrun passes it as `RendezvousParameters.local_addr`, never among the options.
+_TORCH_CONF_KEYS: frozenset[str] = frozenset(
+    {
+        "close_timeout",
+        "heartbeat_timeout",
+        "join_timeout",
+        "keep_alive_interval",
+        "keep_alive_max_attempt",
+        "last_call_timeout",
+        "timeout",
+    }
+)
+
+# Every `--rdzv-conf` key that `create_handler` reads. Another handler over these parameters
+# passes `_warn_unknown_conf` this set with its own keys added.
+_KNOWN_CONF_KEYS: frozenset[str] = _RDZV_CONF_KEYS | _TORCH_CONF_KEYS
 
 # (our class, torch's class), most specific first; `StoreTimeoutError` is apart, below.
 _TORCH_ERRORS: tuple[tuple[type[RendezvousError], type[Exception]], ...] = (
@@ -135,7 +181,7 @@ class EtcdStore(Store):
 
     def __init__(
         self,
-        loop: LoopThread,
+        loop: Portal,
         store: AsyncEtcdStore,
         timeout: datetime.timedelta | None = None,
     ) -> None:
@@ -332,17 +378,47 @@ def _state_key(params: torch_api.RendezvousParameters) -> bytes | None:
         raise ValueError(f"The state key file {path!r} cannot be read: {error.strerror}.") from None
 
 
-def _connection(params: torch_api.RendezvousParameters) -> Connection:
-    read_timeout = params.get_as_int("read_timeout", 60)
-    if read_timeout is None or read_timeout <= 0:
-        raise ValueError("The read timeout must be a positive integer.")
+def _warn_unknown_conf(
+    params: torch_api.RendezvousParameters, known: frozenset[str] = _KNOWN_CONF_KEYS
+) -> None:
+    """Log a warning naming the `--rdzv-conf` keys that nobody reads (a typo, most often).
+
+    torch passes unknown keys along silently, so `read_timout=10` would leave the read timeout
+    at its default without a word. It is a warning on the "rdzv.torch" logger, next to
+    torchrun's own rendezvous messages, not an error: a key meant for another backend is
+    harmless.
+    """
+    unknown = sorted(set(params.config) - known)
+    if unknown:
+        _logger.warning(
+            "Unknown --rdzv-conf option%s %s, ignored. The options read are: %s.",
+            "s" if len(unknown) > 1 else "",
+            ", ".join(unknown),
+            ", ".join(sorted(known)),
+        )
+
+
+def _read_timeout(params: torch_api.RendezvousParameters) -> float:
+    """`read_timeout` in seconds: a positive number up to a day, such as `0.5` (default 60)."""
+    value = params.get("read_timeout")
+    if value is None:
+        return validate_read_timeout(60)
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = float(value.strip())
+    return validate_read_timeout(value)
+
+
+def _connection_options(params: torch_api.RendezvousParameters) -> ConnectionOptions:
+    """The connection parameters in torchrun's `params` (`ValueError` for bad ones)."""
+    read_timeout = _read_timeout(params)
     endpoints = params.endpoint.strip() or DEFAULT_ENDPOINT
     # rdzv's one rule for schemes: without a protocol option, an https:// endpoint means https,
     # and no scheme means http (torch's etcd-v2 default); an option must agree with the scheme.
     protocol = params.get("protocol")
     _, protocol = resolve_endpoints(endpoints, None if protocol is None else str(protocol).strip())
     username = _first(params, "username")
-    return Connection(
+    return ConnectionOptions(
         endpoints,
         protocol=protocol,
         read_timeout=read_timeout,
@@ -352,6 +428,11 @@ def _connection(params: torch_api.RendezvousParameters) -> Connection:
         username=username,
         password=_password(params, username),
     )
+
+
+def _connection(params: torch_api.RendezvousParameters) -> Connection:
+    """A new, unopened connection made from torchrun's `params` (`ValueError` for bad ones)."""
+    return _connection_options(params).connect()
 
 
 def create_backend(
@@ -364,7 +445,7 @@ def create_backend(
 
     | option | default | meaning |
     |---|---|---|
-    | `read_timeout` | 60 | seconds any etcd call may take, retries included (at most 86400) |
+    | `read_timeout` | 60 | seconds any etcd call may take, retries included (> 0, at most 86400) |
     | `protocol` | the endpoints' `http://` or `https://`, else `http` | `http` or `https` |
     | `ca_cert` (alias `cacert`) | system CAs | CA certificate for https |
     | `ssl_cert` (alias `cert`) | none | client certificate for https |
@@ -376,25 +457,32 @@ def create_backend(
     | `ttl` | 7200 | seconds an unwritten state (and store key) lives, at least |
     | `state_key_file` | none | a file holding a secret key (16+ bytes) that signs every state |
 
-    The backend and the store share one connection on one event-loop thread. Raises
-    `ValueError` for bad parameters, and torch's `RendezvousConnectionError` if etcd does not
-    answer within `read_timeout`.
+    torch's handler reads its own options from `--rdzv-conf` too (see `create_handler`); any
+    other option is logged as a warning on the "rdzv.torch" logger, which names it and lists
+    the known ones.
+
+    The backend and the store share one connection, with every pair in the process made with
+    the same connection options (endpoints, protocol, `read_timeout`, TLS files, user and
+    password), on the process's one event-loop thread; closing `backend.facade` releases it.
+    Raises `ValueError` for bad parameters, and torch's `RendezvousConnectionError` if etcd does
+    not answer within `read_timeout`.
     """
-    connection = _connection(params)
+    _warn_unknown_conf(params)
+    options = _connection_options(params)
     ttl = validate_ttl(params.get_as_int("ttl", DEFAULT_TTL))
-    backend = AsyncEtcdBackend(
-        connection,
-        params.run_id,
-        key_prefix=_first(params, "key_prefix") or DEFAULT_KEY_PREFIX,
-        ttl=ttl,
-        state_key=_state_key(params),
-    )
-    store = AsyncEtcdStore(
-        connection, prefix=_first(params, "store_prefix") or DEFAULT_STORE_PREFIX, ttl=ttl
-    )
+    key_prefix = _first(params, "key_prefix") or DEFAULT_KEY_PREFIX
+    state_key = _state_key(params)
+    store_prefix = _first(params, "store_prefix") or DEFAULT_STORE_PREFIX
+
+    def make(connection: Connection) -> tuple[AsyncEtcdBackend, AsyncEtcdStore]:
+        backend = AsyncEtcdBackend(
+            connection, params.run_id, key_prefix=key_prefix, ttl=ttl, state_key=state_key
+        )
+        return backend, AsyncEtcdStore(connection, prefix=store_prefix, ttl=ttl)
+
     with _as_torch_errors():
-        loop = LoopThread(connection)
-    return TorchEtcdBackend(EtcdBackend._on(loop, backend)), EtcdStore(loop, store)
+        portal, (backend, store) = open_shared(options, make)
+    return TorchEtcdBackend(EtcdBackend._on(portal, backend)), EtcdStore(portal, store)
 
 
 def create_handler(
