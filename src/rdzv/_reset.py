@@ -93,18 +93,17 @@ async def plan(
 
 async def delete(connection: Connection, groups: Sequence[Group]) -> int:
     """Delete the keys of `groups`, a few at a time; how many were still there."""
-    deleted = 0
+    counts: list[int] = []
     limiter = anyio.CapacityLimiter(_CONCURRENT_DELETES)
 
     async def one(key: bytes) -> None:
-        nonlocal deleted
         async with limiter:
-            deleted += await connection.delete(key)
+            counts.append(await connection.delete(key))
 
     async with anyio.create_task_group() as group:
         for key in [key for kind in groups for key in kind.keys]:
             group.start_soon(one, key)
-    return deleted
+    return sum(counts)
 
 
 def to_text(groups: Sequence[Group]) -> Iterator[str]:
