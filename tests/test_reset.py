@@ -47,7 +47,7 @@ class Job:
             self.store, *more,
         ]  # fmt: skip
 
-    def keys(self) -> list[bytes]:
+    def etcd_keys(self) -> list[bytes]:
         """Every key under the test's prefix."""
 
         async def read() -> list[bytes]:
@@ -91,7 +91,7 @@ def _job_keys(job: Job) -> list[bytes]:
     """Run id "job"'s keys: its state, its rounds, its store keys (markers included)."""
     return [
         key
-        for key in job.keys()
+        for key in job.etcd_keys()
         if key == job.state_key.encode()
         or key.startswith(job.rounds.encode())
         or b"torch.rendezvous.job.0/" in key
@@ -101,12 +101,12 @@ def _job_keys(job: Job) -> list[bytes]:
 
 def test_yes_deletes_the_state_and_the_rounds_but_not_the_store(job: Job) -> None:
     """With --yes: the torch state and every rounds key go; the store keys stay."""
-    rounds_keys = [key for key in job.keys() if key.startswith(job.rounds.encode())]
+    rounds_keys = [key for key in job.etcd_keys() if key.startswith(job.rounds.encode())]
     assert rounds_keys
     outcome = _reset(job.options("--yes"))
     assert outcome.exit_code == 0, outcome.output
     assert outcome.stdout.endswith(f"Deleted {1 + len(rounds_keys)} keys.\n")
-    left = job.keys()
+    left = job.etcd_keys()
     assert job.state_key.encode() not in left
     assert not [key for key in left if key.startswith(job.rounds.encode())]
     assert f"{job.store}torch.rendezvous.job.0/rank0".encode() in left
@@ -117,7 +117,7 @@ def test_store_flag_deletes_the_jobs_store_keys_only(job: Job) -> None:
     outcome = _reset(job.options("--store", "--yes"))
     assert outcome.exit_code == 0, outcome.output
     assert _job_keys(job) == []
-    assert sorted(job.keys()) == [
+    assert sorted(job.etcd_keys()) == [
         f"{job.store}torch.rendezvous.job.2.0/other".encode(),
         f"{job.store}torch.rendezvous.jobs.0/other".encode(),
     ]
@@ -141,13 +141,13 @@ def test_it_shows_each_kind_with_its_count_and_keys(job: Job) -> None:
 
 def test_without_a_terminal_or_yes_it_refuses(job: Job) -> None:
     """No terminal to ask on and no --yes: exit 1, one line saying so, nothing deleted."""
-    before = job.keys()
+    before = job.etcd_keys()
     outcome = _reset(job.options())
     assert outcome.exit_code == 1
     assert outcome.stderr == (
         "rdzv reset: nothing deleted: no terminal to ask for confirmation on; pass --yes.\n"
     )
-    assert job.keys() == before
+    assert job.etcd_keys() == before
 
 
 @pytest.mark.slow
@@ -171,7 +171,7 @@ def test_on_a_terminal_it_asks_first(job: Job, answer: str, deleted: bool) -> No
         os.close(main_end)
     assert "Delete these" in stdout
     assert process.returncode == (0 if deleted else 1), stderr
-    assert (job.state_key.encode() not in job.keys()) is deleted
+    assert (job.state_key.encode() not in job.etcd_keys()) is deleted
     if not deleted:
         assert stderr == "rdzv reset: nothing deleted.\n"
 
