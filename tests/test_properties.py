@@ -106,6 +106,9 @@ _SHORT_TTL = 1
 _INVALID_TOKENS = ("1", "abc", True, False, 0, -1, 1.0, 2.5, b"1", (), object())
 _states = st.binary(max_size=48)
 _backend_index = st.integers(0, _BACKENDS - 1)
+# What rdzv says of bytes that it did not write: a damaged envelope is a corrupt state, bytes
+# without one are not an rdzv state at all (`RendezvousForeignStateError`).
+_CORRUPT_OR_FOREIGN = r"The state object is (corrupt|not an rdzv state)"
 # Bytes that rdzv did not write: anything, or a plausible header with a wrong body.
 _foreign_values = st.one_of(
     st.binary(max_size=64), st.binary(max_size=64).map(lambda tail: b"RDZV\x01\x00\x00\x00" + tail)
@@ -165,7 +168,7 @@ class RendezvousModel(RuleBasedStateMachine):
         else:
             writes = _is_revision(token) and self.kind != "absent" and token == self.token
         if not writes and self.kind == "corrupt":
-            with pytest.raises(rdzv.RendezvousStateError, match="corrupt") as caught:
+            with pytest.raises(rdzv.RendezvousStateError, match=_CORRUPT_OR_FOREIGN) as caught:
                 backend.set_state(state, token)
             assert caught.value.token == self.token
             self.tally["corrupt errors"] += 1
@@ -192,7 +195,7 @@ class RendezvousModel(RuleBasedStateMachine):
         """get_state returns the model's state and token, None, or raises for corrupt bytes."""
         self.tally["operations"] += 1
         if self.kind == "corrupt":
-            with pytest.raises(rdzv.RendezvousStateError, match="corrupt") as caught:
+            with pytest.raises(rdzv.RendezvousStateError, match=_CORRUPT_OR_FOREIGN) as caught:
                 self.backends[i].get_state()
             assert caught.value.token == self.token
             self.tally["corrupt errors"] += 1
@@ -397,9 +400,7 @@ async def test_async_core_never_returns_a_corrupt_value(
         lambda: backend.set_state(b"new", "not a token"),
     ):
         tally["operations"] += 1
-        with pytest.raises(
-            rdzv.RendezvousStateError, match="The state object is corrupt"
-        ) as caught:
+        with pytest.raises(rdzv.RendezvousStateError, match=_CORRUPT_OR_FOREIGN) as caught:
             await call()
         assert caught.value.token == corrupt
         assert backend.key in str(caught.value)
@@ -472,7 +473,7 @@ def test_torch_handler_raises_on_a_corrupt_state(
     tally[f"damage: {damage.kind}"] += 1
     started = time.monotonic()
     try:
-        with pytest.raises(RendezvousStateError, match="corrupt") as caught:
+        with pytest.raises(RendezvousStateError, match=_CORRUPT_OR_FOREIGN) as caught:
             handler.next_rendezvous()
         tally["operations"] += 1
     finally:
