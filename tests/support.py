@@ -127,6 +127,10 @@ class RawEtcd:
         deleted = self._portal.call(self._client.delete, _bytes(key))
         return None if deleted is None else int(deleted.header.revision)
 
+    def under(self, prefix: str | bytes) -> list[Any]:
+        """aetcd's key-values of every key under `prefix` (`.key`, `.value`, `.lease`, ...)."""
+        return list(self._portal.call(self._client.get_prefix, _bytes(prefix)))
+
     def revoke_lease(self, lease: int) -> None:
         """Revoke a lease, deleting its keys at once."""
         self._portal.call(self._client.revoke_lease, lease)

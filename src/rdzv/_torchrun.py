@@ -1,4 +1,4 @@
-"""torchrun's entry point for `--rdzv-backend=etcd-v3`.
+"""torchrun's entry points for `--rdzv-backend=etcd-v3` and `--rdzv-backend=etcd-v3-rounds`.
 
 torch loads the `torchrun.handlers` entry points while its rendezvous package is still being
 imported, and calls each with no arguments to get a handler creator. So this module imports
@@ -23,3 +23,15 @@ def create_etcd_v3_handler(params: RendezvousParameters) -> RendezvousHandler:
 def handler_creator() -> object:
     """The `torchrun.handlers` entry point: returns the creator torch registers as `etcd-v3`."""
     return create_etcd_v3_handler
+
+
+def create_etcd_v3_rounds_handler(params: RendezvousParameters) -> RendezvousHandler:
+    """Create the `etcd-v3-rounds` handler (see `rdzv.torch.create_rounds_handler`)."""
+    from rdzv._torch_rounds import create_rounds_handler
+
+    return create_rounds_handler(params)
+
+
+def rounds_handler_creator() -> object:
+    """The `torchrun.handlers` entry point `etcd-v3-rounds`: rdzv's handler on the rounds."""
+    return create_etcd_v3_rounds_handler
