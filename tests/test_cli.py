@@ -1,9 +1,13 @@
-"""The `rdzv` command line, end to end against real etcd servers: serve, inspect, watch."""
+"""The `rdzv` command line, end to end against real etcd servers: serve, inspect, watch, demo.
+
+`rdzv check` and `rdzv reset` have test modules of their own.
+"""
 
 from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import pickle
 import queue
@@ -30,7 +34,7 @@ from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
 )
 
 import rdzv
-from rdzv._cli import EMBEDDED_COMPACTION_RETENTION, main
+from rdzv._cli import EMBEDDED_COMPACTION_RETENTION, embedded_etcd, main
 from rdzv._inspect import NotATorchStateError, load_torch_state
 from rdzv.testing import EtcdServer, EtcdTLS
 from rdzv.torch import create_handler
@@ -174,7 +178,9 @@ def _pid_exists(pid: int) -> bool:
 # ------------------------------------------------------------------------------------- help
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["serve"], ["inspect"], ["watch"]])
+@pytest.mark.parametrize(
+    "command", [[], ["demo"], ["serve"], ["inspect"], ["watch"], ["check"], ["reset"]]
+)
 def test_every_command_has_help_with_exit_codes(command: list[str]) -> None:
     """`--help` works everywhere and states the exit codes."""
     outcome = _invoke(*command, "--help")
@@ -182,7 +188,7 @@ def test_every_command_has_help_with_exit_codes(command: list[str]) -> None:
     assert "Exit codes" in outcome.output
 
 
-@pytest.mark.parametrize("command", ["inspect", "watch"])
+@pytest.mark.parametrize("command", ["inspect", "watch", "check", "reset"])
 def test_connection_options_are_the_same_for_inspect_and_watch(command: str) -> None:
     """Both commands take rdzv.connect's options, and no --password."""
     text = _invoke(command, "--help").output
@@ -783,3 +789,129 @@ def test_serve_on_a_taken_port_exits_1() -> None:
     assert completed.returncode == 1
     assert "rdzv serve: etcd did not start" in completed.stderr
     assert "address already in use" in completed.stderr
+
+
+@pytest.mark.slow
+def test_serve_where_another_etcd_serves_exits_1_and_never_says_serving() -> None:
+    """Another etcd, started as serve starts its own, on the same ports: exit 1, no "Serving"."""
+    port, peer_port = closed_port(), closed_port()
+    serve = ["serve", "--port", str(port), "--peer-port", str(peer_port)]
+    with embedded_etcd("rdzv-serve", client_port=port, peer_port=peer_port):
+        completed = subprocess.run(
+            [sys.executable, "-m", "rdzv", *serve],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert completed.returncode == 1
+    assert "Serving" not in completed.stdout
+    assert completed.stderr == (
+        f"rdzv serve: etcd did not start: port {port} (--port) is taken (address already in "
+        "use); stop what listens there (another rdzv serve?), or choose another --port (0: any "
+        "free one).\n"
+    )
+
+
+def test_an_etcd_is_not_ready_while_another_holds_its_ports() -> None:
+    """A twin etcd (same name, same ports) does not pass for ready: it fails to start."""
+    port, peer_port = closed_port(), closed_port()
+    with embedded_etcd("rdzv-serve", client_port=port, peer_port=peer_port):
+        twin = embedded_etcd("rdzv-serve", client_port=port, peer_port=peer_port)
+        try:
+            with pytest.raises(RuntimeError, match="address already in use") as failure:
+                twin.start()
+        finally:
+            twin.stop()
+    assert getattr(failure.value, "port_conflict", False)
+
+
+# ------------------------------------------------------------------------------ --log-level
+
+
+@pytest.fixture
+def rdzv_logger() -> Iterator[logging.Logger]:
+    """The `rdzv` logger, its level and handlers put back after the test."""
+    logger = logging.getLogger("rdzv")
+    level, handlers = logger.level, list(logger.handlers)
+    yield logger
+    logger.setLevel(level)
+    logger.handlers[:] = handlers
+
+
+def test_log_level_sends_rdzv_records_to_stderr(
+    rdzv_logger: logging.Logger, etcd_endpoints: str, etcd_key_prefix: str
+) -> None:
+    """`rdzv --log-level debug CMD` sets the rdzv loggers' level and logs to stderr."""
+    _set_state(etcd_endpoints, etcd_key_prefix, b"x")
+    arguments = ["inspect", "--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix]
+    outcome = _invoke("--log-level", "DEBUG", *arguments, "--run-id", "job")
+    assert outcome.exit_code == 0, outcome.output
+    assert rdzv_logger.level == logging.DEBUG
+    (handler,) = [h for h in rdzv_logger.handlers if isinstance(h, logging.StreamHandler)]
+    assert handler.level == logging.NOTSET
+
+
+def test_log_level_given_twice_keeps_one_handler(rdzv_logger: logging.Logger) -> None:
+    """Configuring logging again replaces rdzv's handler rather than adding one."""
+    before = len(rdzv_logger.handlers)
+    for level in ("info", "warning"):
+        assert _invoke("--log-level", level, "demo", "--help").exit_code == 0
+    assert len(rdzv_logger.handlers) == before + 1
+    assert rdzv_logger.level == logging.WARNING
+
+
+def test_an_invalid_log_level_is_a_usage_error() -> None:
+    """An unknown level exits 2 naming the choices."""
+    outcome = _invoke("--log-level", "loud", "inspect", "--run-id", "job")
+    assert outcome.exit_code == 2
+    assert "'loud' is not one of" in outcome.stderr
+
+
+# ------------------------------------------------------------------------------ demo errors
+
+
+@pytest.mark.slow
+def test_demo_on_a_closed_port_fails_with_one_line() -> None:
+    """An unreachable etcd: one line on stderr naming the endpoint, exit 1."""
+    endpoint = f"127.0.0.1:{closed_port()}"
+    outcome = _invoke("demo", "-n", "2", "--endpoints", endpoint, "--read-timeout", "1")
+    assert outcome.exit_code == 1
+    assert re.fullmatch(
+        rf"rdzv demo: The connection to etcd has failed: etcd at {endpoint} did not answer "
+        r"within 1 s \(UNAVAILABLE: [^\n]*\)\.\n",
+        outcome.stderr,
+    )
+
+
+@pytest.mark.parametrize("state", [b"not json", b"5", _torch_state_bytes()])
+def test_demo_cas_on_a_foreign_state_fails_with_one_line(
+    etcd_endpoints: str, etcd_key_prefix: str, state: bytes
+) -> None:
+    """A run id holding a state that the cas demo did not write: one line, exit 1."""
+    _set_state(etcd_endpoints, etcd_key_prefix, state)
+    outcome = _invoke(
+        "demo", "-n", "2", "--protocol", "cas", "--run-id", "job", "--endpoints",
+        etcd_endpoints, "--key-prefix", etcd_key_prefix,
+    )  # fmt: skip
+    assert outcome.exit_code == 1
+    assert re.fullmatch(
+        r"rdzv demo: the run id 'job' holds a state that rdzv demo --protocol cas did not "
+        r"write \((JSONDecodeError|TypeError|UnicodeDecodeError): [^\n]*\); use a fresh run "
+        r"id\.\n",
+        outcome.stderr,
+    )
+
+
+def test_demo_rounds_on_a_foreign_key_fails_with_one_line(
+    etcd_endpoints: str, etcd_key_prefix: str, raw_etcd_sync: RawEtcd
+) -> None:
+    """A rounds key that another program wrote: one line naming it, exit 1."""
+    raw_etcd_sync.put(f"{etcd_key_prefix}/job/latest", b"not a number")
+    outcome = _invoke(
+        "demo", "-n", "2", "--run-id", "job", "--endpoints", etcd_endpoints, "--key-prefix",
+        etcd_key_prefix,
+    )  # fmt: skip
+    assert outcome.exit_code == 1
+    assert outcome.stderr.startswith(f"rdzv demo: The key b'{etcd_key_prefix}/job/latest' holds")
+    assert outcome.stderr.count("\n") == 1
