@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ import rdzv
 from rdzv._etcd import parse_endpoints
 from rdzv.testing import EtcdServer
 from rdzv.torch import (
+    _KNOWN_CONF_KEYS,
     PASSWORD_ENVIRONMENT_VARIABLE,
     EtcdStore,
     TorchEtcdBackend,
@@ -471,6 +473,62 @@ def test_ipv6_endpoint_in_brackets_is_accepted_by_create_backend(
     backend, _ = make_backend(_params(endpoints, etcd_key_prefix, read_timeout="10"))
     assert _connection(backend).endpoints[0] == rdzv.Endpoint("::1", port)
     assert _set_state(backend, b"x")[2]
+
+
+# ---------------------------------------------------------------------- unknown options
+
+
+def _conf_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "rdzv.torch" and record.levelno == logging.WARNING
+    ]
+
+
+def test_an_unknown_conf_key_is_logged_with_the_known_ones(
+    make_backend: MakeBackend, params: RendezvousParameters, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A misspelt option (read_timout) is named in a warning that lists rdzv's and torch's keys."""
+    params.config["read_timout"] = "10"
+    with caplog.at_level(logging.WARNING, logger="rdzv.torch"):
+        make_backend(params)
+    (message,) = _conf_warnings(caplog)
+    assert "Unknown --rdzv-conf option read_timout," in message
+    known = message.split("The options read are: ", 1)[1].rstrip(".").split(", ")
+    assert {"read_timeout", "state_key_file", "join_timeout", "keep_alive_interval"} <= set(known)
+    assert "read_timout" not in known
+
+
+def test_torch_handler_options_are_known(
+    make_backend: MakeBackend, params: RendezvousParameters, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The dynamic handler's options, and the timeout torchrun always adds, warn of nothing."""
+    for option in (
+        "join_timeout",
+        "last_call_timeout",
+        "close_timeout",
+        "heartbeat_timeout",
+        "keep_alive_interval",
+        "keep_alive_max_attempt",
+        "timeout",
+    ):
+        params.config[option] = "30"
+    with caplog.at_level(logging.WARNING, logger="rdzv.torch"):
+        make_backend(params)
+    assert _conf_warnings(caplog) == []
+
+
+def test_known_conf_keys_include_every_rdzv_option() -> None:
+    """Every option of create_backend's table is a known key, so none of them warns."""
+    documented = {
+        line.split("`")[1]
+        for line in (create_backend.__doc__ or "").splitlines()
+        if line.strip().startswith("| `")
+    }
+    aliases = {"cacert", "cert", "key"}
+    assert documented | aliases <= _KNOWN_CONF_KEYS
+    assert len(documented) == 11
 
 
 # ---------------------------------------------------------------------- torch's errors
