@@ -58,8 +58,8 @@ def reader_server() -> Iterator[EtcdServer]:
 def test_healthy_etcd_passes_every_check(etcd_endpoints: str, etcd_key_prefix: str) -> None:
     """A healthy etcd without auth: every check passes, exit 0, each etcd call timed."""
     outcome = _check_cli(
-        "--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix, "--store-prefix",
-        f"{etcd_key_prefix}/store/", "--json",
+        "--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix, "--rounds-prefix",
+        f"{etcd_key_prefix}/rounds", "--store-prefix", f"{etcd_key_prefix}/store/", "--json",
     )  # fmt: skip
     assert outcome.exit_code == 0, outcome.output
     report = _as_json(outcome)
@@ -68,10 +68,12 @@ def test_healthy_etcd_passes_every_check(etcd_endpoints: str, etcd_key_prefix: s
     expected = [("endpoint", etcd_endpoints)]
     expected += [("cluster", name) for name in ("members", "leader", "health", "version")]
     expected += [("auth", "status")]
-    for topic in ("rendezvous", "store"):
+    for topic in ("rendezvous", "rounds", "store"):
         expected += [(topic, name) for name in ("write", "read", "watch", "delete")]
     expected += [("torch", "installed"), ("torch", "etcd-v3")]
-    assert [(c["topic"], c["name"]) for c in report["checks"]] == expected
+    checks = [(c["topic"], c["name"]) for c in report["checks"]]
+    assert checks[: len(expected)] == expected
+    assert all(topic == "torch" for topic, _ in checks[len(expected) :])  # rdzv's other handlers
     for topic, name in [("endpoint", etcd_endpoints), ("rendezvous", "write"), ("store", "watch")]:
         assert _finding(report, topic, name)["seconds"] > 0
     assert _finding(report, "auth", "status")["detail"] == "off"
@@ -81,13 +83,12 @@ def test_scratch_keys_are_gone_afterwards(
     etcd_endpoints: str, etcd_key_prefix: str, raw_etcd_sync: RawEtcd
 ) -> None:
     """The keys the check wrote under both prefixes are deleted when it ends."""
-    store_prefix = f"{etcd_key_prefix}/store/"
     outcome = _check_cli(
-        "--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix, "--store-prefix",
-        store_prefix, "--json",
+        "--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix, "--rounds-prefix",
+        f"{etcd_key_prefix}/rounds", "--store-prefix", f"{etcd_key_prefix}/store/", "--json",
     )  # fmt: skip
     report = _as_json(outcome)
-    for topic in ("rendezvous", "store"):
+    for topic in ("rendezvous", "rounds", "store"):
         key = _finding(report, topic, "write")["detail"].removeprefix("wrote ")
         assert key.startswith(etcd_key_prefix)
         assert raw_etcd_sync.get(key) is None
@@ -107,7 +108,11 @@ def test_read_only_user_fails_the_write_with_the_grant_hint(
     report = _as_json(outcome)
     assert report["ok"] is False
     assert _finding(report, "auth", "status")["detail"] == "on; user reader, roles: reading"
-    prefixes = {"rendezvous": "/torch/elastic/rendezvous/", "store": "/torch/elastic/store/"}
+    prefixes = {
+        "rendezvous": "/torch/elastic/rendezvous/",
+        "rounds": "/rdzv/rounds/",
+        "store": "/torch/elastic/store/",
+    }
     for topic, prefix in prefixes.items():
         write = _finding(report, topic, "write")
         assert write["ok"] is False
@@ -118,7 +123,9 @@ def test_read_only_user_fails_the_write_with_the_grant_hint(
         assert _finding(report, topic, "delete")["ok"] is False
         assert _finding(report, topic, "read")["ok"] is True
         assert _finding(report, topic, "watch")["ok"] is True
-    assert outcome.stderr == "rdzv check: 4 of 16 checks failed.\n"
+    failed = [(c["topic"], c["name"]) for c in report["checks"] if not c["ok"]]
+    assert failed == [(topic, name) for topic in prefixes for name in ("write", "delete")]
+    assert outcome.stderr == f"rdzv check: 6 of {len(report['checks'])} checks failed.\n"
 
 
 def test_user_without_a_role_is_told_to_add_one(reader_server: EtcdServer) -> None:
@@ -152,7 +159,8 @@ def test_one_endpoint_of_two_down_is_reported_unreachable(
     down = f"127.0.0.1:{closed_port()}"
     outcome = _check_cli(
         "--endpoints", f"{etcd_endpoints},{down}", "--read-timeout", "2", "--key-prefix",
-        etcd_key_prefix, "--store-prefix", f"{etcd_key_prefix}/store/", "--json",
+        etcd_key_prefix, "--rounds-prefix", f"{etcd_key_prefix}/rounds", "--store-prefix",
+        f"{etcd_key_prefix}/store/", "--json",
     )  # fmt: skip
     assert outcome.exit_code == 1
     report = _as_json(outcome)
@@ -173,7 +181,7 @@ def test_the_table_gives_each_failure_its_fix(reader_server: EtcdServer) -> None
     lines = outcome.stdout.splitlines()
     assert lines[0].startswith(f"ok    endpoint    {reader_server.endpoint}")
     failed = [index for index, line in enumerate(lines) if line.startswith("FAIL")]
-    assert len(failed) == 4
+    assert len(failed) == 6
     for index in failed:
         assert lines[index + 1].startswith("      fix: Run: etcdctl role grant-permission")
 

@@ -71,7 +71,9 @@ async def _populate(job: Job) -> None:
         store = rdzv.AsyncEtcdStore(connection, prefix=job.store)
         await store.set("torch.rendezvous.job.0/rank0", b"x")
         await store.add("torch.rendezvous.job.1/counter", 1)  # with its write marker
+        await store.set("job/round-0000000001/rank0", b"x")  # torchrun's etcd-v3-rounds
         await store.set("torch.rendezvous.job.2.0/other", b"run id job.2")
+        await store.set("jobs/round-0000000001/other", b"run id jobs")
         await store.set("torch.rendezvous.jobs.0/other", b"run id jobs")
 
 
@@ -96,6 +98,7 @@ def _job_keys(job: Job) -> list[bytes]:
         or key.startswith(job.rounds.encode())
         or b"torch.rendezvous.job.0/" in key
         or b"torch.rendezvous.job.1/" in key
+        or key.endswith(b"/job/round-0000000001/rank0")
     ]
 
 
@@ -118,10 +121,11 @@ def test_store_flag_deletes_the_jobs_store_keys_only(job: Job) -> None:
     assert outcome.exit_code == 0, outcome.output
     assert _job_keys(job) == []
     assert sorted(job.etcd_keys()) == [
+        f"{job.store}jobs/round-0000000001/other".encode(),
         f"{job.store}torch.rendezvous.job.2.0/other".encode(),
         f"{job.store}torch.rendezvous.jobs.0/other".encode(),
     ]
-    assert "store: 3 keys" in outcome.stdout  # two keys and the add's write marker
+    assert "store: 4 keys" in outcome.stdout  # three keys and the add's write marker
 
 
 def test_it_shows_each_kind_with_its_count_and_keys(job: Job) -> None:

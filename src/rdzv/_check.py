@@ -53,7 +53,7 @@ class Finding:
     """The outcome of one check."""
 
     topic: str
-    """What was checked: `endpoint`, `cluster`, `auth`, `rendezvous`, `store` or `torch`."""
+    """What was checked: `endpoint`, `cluster`, `auth`, `rendezvous`, `rounds`, `store`, `torch`."""
     name: str
     """Which part of it: an endpoint, `members`, `write`, ..."""
     ok: bool
@@ -74,6 +74,8 @@ class Target:
     """A connection (not yet open) to the given endpoints, `host:port[,...]`."""
     key_prefix: str
     """Where the rendezvous states live; the scratch key is `{key_prefix}/rdzv-check-...`."""
+    rounds_prefix: str
+    """Where `rdzv.AsyncRendezvous` (and torchrun's `etcd-v3-rounds`) keeps its rounds."""
     store_prefix: str
     """Where the store's keys live (ends with `/`)."""
     username: str | None
@@ -299,6 +301,7 @@ async def _all_keys(target: Target, connection: Connection, auth: _Auth) -> list
     findings: list[Finding] = []
     for topic, prefix, key in (
         ("rendezvous", f"{target.key_prefix}/", f"{target.key_prefix}/{scratch}"),
+        ("rounds", f"{target.rounds_prefix}/", f"{target.rounds_prefix}/{scratch}"),
         ("store", target.store_prefix, f"{target.store_prefix}{scratch}"),
     ):
         fix = _grant(prefix, auth, target.username)
@@ -336,29 +339,37 @@ async def run_checks(target: Target) -> list[Finding]:
 # ----------------------------------------------------------------------------------- torch
 
 
-def _handler() -> Finding:
-    """Whether torchrun finds `etcd-v3`: the entry point loaded as torch's registry loads it."""
+def _load(entry_point: importlib.metadata.EntryPoint) -> Finding:
+    """Load a handler entry point as torch's registry does: load it, call it for the creator."""
+    name = entry_point.name
+    try:
+        creator = entry_point.load()()
+    except Exception as error:
+        detail = f"{entry_point.value} fails: {type(error).__name__}: {error}"
+        fix = f"Mend the error above: torchrun only logs it as a warning, then lacks {name}."
+        return Finding("torch", name, False, " ".join(detail.split()), fix=fix)
+    if not callable(creator):
+        detail = f"{entry_point.value} returned {type(creator).__name__}, not a handler creator"
+        return Finding("torch", name, False, detail)
+    source = entry_point.dist.name if entry_point.dist is not None else "?"
+    return Finding("torch", name, True, f"{entry_point.value} (from {source})")
+
+
+def _handlers() -> list[Finding]:
+    """Whether torchrun finds `etcd-v3`, and every other handler rdzv declares, and loads them."""
     found = importlib.metadata.entry_points(group=_HANDLER_GROUP)
+    ours = [point for point in found if point.value.startswith("rdzv.")]
     if HANDLER_NAME not in found.names:
-        return Finding(
+        missing = Finding(
             "torch",
             HANDLER_NAME,
             False,
             f"no {_HANDLER_GROUP} entry point named {HANDLER_NAME}",
             fix="Install rdzv in the environment that runs torchrun (pip install rdzv).",
         )
-    entry_point = found[HANDLER_NAME]
-    try:
-        creator = entry_point.load()()
-    except Exception as error:
-        detail = f"{entry_point.value} fails: {type(error).__name__}: {error}"
-        fix = "Mend the error above: torchrun only logs it as a warning, then lacks etcd-v3."
-        return Finding("torch", HANDLER_NAME, False, " ".join(detail.split()), fix=fix)
-    if not callable(creator):
-        detail = f"{entry_point.value} returned {type(creator).__name__}, not a handler creator"
-        return Finding("torch", HANDLER_NAME, False, detail)
-    source = entry_point.dist.name if entry_point.dist is not None else "?"
-    return Finding("torch", HANDLER_NAME, True, f"{entry_point.value} (from {source})")
+        return [missing, *(_load(point) for point in ours)]
+    first = found[HANDLER_NAME]  # the one torch registers, whoever declares it
+    return [_load(first), *(_load(point) for point in ours if point.name != HANDLER_NAME)]
 
 
 def _torch_loads_handlers() -> bool | None:
@@ -387,7 +398,7 @@ def torch_findings() -> list[Finding]:
         detail = f"torch {version} does not load {_HANDLER_GROUP} entry points"
         fix = "Upgrade torch: this one cannot find out-of-tree rendezvous handlers."
         findings.append(Finding("torch", "handlers", False, detail, fix=fix))
-    return [*findings, _handler()]
+    return findings + _handlers()
 
 
 # ---------------------------------------------------------------------------------- output

@@ -790,7 +790,24 @@ _STORE_PREFIX_OPTION = click.option(
 )
 
 
-def _check_target(etcd: EtcdOptions, store_prefix: str) -> _check.Target:
+_ROUNDS_PREFIX_OPTION = click.option(
+    "--rounds-prefix",
+    envvar="RDZV_ROUNDS_PREFIX",
+    default=DEFAULT_ROUNDS_PREFIX,
+    show_default=True,
+    show_envvar=True,
+    help="Where rdzv.AsyncRendezvous (torchrun's etcd-v3-rounds) keeps its rounds.",
+)
+
+
+def _rounds_prefix(value: str) -> str:
+    try:
+        return validate_key_prefix(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="'--rounds-prefix'") from None
+
+
+def _check_target(etcd: EtcdOptions, rounds_prefix: str, store_prefix: str) -> _check.Target:
     endpoints, _ = resolve_endpoints(etcd.endpoints, etcd.protocol)
 
     def connect(some: str) -> Connection:
@@ -800,6 +817,7 @@ def _check_target(etcd: EtcdOptions, store_prefix: str) -> _check.Target:
         endpoints=tuple(str(endpoint) for endpoint in endpoints),
         connect=connect,
         key_prefix=etcd.key_prefix,
+        rounds_prefix=_rounds_prefix(rounds_prefix),
         store_prefix=store_prefix,
         username=etcd.username,
         read_timeout=etcd.read_timeout,
@@ -807,20 +825,22 @@ def _check_target(etcd: EtcdOptions, store_prefix: str) -> _check.Target:
 
 
 @main.command(epilog=_CHECK_EXIT_CODES)
+@_ROUNDS_PREFIX_OPTION
 @_STORE_PREFIX_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @connection_options
-def check(etcd: EtcdOptions, store_prefix: str, as_json: bool) -> None:
+def check(etcd: EtcdOptions, rounds_prefix: str, store_prefix: str, as_json: bool) -> None:
     """Check that etcd, the credentials and torchrun are ready for a rendezvous.
 
     For each endpoint: whether it answers, how fast, and its member and etcd version. Then
     the cluster's members, leader and alarms; whether authentication is on, and the user's
-    roles; a write, a read, a watch and a delete of a scratch key under the rendezvous prefix
-    and under the store prefix (deleted at once; on a 60 s lease in case), each with its round
-    trip; and whether torch is installed and torchrun finds the etcd-v3 handler. A failed
-    check says what to do, such as the etcdctl command that grants a missing permission.
+    roles; a write, a read, a watch and a delete of a scratch key under the rendezvous, rounds
+    and store prefixes (deleted at once; on a 60 s lease in case), each with its round trip;
+    and whether torch is installed and torchrun finds the etcd-v3 handler (and rdzv's others).
+    A failed check says what to do, such as the etcdctl command that grants a permission.
     """
-    findings = anyio.run(_check.run_checks, _check_target(etcd, store_prefix), backend="asyncio")
+    target = _check_target(etcd, rounds_prefix, store_prefix)
+    findings = anyio.run(_check.run_checks, target, backend="asyncio")
     if as_json:
         click.echo(json.dumps(_check.to_json(findings), indent=2))
     else:
@@ -851,14 +871,7 @@ def _confirmed(count: int, yes: bool) -> bool:
 
 @main.command(epilog=_RESET_EXIT_CODES)
 @click.option("--run-id", required=True, envvar="RDZV_RUN_ID", show_envvar=True, help="The job.")
-@click.option(
-    "--rounds-prefix",
-    envvar="RDZV_ROUNDS_PREFIX",
-    default=DEFAULT_ROUNDS_PREFIX,
-    show_default=True,
-    show_envvar=True,
-    help="Where rdzv.AsyncRendezvous keeps its rounds (its key_prefix).",
-)
+@_ROUNDS_PREFIX_OPTION
 @click.option("--store", "with_store", is_flag=True, help="Also delete the job's store keys.")
 @_STORE_PREFIX_OPTION
 @click.option("--yes", "-y", is_flag=True, help="Delete without asking.")
@@ -882,10 +895,7 @@ def reset(
     would write their keys again.
     """
     etcd.key(run_id)  # validates the run id
-    try:
-        rounds_prefix = validate_key_prefix(rounds_prefix)
-    except ValueError as error:
-        raise click.BadParameter(str(error), param_hint="'--rounds-prefix'") from None
+    rounds_prefix = _rounds_prefix(rounds_prefix)
 
     async def find(connection: Connection) -> tuple[_reset.Group, ...]:
         return await _reset.plan(

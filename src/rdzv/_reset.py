@@ -6,7 +6,8 @@ A job's keys, by run id `R`:
   `{key_prefix}/R`;
 - the rounds of `rdzv.AsyncRendezvous`: every key under `{rounds_prefix}/R/`;
 - its store keys (with `store_prefix`): torch's rendezvous names them
-  `torch.rendezvous.R.{round}/...` under the store prefix, and rdzv's store keeps its write
+  `torch.rendezvous.R.{round}/...` under the store prefix (torchrun's `etcd-v3-rounds`:
+  `R/round-{round}/...`), and rdzv's store keeps its write
   markers and queues for them, with the same names, under the store prefix followed by a NUL
   and `rdzv-.../`.
 
@@ -65,11 +66,15 @@ async def _rounds(connection: Connection, rounds_prefix: str, run_id: str) -> Gr
 async def _store(connection: Connection, store_prefix: str, run_id: str) -> Group:
     keys: list[bytes] = []
     for area in ("", _MARKERS, _QUEUES, _QUEUE_ITEMS):
-        base = f"{store_prefix}{area}torch.rendezvous.{run_id}.".encode()
-        kvs, _ = await connection.range(base, prefix=True)
-        # Run id "job" must not take run id "job.2"'s keys: a round number follows the dot.
-        keys += [kv.key for kv in kvs if _ROUND.match(kv.key, len(base))]
-    where = f"{store_prefix}torch.rendezvous.{run_id}.*"
+        for name in (
+            f"torch.rendezvous.{run_id}.",  # torch's DynamicRendezvousHandler
+            f"{run_id}/round-",  # torchrun's etcd-v3-rounds
+        ):
+            base = f"{store_prefix}{area}{name}".encode()
+            kvs, _ = await connection.range(base, prefix=True)
+            # Run id "job" must not take run id "job.2"'s keys: a round number follows the dot.
+            keys += [kv.key for kv in kvs if _ROUND.match(kv.key, len(base))]
+    where = f"{store_prefix}torch.rendezvous.{run_id}.*, {store_prefix}{run_id}/round-*"
     return Group("store", where, tuple(keys))
 
 
