@@ -431,7 +431,7 @@ def test_inspect_works_without_torch(etcd_endpoints: str, etcd_key_prefix: str) 
 def test_inspect_corrupt_value_shows_what_it_can_and_exits_1(
     etcd_endpoints: str, etcd_key_prefix: str, raw_etcd_sync: RawEtcd
 ) -> None:
-    """A value without rdzv's envelope: the revision and size, then the corruption, exit 1."""
+    """A value without rdzv's envelope: the revision and size, then "not an rdzv state", exit 1."""
     raw_etcd_sync.put(f"{etcd_key_prefix}/job", b"not an envelope at all, no")
     outcome = _invoke(
         "inspect", "--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix, "--run-id", "job"
@@ -439,7 +439,7 @@ def test_inspect_corrupt_value_shows_what_it_can_and_exits_1(
     assert outcome.exit_code == 1
     assert "size          26 bytes" in outcome.stdout
     assert "lease         none" in outcome.stdout
-    assert "The state object is corrupt" in outcome.stderr
+    assert "The state object is not an rdzv state" in outcome.stderr
 
 
 def test_inspect_missing_state_exits_1(etcd_endpoints: str, etcd_key_prefix: str) -> None:
