@@ -1,4 +1,8 @@
-"""End to end: real torchrun agents rendezvous through etcd-v3 and run gloo workers."""
+"""End to end: real torchrun agents rendezvous through etcd and run gloo workers.
+
+Most tests run twice: on `etcd-v3` (torch's own handler over rdzv's backend) and on
+`etcd-v3-rounds` (rdzv's handler on the O(N) rendezvous).
+"""
 
 from __future__ import annotations
 
@@ -9,18 +13,29 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from torch.distributed.elastic.rendezvous import RendezvousParameters
 
 import rdzv
+from rdzv._torch_rounds import RoundsRendezvousHandler, create_rounds_handler
+from rdzv.testing import EtcdCluster
 from support import closed_port
 
 SCRIPTS = Path(__file__).parent / "torchrun_scripts"
 
 pytestmark = pytest.mark.slow
+
+BACKENDS = ["etcd-v3", "etcd-v3-rounds"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The rendezvous backend the agents use."""
+    return str(request.param)
 
 
 class Agents:
@@ -124,6 +139,7 @@ def _torchrun_arguments(
     nnodes: str,
     script: str,
     *,
+    backend: str = "etcd-v3",
     conf: str = "",
     extra: tuple[str, ...] = (),
 ) -> list[str]:
@@ -131,7 +147,7 @@ def _torchrun_arguments(
     return [
         f"--nnodes={nnodes}",
         "--nproc-per-node=2",
-        "--rdzv-backend=etcd-v3",
+        f"--rdzv-backend={backend}",
         f"--rdzv-endpoint={endpoint}",
         "--rdzv-id=job",
         f"--rdzv-conf={rdzv_conf},{conf}" if conf else f"--rdzv-conf={rdzv_conf}",
@@ -144,9 +160,9 @@ def _torchrun_arguments(
 
 @pytest.mark.parametrize("endpoint_list", [False, True], ids=["one-endpoint", "endpoint-list"])
 def test_two_agents_rendezvous_and_all_reduce(
-    agents: Agents, etcd_endpoints: str, etcd_key_prefix: str, endpoint_list: bool
+    agents: Agents, etcd_endpoints: str, etcd_key_prefix: str, endpoint_list: bool, backend: str
 ) -> None:
-    """Two torchrun agents of two workers each rendezvous via etcd-v3; all four all-reduce.
+    """Two torchrun agents of two workers each rendezvous via etcd; all four all-reduce.
 
     With `endpoint_list`, --rdzv-endpoint lists a dead endpoint before the live one.
     """
@@ -156,6 +172,7 @@ def test_two_agents_rendezvous_and_all_reduce(
         etcd_key_prefix,
         "2",
         "allreduce.py",
+        backend=backend,
         conf="join_timeout=30,last_call_timeout=1",
     )
     both = [agents.start(arguments), agents.start(arguments)]
@@ -165,8 +182,22 @@ def test_two_agents_rendezvous_and_all_reduce(
     output = "".join(agents.log(process) for process in both)
     assert output.count("sum 10 ok") == 4, agents.report()
     # The rendezvous state is where --rdzv-conf key_prefix put it.
-    with rdzv.EtcdBackend(etcd_endpoints, "job", key_prefix=f"{etcd_key_prefix}/rdzv") as facade:
-        assert facade.get_state() is not None
+    if backend == "etcd-v3":
+        key_prefix = f"{etcd_key_prefix}/rdzv"
+        with rdzv.EtcdBackend(etcd_endpoints, "job", key_prefix=key_prefix) as facade:
+            assert facade.get_state() is not None
+    else:
+        with _rounds(etcd_endpoints, etcd_key_prefix) as rounds:
+            assert rounds.is_closed()  # torchrun's shutdown() closed it, as torch's handler does
+
+
+@contextlib.contextmanager
+def _rounds(endpoints: str, key_prefix: str) -> Iterator[rdzv.Rendezvous]:
+    """A participant of the tests' `etcd-v3-rounds` rendezvous, to look at it (never joins)."""
+    with rdzv.Rendezvous(
+        endpoints, "job", min_nodes=1, max_nodes=2, key_prefix=f"{key_prefix}/rdzv"
+    ) as rounds:
+        yield rounds
 
 
 # torch 2.13's DynamicRendezvousHandler hangs a node that joins in a later round while the agents
@@ -193,15 +224,37 @@ def _wait_for_world(
 
 
 def test_survivor_restarts_alone_after_the_other_node_is_killed(
-    agents: Agents, flag_dir: Path, etcd_endpoints: str, etcd_key_prefix: str
+    agents: Agents, flag_dir: Path, etcd_endpoints: str, etcd_key_prefix: str, backend: str
 ) -> None:
     """With --nnodes=1:2, killing one node makes the other re-rendezvous alone and finish."""
+    _survive_a_killed_node(agents, flag_dir, etcd_endpoints, etcd_key_prefix, backend)
+
+
+def test_survivor_restarts_alone_on_a_cluster_that_loses_its_leader(
+    agents: Agents, flag_dir: Path, etcd_cluster: EtcdCluster, etcd_key_prefix: str
+) -> None:
+    """On a 3-member cluster, a node and the etcd leader are killed: the survivor finishes."""
+    leader = etcd_cluster.leader()
+    _survive_a_killed_node(
+        agents, flag_dir, etcd_cluster.endpoints, etcd_key_prefix, "etcd-v3-rounds", leader.kill
+    )
+
+
+def _survive_a_killed_node(
+    agents: Agents,
+    flag_dir: Path,
+    endpoints: str,
+    key_prefix: str,
+    backend: str,
+    also: Callable[[], None] | None = None,
+) -> None:
     agents.env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     arguments = _torchrun_arguments(
-        etcd_endpoints,
-        etcd_key_prefix,
+        endpoints,
+        key_prefix,
         "1:2",
         "elastic.py",
+        backend=backend,
         conf=_ELASTIC_CONF,
         extra=("--max-restarts=1",),
     )
@@ -215,6 +268,8 @@ def test_survivor_restarts_alone_after_the_other_node_is_killed(
     for record in records:
         if record["agent_pid"] == victim.pid:
             _kill_worker(record["pid"])  # each worker leads a session of its own
+    if also is not None:
+        also()
 
     code = agents.wait(survivor, time.monotonic() + 120)
     assert code == 0, agents.report()
@@ -227,12 +282,12 @@ def test_survivor_restarts_alone_after_the_other_node_is_killed(
 
 
 def test_a_late_node_scales_the_job_up(
-    agents: Agents, flag_dir: Path, etcd_endpoints: str, etcd_key_prefix: str
+    agents: Agents, flag_dir: Path, etcd_endpoints: str, etcd_key_prefix: str, backend: str
 ) -> None:
     """With --nnodes=1:2, a node that starts late joins: both train in a world of four."""
     agents.env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     arguments = _torchrun_arguments(
-        etcd_endpoints, etcd_key_prefix, "1:2", "elastic.py", conf=_ELASTIC_CONF
+        etcd_endpoints, etcd_key_prefix, "1:2", "elastic.py", backend=backend, conf=_ELASTIC_CONF
     )
     first = agents.start(arguments)
     alone = _wait_for_world(agents, flag_dir, 2, time.monotonic() + 120)
@@ -247,3 +302,70 @@ def test_a_late_node_scales_the_job_up(
     finished = _worker_records(flag_dir, "finished")
     assert sorted(r["rank"] for r in finished) == [0, 1, 2, 3], agents.report()
     assert {r["world_size"] for r in finished} == {4}, agents.report()
+
+
+def test_max_restarts_is_honoured_one_round_each(
+    agents: Agents, flag_dir: Path, etcd_endpoints: str, etcd_key_prefix: str, raw_etcd_sync: Any
+) -> None:
+    """Workers that always fail are started 1 + --max-restarts times, each in a new round."""
+    arguments = _torchrun_arguments(
+        etcd_endpoints,
+        etcd_key_prefix,
+        "1",
+        "failing.py",
+        backend="etcd-v3-rounds",
+        conf=_ELASTIC_CONF,
+        extra=("--max-restarts=2",),
+    )
+    agent = agents.start(arguments)
+    code = agents.wait(agent, time.monotonic() + 120)
+    assert code not in (0, None), agents.report()
+    starts = _worker_records(flag_dir, "start")
+    assert sorted(r["restart"] for r in starts) == [0, 0, 1, 1, 2, 2], agents.report()
+    latest = raw_etcd_sync.get(f"{etcd_key_prefix}/rdzv/job/latest")
+    assert latest is not None
+    assert latest.value == b"3", agents.report()
+
+
+def test_set_closed_ends_the_job_for_every_agent(
+    agents: Agents, etcd_endpoints: str, etcd_key_prefix: str
+) -> None:
+    """Agents waiting for a round end, failing, once anybody calls set_closed()."""
+    arguments = _torchrun_arguments(
+        etcd_endpoints,
+        etcd_key_prefix,
+        "3",
+        "allreduce.py",
+        backend="etcd-v3-rounds",
+        conf="join_timeout=120,last_call_timeout=1",
+    )
+    waiting = [agents.start(arguments), agents.start(arguments)]
+    params = RendezvousParameters(
+        "etcd-v3-rounds",
+        etcd_endpoints,
+        "job",
+        3,
+        3,
+        key_prefix=f"{etcd_key_prefix}/rdzv",
+        read_timeout="10",
+    )
+    closer = create_rounds_handler(params)
+    try:
+        _wait_for_members(closer, 2, time.monotonic() + 60, agents)
+        closer.set_closed()
+    finally:
+        closer.shutdown()
+    deadline = time.monotonic() + 60
+    codes = [agents.wait(process, deadline) for process in waiting]
+    assert all(code not in (0, None) for code in codes), agents.report()
+    assert all("RendezvousClosedError" in agents.log(p) for p in waiting), agents.report()
+
+
+def _wait_for_members(
+    handler: RoundsRendezvousHandler, count: int, deadline: float, agents: Agents
+) -> None:
+    """Wait until `count` nodes wait in the open round (torch's agents have started)."""
+    while handler.num_nodes_waiting() < count:
+        if time.monotonic() > deadline:
+            pytest.fail(f"fewer than {count} agents joined:\n{agents.report()}")
+        time.sleep(1)
