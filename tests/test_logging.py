@@ -294,3 +294,30 @@ async def test_no_record_shows_the_password_or_the_auth_token(
     assert any("authenticating again" in r.getMessage() for r in records)
     assert not _leaks(records, auth_password.encode())
     assert not _leaks(records, auth_token.encode())
+
+
+async def test_a_completed_round_and_a_close_are_logged_at_info(
+    etcd_endpoints: str, etcd_key_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The round's coordinator logs its completion; close() logs that it closed."""
+    caplog.set_level(logging.DEBUG, logger="rdzv")
+    async with rdzv.connect(etcd_endpoints) as connection:
+        nodes = [
+            rdzv.AsyncRendezvous(
+                connection, "job", min_nodes=2, max_nodes=2, key_prefix=etcd_key_prefix
+            )
+            for _ in range(2)
+        ]
+        async with anyio.create_task_group() as joining:
+            for node in nodes:
+                joining.start_soon(node.join)
+        await nodes[0].close()
+        for node in nodes:
+            await node.leave()
+    rounds = [r for r in _records(caplog) if r.name == "rdzv.rendezvous"]
+    [completed] = [r for r in rounds if "completed" in r.getMessage()]
+    assert completed.levelno == logging.INFO
+    assert completed.getMessage() == "round 1 completed with 2 members"
+    assert _field(completed, "rdzv_key").endswith("/job/round/1/c/done")
+    assert [r.levelno for r in rounds if "closed" in r.getMessage()] == [logging.INFO]
+    assert len([r for r in rounds if r.getMessage().startswith("joined round 1")]) == 2

@@ -39,7 +39,7 @@ _WAITING_CACHE: Final = 1.0
 """Seconds a `num_nodes_waiting` answer is reused: the agent asks every monitor interval
 (0.1 s by default), and a new node waits for a round far longer than this."""
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("rdzv.torch")
 
 
 def round_store_prefix(store_prefix: str, run_id: str, number: int) -> str:

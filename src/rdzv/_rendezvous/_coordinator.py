@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Literal
@@ -37,6 +38,8 @@ from rdzv._errors import (
 from rdzv._etcd import Compare, Connection, Delete, Get, KeyValue, Put
 from rdzv._rendezvous._control import RoundControl
 from rdzv._rendezvous._layout import Layout, Member, encode_membership
+
+logger = logging.getLogger("rdzv.rendezvous")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +231,16 @@ class Coordinator:
         if not result.succeeded and number > 1 and result.counts[0]:
             self._previous_empty = False  # a member of the previous round came back: wait
             self._wake.set()
+        if result.succeeded:
+            logger.info(
+                "round %d completed with %d members",
+                number,
+                len(chosen),
+                extra={
+                    "rdzv_key": layout.done(number).decode(errors="backslashreplace"),
+                    "rdzv_revision": result.revision,
+                },
+            )
         return result.succeeded
 
     # ------------------------------------------------------------------------------ departure
@@ -250,6 +263,12 @@ class Coordinator:
                         [Compare(done.key, "create_revision", ">", 0)],
                         [Put(self._layout.departed(self._number), gone[0].rsplit(b"/", 1)[-1])],
                         what=f"report a departure from round {self._number}",
+                    )
+                    logger.info(
+                        "a member left round %d: %d of %d are gone",
+                        self._number,
+                        len(gone),
+                        len(keys),
                     )
                     return
                 continue  # the answer was lost: writing the same key again is harmless

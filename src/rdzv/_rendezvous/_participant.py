@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import math
 from typing import Final, Literal
 
@@ -53,6 +54,8 @@ see `AsyncRendezvous.max_node_info`)."""
 MAX_NODES: Final = 16_384
 """The largest `max_nodes`: the membership of a full round, each node with at least 64 bytes
 of node info, fits in one etcd value."""
+
+logger = logging.getLogger("rdzv.rendezvous")
 
 _MAX_TIMEOUT: Final = 86_400 * 365
 _MAX_LEASE_TTL: Final = 86_400
@@ -308,8 +311,18 @@ class AsyncRendezvous:
                 if outcome == "closed":
                     raise self._closed_error()
                 if outcome == "surplus":
+                    logger.debug(
+                        "round %d of %r is full: waiting for the next", number, self._run_id
+                    )
                     return None
                 if outcome == "lease lost":
+                    logger.warning(
+                        "the lease of a participant waiting in round %d of %r expired; it joins "
+                        "again with a new one (was its process stalled, or etcd unreachable?)",
+                        number,
+                        self._run_id,
+                        extra={"rdzv_lease": keeper.lease_id},
+                    )
                     self._drop_lease()
                     return None
                 await self._elect(control, number, keeper.lease_id)
@@ -345,6 +358,9 @@ class AsyncRendezvous:
             self._latest = max(self._latest, number)
             if rank is None:
                 return "surplus"
+            logger.debug(
+                "joined round %d of %r as rank %d of %d", number, self._run_id, rank, len(members)
+            )
             return Membership(self._run_id, number, rank, len(members), members, keeper.lease_id)
         if keeper.expired:
             return "lease lost"
@@ -393,6 +409,7 @@ class AsyncRendezvous:
             except RendezvousLeaseNotFoundError:
                 return  # our lease is gone: the waiter learns it from the keeper
             if revision is not None and self._keeper is not None:
+                logger.debug("coordinating round %d of %r", number, self._run_id)
                 self._coordinate(number, self._keeper, revision)
 
     def _coordinate(self, number: int, keeper: LeaseKeeper, revision: int) -> None:
@@ -537,6 +554,8 @@ class AsyncRendezvous:
         latest = result.ranges[-1]
         number = round_number(latest[0].value if latest else None, key=layout.latest) + 1
         await self._connection.put(layout.closed_in(number), b"closed")
+        if result.succeeded:
+            logger.info("closed the rendezvous %r", self._run_id)
 
     async def is_closed(self) -> bool:
         """Whether the rendezvous is closed."""
