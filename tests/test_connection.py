@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import anyio
@@ -134,3 +135,35 @@ async def test_writes_continue_after_the_leader_of_a_cluster_dies(
             assert result[2]
             token = result[1]
         assert await backend.get_state() == (b"5", token)
+
+
+def test_a_close_cut_short_by_a_cancellation_leaves_no_grpc_work_for_later_loops(
+    etcd_endpoints: str,
+) -> None:
+    """A close that a cancel scope interrupts mid-watch still finishes: later loops stay clean.
+
+    gRPC completes cancelled operations through one process-wide queue; those of a loop that
+    closed first used to fail the next loop with "Event loop is closed".
+    """
+
+    async def cancelled_while_watching() -> None:
+        with anyio.move_on_after(0.3):
+            async with rdzv.connect(etcd_endpoints) as connection:
+                connection.keep_alive(await connection.grant_lease(5), 5)
+                async for _ in connection.watch(b"/rdzv-test/never-written", start_revision=1):
+                    pass
+
+    async def errors_of_a_later_loop() -> list[dict[str, object]]:
+        errors: list[dict[str, object]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _, context: errors.append(context))
+        async with rdzv.connect(etcd_endpoints) as connection:
+            for _ in range(10):
+                await connection.get(b"/rdzv-test/never-written")
+                await asyncio.sleep(0.05)
+        return errors
+
+    errors = []
+    for _ in range(5):
+        anyio.run(cancelled_while_watching, backend="asyncio")
+        errors += anyio.run(errors_of_a_later_loop, backend="asyncio")
+    assert errors == []

@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
 
+import anyio
 import grpc
 import grpc.aio
 
@@ -338,6 +339,36 @@ def task_cancelling() -> bool:
     task = asyncio.current_task()
     cancelling = getattr(task, "cancelling", None)
     return bool(cancelling()) if cancelling is not None else False
+
+
+async def despite_cancellation(work: Awaitable[None], limit: float) -> None:
+    """Await `work` to its end, `limit` seconds at most, even if this task is cancelled meanwhile.
+
+    For closing gRPC channels and calls: gRPC completes the operations of the calls it cancels
+    later, through one process-wide queue, and those of a loop that has closed by then fail
+    whichever loop runs next (`RuntimeError: Event loop is closed`). A close cut short by a
+    cancellation (a timeout or a task group ending around `async with connect(...)`) would
+    leave them pending. An anyio cancel scope's cancellation waits outside the shield; a
+    task's own cancellation is re-raised once `work` is done.
+    """
+    task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    cancelled: asyncio.CancelledError | None = None
+    with anyio.CancelScope(shield=True):
+        while not task.done():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                task.cancel()
+                break
+            try:
+                await asyncio.wait([task], timeout=remaining)
+            except asyncio.CancelledError as error:
+                cancelled = error
+    if task.done() and not task.cancelled():
+        task.exception()  # retrieved: a close that failed has nothing more to say
+    if cancelled is not None:
+        raise cancelled
 
 
 def _refused(refusal: Refused, *, what: str, link: Link, username: str | None) -> RendezvousError:

@@ -23,7 +23,7 @@ from rdzv._errors import (
     RendezvousLeaseNotFoundError,
     RendezvousWatchCompactedError,
 )
-from rdzv._etcd._attempts import Refused, drive, task_cancelling
+from rdzv._etcd._attempts import Refused, despite_cancellation, drive, task_cancelling
 from rdzv._etcd._classify import (
     Kind,
     classify,
@@ -58,6 +58,7 @@ flight keep a single etcd busy without that.
 """
 
 _FINISH_TIMEOUT: Final = 1.0
+_CLOSE_TIMEOUT: Final = 5.0
 
 logger = logging.getLogger("rdzv.etcd")
 lease_logger = logging.getLogger("rdzv.lease")
@@ -76,8 +77,7 @@ async def _finish(call: Any) -> None:
     next. So the call's end is awaited here, briefly.
     """
     call.cancel()
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(asyncio.shield(call.code()), _FINISH_TIMEOUT)
+    await despite_cancellation(call.code(), _FINISH_TIMEOUT)
 
 
 def _validate_max_in_flight(max_in_flight: object) -> int:
@@ -201,7 +201,14 @@ class Connection:
         )
 
     async def aclose(self) -> None:
-        """Close the channel; calls in progress fail with `RendezvousError`. Harmless twice."""
+        """Close the channel; calls in progress fail with `RendezvousError`. Harmless twice.
+
+        A cancellation (a timeout or task group around `async with connect(...)`) does not cut
+        the close short: see `despite_cancellation`.
+        """
+        await despite_cancellation(self._close(), _CLOSE_TIMEOUT)
+
+    async def _close(self) -> None:
         await self._keepalive.aclose()
         await self._links.aclose()
 
