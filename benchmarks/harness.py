@@ -177,6 +177,24 @@ def machine(etcd_binary: str) -> dict[str, Any]:
     }
 
 
+def code_version() -> str:
+    """The commit of the rdzv measured (the one `import rdzv` finds), "+ changes" if its src/
+    differs from that commit."""
+    import rdzv
+
+    root = Path(rdzv.__file__).resolve().parent.parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return f"{commit or 'unknown'}{' + changes' if changed else ''}"
+
+
 def load_average() -> list[float]:
     """The 1, 5 and 15 minute load averages: a busy machine makes noisy numbers."""
     try:

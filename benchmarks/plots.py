@@ -21,7 +21,7 @@ import latency
 import scale
 from contenders import ASYNC, C10D, RAW, SYNC, V2
 from harness import images_dir
-from rendezvous import DEMO
+from rendezvous import DEMO, ROUNDS, V3
 
 # One colour and marker per contender, the same in every plot.
 STYLE: dict[str, dict[str, Any]] = {
@@ -31,6 +31,9 @@ STYLE: dict[str, dict[str, Any]] = {
     V2: {"color": "#d62728", "marker": "v"},
     C10D: {"color": "#9467bd", "marker": "D", "linestyle": ":"},
     DEMO: {"color": "#17becf", "marker": "o", "linestyle": "-."},
+    # torchrun's handlers: etcd-v3 is torch's handler over rdzv's facade, as SYNC is.
+    V3: {"color": "#2ca02c", "marker": "^"},
+    ROUNDS: {"color": "#ff7f0e", "marker": "*", "markersize": 8},
     scale.ONE: {"color": "#1f77b4", "marker": "o"},
     scale.PER_100: {"color": "#ff7f0e", "marker": "s", "linestyle": "--"},
     scale.FACADE: {"color": "#2ca02c", "marker": "^"},
@@ -126,26 +129,40 @@ def plot_contention(data: dict[str, Any], path: Path) -> Path:
 
 
 def plot_rendezvous(data: dict[str, Any], path: Path) -> Path:
+    """Seconds, client CPU per node and etcd requests per node against N, one line per
+    contender."""
     nodes = [int(n) for n in data["nodes"]]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.4))
     for name in data["contenders"]:
         summaries = [data["nodes"][str(n)][name] for n in nodes]
         done = [(n, s) for n, s in zip(nodes, summaries, strict=True) if s["seconds"] is not None]
         if done:
             _errorbars(left, [float(n) for n, _ in done], [s["seconds"] for _, s in done], name)
-        right.plot(nodes, [s["backend_calls"] for s in summaries], **_style(name))
-    for axes in (left, right):
+        for axes, key, scale_by in (
+            (middle, "client_cpu_per_node", 1000.0),
+            (right, "etcd_requests_per_node", 1.0),
+        ):
+            points = [(n, s[key]) for n, s in zip(nodes, summaries, strict=True) if s.get(key)]
+            if points:
+                axes.plot([n for n, _ in points], [v * scale_by for _, v in points], **_style(name))
+    for axes in (left, middle, right):
         axes.set_xscale("log", base=2)
         axes.set_xticks(nodes, [str(n) for n in nodes])
+        axes.minorticks_off()
         axes.set_xlabel("N nodes")
+        axes.set_yscale("log")
         axes.grid(True, which="both", alpha=0.3)
-    left.set_yscale("log")
-    left.set_ylabel("seconds until every node has its rank")
-    right.set_yscale("log")
-    right.set_ylabel("backend calls (get_state + set_state)")
+    left.set_ylabel("seconds until every node has its rank (median, p10-p90)")
+    middle.set_ylabel("client CPU ms per node (median)")
+    right.set_ylabel("etcd requests per node (median)")
     left.legend(fontsize=8)
+    load = data.get("load_average", {})
+    loads = (
+        f"; load average {load.get('before', ['?'])[0]} before, {load.get('after', ['?'])[0]} after"
+    )
     figure.suptitle(
-        f"One rendezvous round (a missing point: not done within {data['join_timeout']} s)"
+        f"One rendezvous round, median of {data['rounds']} (a missing point: not done within "
+        f"{data['join_timeout']} s){loads if load else ''}"
     )
     return _save(figure, path)
 

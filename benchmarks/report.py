@@ -12,7 +12,7 @@ import contention
 import latency
 import rendezvous
 import scale
-from contenders import ASYNC, SYNC
+from contenders import ASYNC, C10D, SYNC, V2
 from harness import markdown_table, read_json, results_dir, write_json
 
 SUITES = ("latency", "overhead", "contention", "rendezvous", "scale")
@@ -102,7 +102,60 @@ def targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     rows.extend(scale_targets(results.get("scale")))
+    rows.extend(torchrun_targets(results.get("rendezvous")))
     return rows
+
+
+def torchrun_targets(data: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """torchrun's handlers (issue 12): rdzv's two against c10d and etcd-v2, in the same run."""
+    rows: list[dict[str, Any]] = []
+
+    def seconds(name: str, nodes: int) -> float | None:
+        return None if data is None else rendezvous.seconds_of(data, name, nodes)
+
+    c10d = seconds(C10D, 128)
+    for name, goal, label in (
+        (rendezvous.ROUNDS, 0.25, "etcd-v3-rounds at N=128 in at most a quarter of c10d's time"),
+        (rendezvous.V3, 1.5, "etcd-v3 (torch's handler) at N=128 at most 1.5x c10d's time"),
+    ):
+        value = seconds(name, 128)
+        measured = None
+        if value is not None and c10d is not None:
+            measured = f"{value:.2f} s ÷ {c10d:.2f} s = {value / c10d:.2f}x"
+        elif data is not None and 128 in [int(n) for n in data["nodes"]]:
+            measured = f"{name}: {_seconds(value)}, c10d: {_seconds(c10d)}"
+        rows.append(
+            {
+                "target": label,
+                "measured": measured,
+                "met": None if value is None or c10d is None else value <= goal * c10d,
+                "source": "rendezvous",
+            }
+        )
+    # Every N measured: etcd-v3 ÷ etcd-v2, each N's medians from the same run.
+    over_v2: dict[str, float] = {}
+    undone: list[str] = []
+    for nodes in [] if data is None else [int(n) for n in data["nodes"]]:
+        v2, v3 = seconds(V2, nodes), seconds(rendezvous.V3, nodes)
+        if v3 is None:
+            undone.append(f"N={nodes}")
+        elif v2 is not None:
+            over_v2[f"N={nodes}"] = v3 / v2
+    missed = [n for n, value in over_v2.items() if value > 1.0] + undone
+    rows.append(
+        {
+            "target": "etcd-v3 (torch's handler) no slower than etcd-v2 at every N (v3 ÷ v2)",
+            "measured": _join(over_v2, "{:.2f}x"),
+            "met": None if not over_v2 and not undone else not missed,
+            "missed_at": missed,
+            "source": "rendezvous",
+        }
+    )
+    return rows
+
+
+def _seconds(value: float | None) -> str:
+    return "not done" if value is None else f"{value:.2f} s"
 
 
 def scale_targets(data: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -210,10 +263,16 @@ def summary(results: dict[str, dict[str, Any]], *, quick: bool) -> str:
             parts.append(contention.table(data))
         elif suite == "rendezvous":
             parts.append(
-                "Seconds until every node has its rank (median of the rounds that completed "
-                f"within {data['join_timeout']} s), backend calls and etcd requests (medians):"
+                "Seconds until every node has its rank (median and p10-p90 of the rounds that "
+                f"completed within {data['join_timeout']} s, {data['rounds']} rounds per "
+                "contender and N, interleaved), client CPU and etcd requests per node, backend "
+                f"calls and lost compare-and-swaps (medians); code {data.get('code', '?')}, load "
+                f"average {data['load_average']['before']} before, "
+                f"{data['load_average']['after']} after:"
             )
             parts.append(rendezvous.table(data))
+            parts.append("Ratios of medians:")
+            parts.append(rendezvous.ratio_table(data))
         elif suite == "scale":
             parts.append(
                 "Seconds until every node has its rank (median of the rounds that completed "
