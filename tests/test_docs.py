@@ -391,20 +391,35 @@ def test_the_quickstarts_run_in_order_on_one_etcd(
 
 
 @pytest.mark.slow
-def test_the_torchrun_quickstart_again_under_its_run_id_is_refused(
+def test_the_torchrun_quickstart_runs_again_after_the_reset_it_shows(
     tmp_path: Path, files: Path, docs_etcd: EtcdServer
 ) -> None:
-    """As the torchrun quickstart says: a finished job's run id is closed to the next job."""
-    [(block, command), *_] = [
-        (block, command)
-        for block, command in TORCHRUN_COMMANDS
-        if block.page.name == "quickstart-torchrun.md"
+    """As the torchrun quickstart says: its run id is closed after the job, until `rdzv reset`."""
+    page = ROOT / "docs" / "quickstart-torchrun.md"
+    [(block, command), *_] = [(b, c) for b, c in TORCHRUN_COMMANDS if b.page == page]
+    [reset] = [
+        command
+        for block in _blocks(page)
+        if block.language == "console"
+        for command in _console_commands(block, "rdzv")
+        if command.startswith("rdzv reset ")
     ]
     first = _run_torchrun(block, command, docs_etcd, tmp_path, files)
     assert first.returncode == 0, _report(command, first)
     again = _run_torchrun(block, command, docs_etcd, tmp_path, files)
     assert again.returncode != 0
     assert "RendezvousClosedError" in again.stderr, _report(command, again)
+    completed = subprocess.run(
+        [sys.executable, "-m", "rdzv", *shlex.split(reset)[1:]],
+        env=_clean_environment() | {"RDZV_ENDPOINTS": docs_etcd.endpoint},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode == 0, _report(reset, completed)
+    after_reset = _run_torchrun(block, command, docs_etcd, tmp_path, files)
+    assert after_reset.returncode == 0, _report(command, after_reset)
 
 
 # ------------------------------------------------------------------------ links and commands
