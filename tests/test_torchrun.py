@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 
 import rdzv
+from rdzv._cli import main
 from rdzv._torch_rounds import RoundsRendezvousHandler, create_rounds_handler
 from rdzv.testing import EtcdCluster
 from support import closed_port
@@ -189,6 +191,22 @@ def test_two_agents_rendezvous_and_all_reduce(
     else:
         with _rounds(etcd_endpoints, etcd_key_prefix) as rounds:
             assert rounds.is_closed()  # torchrun's shutdown() closed it, as torch's handler does
+        shown = CliRunner().invoke(
+            main,
+            [
+                "inspect",
+                "--endpoints",
+                etcd_endpoints,
+                "--run-id",
+                "job",
+                "--key-prefix",
+                f"{etcd_key_prefix}/rdzv",
+                "--rounds-prefix",
+                f"{etcd_key_prefix}/rdzv",
+            ],
+        )
+        assert "closed, latest complete round 1" in shown.stdout, shown.output
+        assert shown.stdout.count('{"addr":"127.0.0.1","pid":') == 2, shown.output
 
 
 @contextlib.contextmanager

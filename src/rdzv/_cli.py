@@ -45,6 +45,9 @@ from rdzv._errors import CONNECTION_FAILED_MESSAGE, RendezvousConnectionError, R
 from rdzv._etcd import Connection
 from rdzv._etcd._endpoints import resolve_endpoints
 from rdzv._rendezvous import DEFAULT_ROUNDS_PREFIX
+from rdzv._rendezvous._view import RoundsView, view_rounds
+from rdzv._rendezvous._view import to_json as rounds_to_json
+from rdzv._rendezvous._view import to_text as rounds_to_text
 from rdzv._store import DEFAULT_STORE_PREFIX, _validate_prefix
 from rdzv._validation import validate_key_prefix, validate_run_id
 from rdzv._version import __version__
@@ -642,11 +645,29 @@ def _run_on_etcd(command: str, etcd: EtcdOptions, function: Callable[[Connection
 # ---------------------------------------------------------------------------------- inspect
 
 
+_ROUNDS_PREFIX_OPTION = click.option(
+    "--rounds-prefix",
+    envvar="RDZV_ROUNDS_PREFIX",
+    default=DEFAULT_ROUNDS_PREFIX,
+    show_default=True,
+    show_envvar=True,
+    help="Where rdzv.AsyncRendezvous (torchrun's etcd-v3-rounds) keeps its rounds.",
+)
+
+
+def _rounds_prefix(value: str) -> str:
+    try:
+        return validate_key_prefix(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="'--rounds-prefix'") from None
+
+
 @main.command(epilog=_EXIT_CODES)
 @click.option("--run-id", required=True, envvar="RDZV_RUN_ID", show_envvar=True, help="The job.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_ROUNDS_PREFIX_OPTION
 @connection_options
-def inspect(etcd: EtcdOptions, run_id: str, as_json: bool) -> None:
+def inspect(etcd: EtcdOptions, run_id: str, as_json: bool, rounds_prefix: str) -> None:
     """Show the rendezvous state of a job.
 
     Prints the state's etcd revision (its token), its size, and the time left on its lease. For
@@ -654,24 +675,44 @@ def inspect(etcd: EtcdOptions, run_id: str, as_json: bool) -> None:
     and closed, the participants with their ranks, the wait and redundancy lists, and how long
     ago each node last sent a heartbeat.
 
+    For a job of rdzv.AsyncRendezvous (torchrun's etcd-v3-rounds), under --rounds-prefix: whether
+    it is closed, the latest complete round with its members in rank order, and the open round
+    with the nodes waiting in it (each with its node info), all read at one revision.
+
     The state is decoded without trusting it: only the classes a rendezvous state is made of are
     unpickled, and a value that names anything else is refused, never run.
     """
     key = etcd.key(run_id)
+    prefix = _rounds_prefix(rounds_prefix)
 
-    async def read(connection: Connection) -> _inspect.Inspection | None:
-        return await _inspect.inspect_key(connection, key, state_key=etcd.state_key)
+    async def read(connection: Connection) -> tuple[_inspect.Inspection | None, RoundsView]:
+        inspection = await _inspect.inspect_key(connection, key, state_key=etcd.state_key)
+        return inspection, await view_rounds(connection, prefix, validate_run_id(run_id))
 
-    inspection = _run_on_etcd("inspect", etcd, read)
-    if inspection is None:
-        _fail("inspect", f"there is no state at {key!r} (run id {run_id!r}).")
+    inspection, rounds = _run_on_etcd("inspect", etcd, read)
+    if inspection is None and not rounds.exists:
+        _fail(
+            "inspect",
+            f"there is no state at {key!r} and no rounds under {rounds.base!r} "
+            f"(run id {run_id!r}).",
+        )
     if as_json:
-        click.echo(json.dumps(_inspect.to_json(inspection), indent=2))
+        shown: dict[str, object] = {}
+        if inspection is not None:
+            shown.update(_inspect.to_json(inspection))
+        if rounds.exists:
+            shown["rounds"] = rounds_to_json(rounds)
+        click.echo(json.dumps(shown, indent=2))
     else:
-        for line in _inspect.to_text(inspection):
+        lines = _inspect.to_text(inspection) if inspection is not None else []
+        if rounds.exists:
+            lines += rounds_to_text(rounds)
+        for line in lines:
             click.echo(line)
-    if inspection.error is not None:
+    if inspection is not None and inspection.error is not None:
         _fail("inspect", inspection.error)
+    if rounds.error is not None:
+        _fail("inspect", "the rounds hold a value rdzv did not write (shown above).")
 
 
 # ------------------------------------------------------------------------------------ watch
@@ -788,23 +829,6 @@ _STORE_PREFIX_OPTION = click.option(
     callback=_store_prefix,
     help="Where the c10d store's keys live (torchrun's store_prefix).",
 )
-
-
-_ROUNDS_PREFIX_OPTION = click.option(
-    "--rounds-prefix",
-    envvar="RDZV_ROUNDS_PREFIX",
-    default=DEFAULT_ROUNDS_PREFIX,
-    show_default=True,
-    show_envvar=True,
-    help="Where rdzv.AsyncRendezvous (torchrun's etcd-v3-rounds) keeps its rounds.",
-)
-
-
-def _rounds_prefix(value: str) -> str:
-    try:
-        return validate_key_prefix(value)
-    except ValueError as error:
-        raise click.BadParameter(str(error), param_hint="'--rounds-prefix'") from None
 
 
 def _check_target(etcd: EtcdOptions, rounds_prefix: str, store_prefix: str) -> _check.Target:

@@ -72,11 +72,15 @@ class Put:
 
 @dataclasses.dataclass(frozen=True)
 class Get:
-    """Read `key` (or every key under the prefix `key`); with `count_only`, only count them."""
+    """Read `key` (or every key under the prefix `key`); with `count_only`, only count them.
+
+    With a `limit`, at most that many keys (in key order); the count is still of them all.
+    """
 
     key: bytes
     prefix: bool = False
     count_only: bool = False
+    limit: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +201,7 @@ def _fill_operation(message: Any, operation: Operation) -> None:
     elif isinstance(operation, Get):
         fill_range(message.request_range, operation.key, prefix=operation.prefix)
         message.request_range.count_only = operation.count_only
+        message.request_range.limit = operation.limit
     elif isinstance(operation, Nested):
         nested = message.request_txn
         for condition in operation.compare:

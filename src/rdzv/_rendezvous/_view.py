@@ -1,0 +1,180 @@
+"""What `rdzv inspect` shows of an `AsyncRendezvous` (and `etcd-v3-rounds`): rounds and members.
+
+Read in one transaction, so at one revision: whether the rendezvous is closed, the latest
+completed round with its members in rank order, and the open round with the nodes waiting in
+it. Everything shown comes from etcd, where anyone may write: node info is escaped, member
+lists are cut at a limit, and a value rdzv did not write is reported, never trusted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Final
+
+from rdzv._errors import RendezvousStateError
+from rdzv._etcd import Connection, Get, KeyValue
+from rdzv._rendezvous._layout import Layout, Member, decode_membership, round_number
+
+SHOWN_MEMBERS: Final = 50
+"""The most members listed for a round; the counts are always complete."""
+
+_INFO_SHOWN: Final = 120
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundView:
+    """One round: complete (members in rank order) or open (nodes waiting, in key order)."""
+
+    number: int
+    complete: bool
+    count: int
+    """How many members (complete) or waiting nodes (open) the round has."""
+    members: tuple[Member, ...]
+    """The first `SHOWN_MEMBERS` of them."""
+    coordinator: str | None
+    """The member id that decides the round (16 hex digits), if one holds the key."""
+    departed: bool
+    """A member of the complete round is gone (its members are about to re-rendezvous)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundsView:
+    """A rendezvous's rounds at one etcd revision."""
+
+    base: str
+    revision: int
+    closed: bool
+    latest: int
+    """The latest completed round (0: none yet)."""
+    rounds: tuple[RoundView, ...]
+    error: str | None = None
+    """Why part of the rendezvous could not be read (a value rdzv did not write)."""
+
+    @property
+    def exists(self) -> bool:
+        """Whether any key of the rendezvous exists (a foreign one included)."""
+        return (
+            self.closed
+            or self.latest > 0
+            or self.error is not None
+            or any(r.count or r.coordinator for r in self.rounds)
+        )
+
+
+async def view_rounds(connection: Connection, key_prefix: str, run_id: str) -> RoundsView:
+    """The rounds of `run_id` under `key_prefix`, read at one revision."""
+    layout = Layout(key_prefix, run_id)
+    base = layout.base.decode(errors="backslashreplace")
+    first = await connection.txn(
+        [], [Get(layout.closed), Get(layout.latest)], what=f"read the rounds of {run_id!r}"
+    )
+    closed, latest_kvs = first.ranges
+    try:
+        latest = round_number(latest_kvs[0].value if latest_kvs else None, key=layout.latest)
+    except RendezvousStateError as foreign:
+        return RoundsView(base, first.revision, bool(closed), 0, (), error=str(foreign))
+    numbers = [n for n in (latest, latest + 1) if n > 0]
+    reads = []
+    for number in numbers:
+        reads += [
+            Get(layout.control(number), prefix=True),
+            Get(layout.members(number), prefix=True, limit=SHOWN_MEMBERS),
+        ]
+    result = await connection.txn([], reads, what=f"read the rounds of {run_id!r}")
+    rounds: list[RoundView] = []
+    error: str | None = None
+    for index, number in enumerate(numbers):
+        control = {kv.key.rsplit(b"/", 1)[-1]: kv for kv in result.ranges[2 * index]}
+        waiting = result.ranges[2 * index + 1], result.counts[2 * index + 1]
+        try:
+            rounds.append(_round(layout, number, control, waiting))
+        except RendezvousStateError as failure:
+            error = str(failure)
+    return RoundsView(base, result.revision, bool(closed), latest, tuple(rounds), error)
+
+
+def _round(
+    layout: Layout,
+    number: int,
+    control: dict[bytes, KeyValue],
+    waiting: tuple[tuple[KeyValue, ...], int],
+) -> RoundView:
+    coordinator = control.get(b"coordinator")
+    shown_coordinator = _text(coordinator.value, 16) if coordinator is not None else None
+    done = control.get(b"done")
+    if done is None:
+        kvs, count = waiting
+        try:
+            members = tuple(Member(layout.member_id(kv.key), kv.value) for kv in kvs)
+        except ValueError as error:
+            raise RendezvousStateError(
+                f"A key under {layout.members(number)!r} is not a member key: {error}"
+            ) from error
+        return RoundView(number, False, count, members, shown_coordinator, False)
+    _, members = decode_membership(done.value, key=done.key)
+    return RoundView(
+        number,
+        True,
+        len(members),
+        members[:SHOWN_MEMBERS],
+        shown_coordinator,
+        b"departed" in control,
+    )
+
+
+def _text(value: bytes, limit: int = _INFO_SHOWN) -> str:
+    """Bytes from etcd as one printable line: control characters escaped, long values cut."""
+    text = value[:limit].decode("utf-8", errors="backslashreplace")
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text + ("..." if len(value) > limit else "")
+
+
+def to_text(view: RoundsView) -> list[str]:
+    """The lines `rdzv inspect` prints for the rounds."""
+    lines = [
+        f"rounds under {_text(view.base.encode())} at revision {view.revision}: "
+        f"{'closed' if view.closed else 'open'}, latest complete round {view.latest or 'none'}"
+    ]
+    for round_ in view.rounds:
+        lines.append(_round_line(round_))
+        for rank, member in enumerate(round_.members):
+            who = f"rank {rank:<5}" if round_.complete else "waiting   "
+            lines.append(f"  {who} member {member.id:016x}  {_text(member.info)}")
+        if len(round_.members) < round_.count:
+            lines.append(f"  ... and {round_.count - len(round_.members)} more")
+    if view.error is not None:
+        lines.append(f"not an rdzv rendezvous: {_text(view.error.encode(), 300)}")
+    return lines
+
+
+def _round_line(round_: RoundView) -> str:
+    coordinator = f", coordinator {round_.coordinator}" if round_.coordinator else ""
+    if round_.complete:
+        departed = ", a member has left" if round_.departed else ""
+        return f"round {round_.number}: complete, {round_.count} members{coordinator}{departed}"
+    return f"round {round_.number}: open, {round_.count} waiting{coordinator}"
+
+
+def to_json(view: RoundsView) -> dict[str, object]:
+    """The rounds as one JSON object (node info as escaped text)."""
+    return {
+        "base": view.base,
+        "revision": view.revision,
+        "closed": view.closed,
+        "latest": view.latest,
+        "rounds": [
+            {
+                "round": r.number,
+                "complete": r.complete,
+                "count": r.count,
+                "coordinator": r.coordinator,
+                "departed": r.departed,
+                "members": [
+                    {"member_id": f"{m.id:016x}", "info": _text(m.info)} for m in r.members
+                ],
+            }
+            for r in view.rounds
+        ],
+        "error": view.error,
+    }
