@@ -660,8 +660,10 @@ def ratio_table(results: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------- profile
 #
 # py-spy samples one node host (the first: it has N/8 nodes, like every host) from the moment
-# the nodes are let go until every node has its rank. It samples every thread that is not idle
-# (blocked in a lock, a sleep, a socket read), so its samples are the host's CPU time.
+# the nodes are let go until every node has its rank. It samples only the thread that holds the
+# GIL (`--gil`): the host's Python work, which only one thread at a time can do. (Without it,
+# py-spy counts threads that wait for a future or a lock in C as busy, here ten times the
+# host's CPU time.)
 
 
 def _py_spy() -> str:
@@ -682,6 +684,7 @@ def _sampled(pid: int, output: Path, rate: int) -> Iterator[None]:
         "--rate",
         str(rate),
         "--function",  # frames by function, not by line
+        "--gil",
         "--format",
         "raw",
         "--output",
@@ -727,14 +730,26 @@ _WATCHED: Final = (
 )
 
 
-def profile_table(collapsed: str, *, top: int = 14) -> str:
-    """The functions with the largest cumulative share of the samples, and torch's `_record`
-    and `get_method_name` whatever their share."""
+# Frames every sample of a thread (or of the event loop) has under it: no news in a table.
+_PLUMBING: Final = (
+    "(threading.py",
+    "(concurrent/futures/",
+    "(asyncio/",
+    "_Runner._run (",
+    "_host_round.<locals>.node (",
+)
+
+
+def profile_table(collapsed: str, *, top: int = 12) -> str:
+    """The functions with the largest cumulative share of the samples (threads' and the event
+    loop's plumbing left out), and torch's `_record` and `get_method_name` whatever their
+    share."""
     total, cumulative, own = profile_shares(collapsed)
-    chosen = sorted(cumulative, key=lambda frame: -cumulative[frame])[:top]
+    ranked = sorted(cumulative, key=lambda frame: -cumulative[frame])
+    chosen = [frame for frame in ranked if not any(p in frame for p in _PLUMBING)][:top]
     chosen += [
         frame
-        for frame in sorted(cumulative, key=lambda frame: -cumulative[frame])
+        for frame in ranked
         if frame not in chosen and any(watched in frame for watched in _WATCHED)
     ]
     rows = [
@@ -778,8 +793,9 @@ async def profile(name: str, nodes: int, *, rate: int = 100) -> Path:
     cpu = outcome["host_cpu_seconds"][0]
     header = (
         f"{name}, N={nodes}, one node host of {min(HOSTS, nodes)} ({nodes // min(HOSTS, nodes)}"
-        f" nodes), py-spy at {rate} Hz, non-idle samples of every thread: {total} "
-        f"(the host's CPU time: {cpu:.2f} s); round: {shown}; code {code_version()}; "
+        f" nodes), py-spy at {rate} Hz, samples of the thread holding the GIL: {total} "
+        f"({total / rate:.2f} s; the host's CPU time: {cpu:.2f} s); round: {shown}; "
+        f"code {code_version()}; "
         f"load average before {before}, after {after}"
     )
     path = RESULTS / f"rendezvous-profile-{name}-{nodes}.txt"
