@@ -26,7 +26,7 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
-from typing import Final, TypeVar
+from typing import Final, Generic, TypeVar
 
 import anyio
 
@@ -159,6 +159,16 @@ class _QueueStep:
             return [Put(self.item, self.value, lease)]
         # Read, then delete: the transaction's answer carries the item it popped.
         return [Get(self.item), Delete(self.item)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Swap(Generic[T]):
+    """One planned compare-and-swap: what it achieves, and the operations that write it."""
+
+    outcome: T
+    """What the caller gets if this attempt lands (the value written, the queue step)."""
+    operations: Callable[[int], list[Operation]]
+    """The transaction's writes on the store's lease (the marker's is added to them)."""
 
 
 class AsyncEtcdStore:
@@ -698,61 +708,90 @@ class AsyncEtcdStore:
     async def _update(self, key: str, change: Callable[[bytes | None], bytes]) -> bytes:
         """Replace the value `v` at `key` (`None` if absent) by `change(v)`, atomically.
 
-        A compare-and-swap loop, one transaction per attempt: the first assumes the key is
-        absent; a failed attempt reads the key in the same transaction, and the next is
-        conditioned on the revision it read. Every attempt also puts this call's random write
-        id at the key's marker, so that a write whose answer was lost is recognised as ours by
-        that id alone (see `_lost_write_landed`). Returns the value written.
+        One compare-and-swap (see `_swap`), first assuming the key is absent. Returns the
+        value written.
         """
         key_bytes = self._key(key)
-        marker = self._marker(key_bytes)
+
+        def plan(current: KeyValue | None) -> _Swap[bytes]:
+            value = change(None if current is None else current.value)
+            return _Swap(value, lambda lease: [Put(key_bytes, value, lease)])
+
+        landed = await self._swap(key, key_bytes, plan, None, ("write", "update the store key"))
+        assert landed is not None  # `plan` always has a change to make
+        return landed[0]
+
+    async def _swap(
+        self,
+        name: str,
+        key: bytes,
+        plan: Callable[[KeyValue | None], _Swap[T] | None],
+        current: KeyValue | None,
+        what: tuple[str, str],
+    ) -> tuple[T, TxnResult | None] | None:
+        """Apply `plan(current)` by compare-and-swap on `key`; each write lands exactly once.
+
+        `current` is the first guess of `key` (None: absent). One transaction per attempt,
+        conditioned on the key being as the attempt's plan read it; a failed attempt reads the
+        key in the same transaction, and the next is planned on that. Every attempt also puts
+        this call's random write id at the key's marker, so that an attempt whose answer was
+        lost is recognised as ours by that id alone (see `_lost_write_landed`), never applied
+        twice. Returns what the plan that landed said, with the transaction's result (None if
+        its answer was lost), or None once `plan` finds nothing to do. `name` is the store's
+        name of the key, `what` the kind of write for logs and the verb for errors.
+        """
+        kind, verb = what
+        marker = self._marker(key)
         write_id = os.urandom(_WRITE_ID_SIZE)
         deadline = self._connection.deadline()
-        expected: int | None = None  # the mod revision the next attempt requires; None: absent
-        value = change(None)
-        # The conditions of attempts whose answers were lost, each with the value it writes.
-        lost: dict[int | None, bytes] = {}
-
-        async def write(lease: int) -> TxnResult:
-            condition = (
-                Compare.absent(key_bytes)
-                if expected is None
-                else Compare.mod_revision_is(key_bytes, expected)
-            )
-            puts = [Put(key_bytes, value, lease), Put(marker, write_id, lease)]
-            what = f"update the store key {key!r}"
-            return await self._connection.txn(
-                [condition], puts, [Get(key_bytes)], what=what, deadline=deadline
-            )
-
+        # The conditions of attempts whose answers were lost, each with what its plan said.
+        lost: dict[int | None, T] = {}
         while True:
+            swap = plan(current)
+            if swap is None:
+                # Every lost attempt was planned on a key that allowed it, so none can be
+                # pending now that `plan` finds nothing to do: `_lost_write_landed` forgot them.
+                return None
+            expected = None if current is None else current.mod_revision
+            condition = (
+                Compare.absent(key) if expected is None else Compare.mod_revision_is(key, expected)
+            )
+
+            async def write(
+                lease: int, swap: _Swap[T] = swap, condition: Compare = condition
+            ) -> TxnResult:
+                operations = [*swap.operations(lease), Put(marker, write_id, lease)]
+                return await self._connection.txn(
+                    [condition],
+                    operations,
+                    [Get(key)],
+                    what=f"{verb} {name!r}",
+                    deadline=deadline,
+                )
+
             try:
                 result = await self._lease.run(write, deadline=deadline)
             except RendezvousOutcomeUnknownError:
                 # Sending it again blindly could apply the change twice: look for it first.
-                _log_lost(key, "write")
-                lost[expected] = value
-                current = await self._resolving(
-                    key, self._connection.get(key_bytes, deadline=deadline)
-                )
+                _log_lost(name, kind)
+                lost[expected] = swap.outcome
+                current = await self._resolving(name, self._connection.get(key, deadline=deadline))
             except RendezvousConnectionError as error:
                 if lost:
-                    raise self._unresolved(key) from error
+                    raise self._unresolved(name) from error
                 raise
             else:
                 if result.succeeded:
-                    return value
+                    return swap.outcome, result
                 current = result.ranges[0][0] if result.ranges[0] else None
             if lost:
                 # A lost attempt may have landed, even only since it was last looked for, and
                 # be why this one failed.
-                search = self._lost_write_landed(key_bytes, write_id, lost, current, deadline)
-                landed = await self._resolving(key, search)
+                search = self._lost_write_landed(key, write_id, lost, current, deadline)
+                landed = await self._resolving(name, search)
                 if landed is not None:
-                    _log_resolved(key, "write", "it landed")
-                    return landed
-            expected = None if current is None else current.mod_revision
-            value = change(None if current is None else current.value)
+                    _log_resolved(name, kind, "it landed")
+                    return landed, None
 
     async def _lost_write_landed(
         self,
@@ -800,69 +839,24 @@ class AsyncEtcdStore:
     ) -> tuple[_QueueStep, TxnResult | None] | None:
         """Apply `plan(counters)` to the queue `key` once, by compare-and-swap of its counters.
 
-        `counters` is the first guess of the queue's counters key. Each attempt is conditioned
-        on the counters it was planned on, and puts this call's write id at their marker; a
-        failed one reads the counters, and the next is planned on them. A lost answer is
-        resolved as `_update` does. Returns the step that landed with the transaction's result
-        (None if the answer was lost), or None once `plan` finds nothing to do.
+        `counters` is the first guess of the queue's counters key. Returns the step that
+        landed with the transaction's result (None if the answer was lost), or None once
+        `plan` finds nothing to do (see `_swap`).
         """
         counters_key = self._queue_key(key)
-        marker = self._marker(counters_key)
-        write_id = os.urandom(_WRITE_ID_SIZE)
-        deadline = self._connection.deadline()
-        lost: dict[int | None, _QueueStep] = {}
 
-        async def attempt(step: _QueueStep, condition: Compare) -> TxnResult:
-            async def write(lease: int) -> TxnResult:
-                operations = step.operations(lease)
-                operations += [
-                    Put(counters_key, step.counters, lease),
-                    Put(marker, write_id, lease),
-                ]
-                return await self._connection.txn(
-                    [condition],
-                    operations,
-                    [Get(counters_key)],
-                    what=f"change the store queue {key!r}",
-                    deadline=deadline,
-                )
-
-            return await self._lease.run(write, deadline=deadline)
-
-        while True:
-            step = plan(counters)
+        def swap(current: KeyValue | None) -> _Swap[_QueueStep] | None:
+            step = plan(current)
             if step is None:
-                # Every lost attempt was planned on counters that allowed it, so none can be
-                # pending now that `plan` finds nothing to do: `_lost_write_landed` forgot them.
                 return None
-            expected = None if counters is None else counters.mod_revision
-            condition = (
-                Compare.absent(counters_key)
-                if expected is None
-                else Compare.mod_revision_is(counters_key, expected)
+            return _Swap(
+                step,
+                lambda lease: [*step.operations(lease), Put(counters_key, step.counters, lease)],
             )
-            try:
-                result = await attempt(step, condition)
-            except RendezvousOutcomeUnknownError:
-                _log_lost(key, "queue change")
-                lost[expected] = step
-                counters = await self._resolving(
-                    key, self._connection.get(counters_key, deadline=deadline)
-                )
-            except RendezvousConnectionError as error:
-                if lost:
-                    raise self._unresolved(key) from error
-                raise
-            else:
-                if result.succeeded:
-                    return step, result
-                counters = result.ranges[0][0] if result.ranges[0] else None
-            if lost:
-                search = self._lost_write_landed(counters_key, write_id, lost, counters, deadline)
-                landed = await self._resolving(key, search)
-                if landed is not None:
-                    _log_resolved(key, "queue change", "it landed")
-                    return landed, None
+
+        return await self._swap(
+            key, counters_key, swap, counters, ("queue change", "change the store queue")
+        )
 
     async def _pop(self, key: str, counters: KeyValue) -> bytes | None:
         """Pop the oldest item of the queue `key`, whose counters were read as `counters`.
