@@ -59,7 +59,7 @@ _TITLE = re.compile(r'title="(?P<title>[^"]+)"')
 _SNIPPET_TIMEOUT = 120
 # Pages whose samples run once only: they assert on a fresh etcd (a counter that a first run
 # leaves at 2; a rendezvous that the sample closes for good). To be made runnable twice.
-_RUN_ONCE = {"async-vs-sync.md", "rendezvous.md"}
+_RUN_ONCE = {"async-vs-sync.md"}
 _TORCHRUN_TIMEOUT = 180
 
 # Runs one block as a program: top-level await inside asyncio.run, anything else as it is.
