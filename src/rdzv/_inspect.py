@@ -412,6 +412,10 @@ class _Reader:
             raise self._malformed("a datetime is made of something other than numbers and text")
         try:
             made = constructor(*args, **kwargs)
+            if isinstance(made, datetime.datetime):
+                # Made from its pickled bytes, a datetime is not checked (hour 24 passes), and
+                # fails later, in arithmetic: make it again from its fields, which checks them.
+                made = made.replace(tzinfo=None).replace(tzinfo=made.tzinfo, fold=made.fold)
         except (TypeError, ValueError, OverflowError) as error:
             raise self._malformed(f"{type(error).__name__}: {_shown(str(error))}") from None
         self._leaf(made)
