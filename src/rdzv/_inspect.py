@@ -125,8 +125,6 @@ class _PickledNode:
         self.fields: dict[str, object] = {}
 
 
-_STAND_INS: Final = (_PickledState, _PickledNode)
-
 # Everything a pickled `_RendezvousState` names (timezone.utc pickles as timezone(timedelta(0))).
 _ALLOWED_GLOBALS: Final[Mapping[tuple[str, str], type]] = {
     (TORCH_MODULE, "_RendezvousState"): _PickledState,
@@ -168,7 +166,7 @@ _MUTABLE: Final = frozenset({list, dict, set, _PickledState, _PickledNode})
 # So `_Reader` reads the opcodes itself: only those that pickle's protocols 2 to 5 write for such
 # a state; every length, index and count checked before anything is read or allocated; dict keys
 # and set members only strings and stand-ins (whose hashes a pickle cannot choose); BUILD only
-# on a stand-in instance, whose `fields` dict it fills (the classes have no `__dict__` to change).
+# on a stand-in instance, whose `fields` dict it fills: it never sets an attribute on anything.
 
 
 class _Stop(Exception):
