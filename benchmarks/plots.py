@@ -142,9 +142,22 @@ def plot_rendezvous(data: dict[str, Any], path: Path) -> Path:
             (middle, "client_cpu_per_node", 1000.0),
             (right, "etcd_requests_per_node", 1.0),
         ):
-            points = [(n, s[key]) for n, s in zip(nodes, summaries, strict=True) if s.get(key)]
-            if points:
-                axes.plot([n for n, _ in points], [v * scale_by for _, v in points], **_style(name))
+            points = [(n, s) for n, s in zip(nodes, summaries, strict=True) if s.get(key)]
+            # The line joins the N where a round completed; a cross marks a round that did not
+            # (its CPU and requests are those of a round that ran into the join timeout).
+            line = [(n, s[key] * scale_by) for n, s in points if s["completed"]]
+            if line:
+                axes.plot([n for n, _ in line], [v for _, v in line], **_style(name))
+            crosses = [(n, s[key] * scale_by) for n, s in points if not s["completed"]]
+            if crosses:
+                axes.plot(
+                    [n for n, _ in crosses],
+                    [v for _, v in crosses],
+                    linestyle="none",
+                    marker="x",
+                    markersize=8,
+                    color=STYLE.get(name, {}).get("color"),
+                )
     for axes in (left, middle, right):
         axes.set_xscale("log", base=2)
         axes.set_xticks(nodes, [str(n) for n in nodes])
@@ -161,8 +174,8 @@ def plot_rendezvous(data: dict[str, Any], path: Path) -> Path:
         f"; load average {load.get('before', ['?'])[0]} before, {load.get('after', ['?'])[0]} after"
     )
     figure.suptitle(
-        f"One rendezvous round, median of {data['rounds']} (a missing point: not done within "
-        f"{data['join_timeout']} s){loads if load else ''}"
+        f"One rendezvous round, median of {data['rounds']} (a missing point or a cross: not done "
+        f"within {data['join_timeout']} s){loads if load else ''}"
     )
     return _save(figure, path)
 

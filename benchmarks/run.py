@@ -6,7 +6,8 @@
 
 Suites: `latency` (get_state, successful and conflicting set_state, 1 KiB to 1 MiB),
 `overhead` (rdzv's core over raw aetcd, the sync facade over the core), `contention` (K
-concurrent writers), `rendezvous` (N nodes through torch's handler, and rdzv's demo), `scale`
+concurrent writers), `rendezvous` (N nodes through torchrun's handlers: torch's over etcd-v2,
+etcd-v3 and c10d, rdzv's etcd-v3-rounds; and rdzv's demo), `scale`
 (`rdzv.AsyncRendezvous` and the single-blob compare-and-swap from 8 to 10,000 nodes, on one etcd
 and on a 3-member cluster).
 
@@ -81,7 +82,7 @@ TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "latency": lambda data: latency.table(data) + "\n\n" + latency.ratio_table(data),
     "overhead": lambda data: latency.table(data) + "\n\n" + latency.ratio_table(data),
     "contention": contention.table,
-    "rendezvous": rendezvous.table,
+    "rendezvous": lambda data: rendezvous.table(data) + "\n\n" + rendezvous.ratio_table(data),
     "scale": lambda data: "\n\n".join(
         [scale.table(data), scale.ratio_table(data), scale.methods_table(data)]
     ),
