@@ -332,7 +332,8 @@ async def _resume(connection: Connection) -> None:
 def _close_open_portals() -> None:
     """Close the channels that facades left open, so the interpreter exits quietly."""
     for portal in list(_open_portals):
-        portal.close()
+        with contextlib.suppress(RendezvousError):  # its loop thread is gone already
+            portal.close()
 
 
 def _on_loop_thread(runner: _Runner) -> bool:
