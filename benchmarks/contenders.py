@@ -2,13 +2,15 @@
 
 A contender opens backends: `get_state() -> (state, token) | None` and
 `set_state(state, token) -> (state, token, written) | None`. Each backend it opens has a
-connection of its own, as each node of a job has.
+connection of its own, as each node of a job has, except `rdzv sync`'s: since the facades of a
+process share one event-loop thread and one connection per connection options (e37f927), the
+facades that one benchmark process opens share them.
 
 - `raw aetcd`: aetcd sending the same range read and the same transaction as rdzv, with none of
   rdzv's work around them (no envelope, no checks, no retries): the floor for any client built
   on aetcd.
 - `rdzv async`: `rdzv.AsyncEtcdBackend`.
-- `rdzv sync`: `rdzv.EtcdBackend`, the synchronous facade (one event-loop thread per facade).
+- `rdzv sync`: `rdzv.EtcdBackend`, the synchronous facade (on the process's event-loop thread).
 - `etcd-v2`: PyTorch's `EtcdRendezvousBackend` over python-etcd and etcd's v2 API, set up as
   torch's own `create_backend` does.
 - `c10d`: PyTorch's `C10dRendezvousBackend` over a TCPStore: in memory and not durable, so a
