@@ -9,7 +9,8 @@ import anyio
 import pytest
 
 import rdzv
-from rdzv.testing import EtcdCluster, EtcdServer
+from rdzv._etcd import Get
+from rdzv.testing import EtcdCluster, EtcdServer, FaultProxy
 from support import closed_port, present
 
 pytestmark = pytest.mark.anyio
@@ -167,3 +168,17 @@ def test_a_close_cut_short_by_a_cancellation_leaves_no_grpc_work_for_later_loops
         anyio.run(cancelled_while_watching, backend="asyncio")
         errors += anyio.run(errors_of_a_later_loop, backend="asyncio")
     assert errors == []
+
+
+async def test_a_transaction_that_only_reads_is_retried_when_its_answer_is_lost(
+    etcd_endpoints: str, etcd_key_prefix: str
+) -> None:
+    """A read-only transaction whose answer the network loses fails over, never 'unknown'."""
+    key = f"{etcd_key_prefix}/k".encode()
+    with FaultProxy(etcd_endpoints) as proxy:
+        async with rdzv.connect(f"{proxy.endpoint},{etcd_endpoints}", read_timeout=4) as conn:
+            await conn.put(key, b"v")
+            proxy.hold("responses")
+            result = await conn.txn([], [Get(key), Get(key, prefix=True, count_only=True)])
+    assert result.ranges[0][0].value == b"v"
+    assert result.counts[1] == 1

@@ -38,7 +38,9 @@ from rdzv._etcd._links import Link, Links
 from rdzv._etcd._tls import channel_credentials
 from rdzv._etcd._values import (
     Compare,
+    Get,
     KeyValue,
+    Nested,
     Operation,
     Put,
     TxnResult,
@@ -78,6 +80,15 @@ async def _finish(call: Any) -> None:
     """
     call.cancel()
     await despite_cancellation(call.code(), _FINISH_TIMEOUT)
+
+
+def _reads_only(operations: Sequence[Operation]) -> bool:
+    """Whether a transaction branch only reads (so sending it twice changes nothing)."""
+    return all(
+        isinstance(op, Get)
+        or (isinstance(op, Nested) and _reads_only(op.success) and _reads_only(op.failure))
+        for op in operations
+    )
 
 
 def _validate_max_in_flight(max_in_flight: object) -> int:
@@ -384,9 +395,10 @@ class Connection:
     ) -> TxnResult:
         """Run one transaction: if every `compare` holds, `success`, else `failure`.
 
-        A transaction is never sent twice: once it may have reached etcd and no answer came,
-        `RendezvousOutcomeUnknownError` says that it may or may not have been applied, and the
-        caller resolves that by reading. Raises `RendezvousLeaseNotFoundError` if a `Put`
+        A transaction that writes is never sent twice: once it may have reached etcd and no
+        answer came, `RendezvousOutcomeUnknownError` says that it may or may not have been
+        applied, and the caller resolves that by reading. One that only reads is retried like
+        a read. Raises `RendezvousLeaseNotFoundError` if a `Put`
         names an expired lease, and `RendezvousStateTooLargeError` if etcd refuses the size
         (in both cases nothing was written).
         """
@@ -404,7 +416,7 @@ class Connection:
             send,
             what=what,
             deadline=self.deadline() if deadline is None else deadline,
-            may_resend=False,
+            may_resend=_reads_only(success) and _reads_only(failure),
             key=keys[0].decode(errors="replace") if keys else None,
         )
         ranges = tuple(
