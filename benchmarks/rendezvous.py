@@ -793,8 +793,8 @@ async def profile(name: str, nodes: int, *, rate: int = 100) -> Path:
     cpu = outcome["host_cpu_seconds"][0]
     header = (
         f"{name}, N={nodes}, one node host of {min(HOSTS, nodes)} ({nodes // min(HOSTS, nodes)}"
-        f" nodes), py-spy at {rate} Hz, samples of the thread holding the GIL: {total} "
-        f"({total / rate:.2f} s; the host's CPU time: {cpu:.2f} s); round: {shown}; "
+        f" nodes), py-spy at {rate} Hz (fewer when it falls behind), samples of the thread "
+        f"holding the GIL: {total}; the host's CPU time: {cpu:.2f} s; round: {shown}; "
         f"code {code_version()}; "
         f"load average before {before}, after {after}"
     )
