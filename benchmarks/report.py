@@ -134,27 +134,27 @@ def torchrun_targets(data: dict[str, Any] | None) -> list[dict[str, Any]]:
         )
     # Every N measured: etcd-v3 ÷ etcd-v2, each N's medians from the same run. Where etcd-v2
     # did not complete a round and etcd-v3 did, etcd-v3 was the faster.
-    measured: list[str] = []
+    ratios: list[str] = []
     missed: list[str] = []
     for nodes in [] if data is None else [int(n) for n in data["nodes"]]:
         v2, v3 = seconds(V2, nodes), seconds(rendezvous.V3, nodes)
         if v3 is None:
-            measured.append(
+            ratios.append(
                 f"N={nodes}: etcd-v3 not done" + ("" if v2 is None else f", v2 {v2:.2f} s")
             )
             if v2 is not None:
                 missed.append(f"N={nodes}")
         elif v2 is None:
-            measured.append(f"N={nodes}: etcd-v2 not done, v3 {v3:.2f} s")
+            ratios.append(f"N={nodes}: etcd-v2 not done, v3 {v3:.2f} s")
         else:
-            measured.append(f"N={nodes}: {v3 / v2:.2f}x")
+            ratios.append(f"N={nodes}: {v3 / v2:.2f}x")
             if v3 > v2:
                 missed.append(f"N={nodes}")
     rows.append(
         {
             "target": "etcd-v3 (torch's handler) no slower than etcd-v2 at every N (v3 ÷ v2)",
-            "measured": ", ".join(measured) or None,
-            "met": None if not measured else not missed,
+            "measured": ", ".join(ratios) or None,
+            "met": None if not ratios else not missed,
             "missed_at": missed,
             "source": "rendezvous",
         }
