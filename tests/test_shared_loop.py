@@ -386,10 +386,6 @@ def test_os_fork_child_makes_its_own_shared_facades_and_the_parent_goes_on(
     """After os.fork() with two sharing facades open, the child starts afresh; the parent works."""
     first, second = open_facade("one"), open_facade("two")
     first.set_state(b"before the fork")
-    # A fork within milliseconds of a write can catch the lease keep-alive stream as it opens,
-    # which suspend() then fails to end (a known race in rdzv._etcd._keepalive, not in the
-    # sharing); the child would then rightly refuse gRPC. Let the stream open first.
-    time.sleep(0.5)
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child reports through the pipe

@@ -154,10 +154,6 @@ def test_forked_child_can_create_and_use_its_own_facade(
 ) -> None:
     """After fork(), the child makes a working facade and the parent's keeps working."""
     facade.set_state(b"from the parent")
-    # A fork within milliseconds of a write can catch the lease keep-alive stream as it opens,
-    # which suspend() then fails to end (a known race in rdzv._etcd._keepalive); the child
-    # would then rightly refuse gRPC. Let the stream open first.
-    time.sleep(0.5)
     context = multiprocessing.get_context("fork")
     results: multiprocessing.Queue[object] = context.Queue()
     child = context.Process(
@@ -175,3 +171,29 @@ def test_forked_child_can_create_and_use_its_own_facade(
     state, token, written = written_by_child
     assert (state, written) == (b"from the child", True)
     assert facade.get_state() == (b"from the child", token)
+
+
+def _write_in_child(
+    endpoints: str, key_prefix: str, results: multiprocessing.Queue[object]
+) -> None:
+    """In a forked child: a new facade writes a new state."""
+    with rdzv.EtcdBackend(endpoints, "child", key_prefix=key_prefix, read_timeout=10) as own:
+        results.put(present(own.set_state(b"from the child"))[2])
+
+
+def test_a_fork_right_after_a_write_leaves_grpc_usable_in_the_child(
+    facade: rdzv.EtcdBackend, etcd_endpoints: str, etcd_key_prefix: str
+) -> None:
+    """Forks a moment after a write (the keep-alive stream opening) give working children."""
+    context = multiprocessing.get_context("fork")
+    outcomes = []
+    for attempt in range(10):
+        facade.set_state(b"write %d" % attempt)
+        results: multiprocessing.Queue[object] = context.Queue()
+        child = context.Process(
+            target=_write_in_child, args=(etcd_endpoints, f"{etcd_key_prefix}/{attempt}", results)
+        )
+        child.start()
+        child.join(timeout=60)
+        outcomes.append(results.get(timeout=5) if child.exitcode == 0 else child.exitcode)
+    assert outcomes == [True] * 10

@@ -351,7 +351,9 @@ class KeepAlive:
         delay = INITIAL_BACKOFF
         idle_since = time.monotonic()
         try:
-            while not self._closed:
+            # Also not once suspended: a sender left running keeps the closed channel busy, and
+            # a fork then finds gRPC busy (see `suspend`).
+            while not self._closed and not self._suspended:
                 broken = self._stream
                 if broken is not None and broken.broken:
                     # Its unanswered requests are asked for again, on the next stream.
@@ -505,8 +507,11 @@ class KeepAlive:
         try:
             try:
                 await call.write(rpc.LeaseKeepAliveRequest(ID=0))
-                response = await asyncio.wait_for(call.read(), timeout)
-            except asyncio.TimeoutError:
+                # Not asyncio.wait_for: on Python 3.11 it can swallow the task's cancellation
+                # when the read completes at the same moment, and the sender outlives `_stop`.
+                with anyio.fail_after(timeout):
+                    response = await call.read()
+            except TimeoutError:
                 raise synthetic(
                     grpc.StatusCode.DEADLINE_EXCEEDED, "no answer to a lease keep-alive"
                 ) from None
