@@ -1,4 +1,4 @@
-r"""PyTorch integration: torchrun's `etcd-v3` rendezvous backend, and a c10d Store over etcd v3.
+r"""PyTorch integration: torchrun's `etcd-v3` and `etcd-v3-rounds` backends, and a c10d Store.
 
 After `pip install 'rdzv[torch]'`::
 
@@ -55,9 +55,11 @@ from rdzv._validation import validate_read_timeout, validate_ttl
 __all__ = [
     "PASSWORD_ENVIRONMENT_VARIABLE",
     "EtcdStore",
+    "RoundsRendezvousHandler",
     "TorchEtcdBackend",
     "create_backend",
     "create_handler",
+    "create_rounds_handler",
 ]
 
 PASSWORD_ENVIRONMENT_VARIABLE = "RDZV_ETCD_PASSWORD"
@@ -496,3 +498,7 @@ def create_handler(
     """
     backend, store = create_backend(params)
     return dynamic_rendezvous.create_handler(store, backend, params)
+
+
+# torchrun's `etcd-v3-rounds` handler; last, as it builds on what this module defines.
+from rdzv._torch_rounds import RoundsRendezvousHandler, create_rounds_handler  # noqa: E402
