@@ -230,3 +230,17 @@ def test_unknown_options_are_logged_with_the_known_ones(
     [record] = [r for r in caplog.records if "join_timout" in r.getMessage()]
     assert "keep_alive_max_attempt" in record.getMessage()
     assert "state_key_file" not in record.getMessage()
+
+
+def test_a_node_of_a_very_large_job_joins_with_less_node_info(
+    etcd_endpoints: str, etcd_key_prefix: str
+) -> None:
+    """With --nnodes=1:16384 each member may publish few bytes: it still joins, with its pid."""
+    params = _params(etcd_endpoints, etcd_key_prefix, nodes="1:16384", last_call_timeout=0.5)
+    params.local_addr = "node-0042.rack-17.datacenter-west.example.internal"
+    with _handlers(params, 1) as (handler,):
+        handler.next_rendezvous()
+        assert handler.membership is not None
+        [member] = handler.membership.members
+        assert len(member.info) <= handler._rendezvous.max_node_info
+        assert "pid" in json.loads(member.info)

@@ -67,10 +67,18 @@ def _as_torch_errors() -> Iterator[None]:
         raise
 
 
-def _node_info(local_addr: str | None) -> bytes:
-    """What the other nodes (and `rdzv inspect`) see of this one: its address and pid."""
-    info = {"addr": local_addr or socket.getfqdn(), "pid": os.getpid()}
-    return json.dumps(info, separators=(",", ":")).encode()
+def _node_info(local_addr: str | None, limit: int) -> bytes:
+    """What the other nodes (and `rdzv inspect`) see of this one: its address and pid.
+
+    Informational only (rank 0's address reaches the workers through the round's store), so
+    with a large `max_nodes`, whose members may each publish few bytes, less is said.
+    """
+    pid = os.getpid()
+    for info in ({"addr": local_addr or socket.getfqdn(), "pid": pid}, {"pid": pid}):
+        encoded = json.dumps(info, separators=(",", ":")).encode()
+        if len(encoded) <= limit:
+            return encoded
+    return b""
 
 
 class RoundsRendezvousHandler(torch_api.RendezvousHandler):
@@ -83,8 +91,8 @@ class RoundsRendezvousHandler(torch_api.RendezvousHandler):
     as with torch's `etcd-v2` handler; the workers' own process group does not use the
     agent's store (`use_agent_store` is False).
 
-    `loop` runs coroutines for the calling thread (`loop.call(function, *args)`); `connection`
-    is the connection it runs them on; `close` is called once by `shutdown()` to release both.
+    `loop` runs coroutines for the calling thread (`loop.call(function, *args)`) on the
+    rendezvous's connection; `release`, if given, is called once by `shutdown()` to let both go.
     """
 
     def __init__(
@@ -142,7 +150,8 @@ class RoundsRendezvousHandler(torch_api.RendezvousHandler):
         `join_timeout`), `RendezvousConnectionError` or `RendezvousStateError`.
         """
         with _as_torch_errors():
-            membership = self._loop.call(self._rendezvous.join, _node_info(self._local_addr))
+            info = _node_info(self._local_addr, self._rendezvous.max_node_info)
+            membership = self._loop.call(self._rendezvous.join, info)
             self._membership, self._waiting = membership, None
             store = self._round_store(membership.round)
             if membership.rank == 0 and membership.round > 1:
