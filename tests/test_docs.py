@@ -57,9 +57,8 @@ _ENDPOINT = re.compile(r"\b(?:10\.0\.0\.\d{1,3}|127\.0\.0\.1|localhost):2379\b")
 _PYTHON_ALIASES = {"py", "python3", "py3", "pycon", "pyi", "ipython"}
 _TITLE = re.compile(r'title="(?P<title>[^"]+)"')
 _SNIPPET_TIMEOUT = 120
-# Pages whose samples run once only: they assert on a fresh etcd (a counter that a first run
-# leaves at 2; a rendezvous that the sample closes for good). To be made runnable twice.
-_RUN_ONCE = {"async-vs-sync.md"}
+# Pages whose samples run once only: none (every sample must run twice in a row).
+_RUN_ONCE: set[str] = set()
 _TORCHRUN_TIMEOUT = 180
 
 # Runs one block as a program: top-level await inside asyncio.run, anything else as it is.
