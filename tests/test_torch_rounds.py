@@ -17,6 +17,7 @@ from torch.distributed.elastic.rendezvous.api import rendezvous_handler_registry
 
 import rdzv
 from rdzv._torch_rounds import RoundsRendezvousHandler, create_rounds_handler, round_store_prefix
+from support import RawEtcd
 
 
 def _params(endpoints: str, prefix: str, *, nodes: str = "2", **conf: Any) -> RendezvousParameters:
@@ -203,6 +204,8 @@ def test_members_publish_their_address_and_pid(etcd_endpoints: str, etcd_key_pre
         ({"last_call_timeout": "soon"}, "last_call_timeout must be a positive number"),
         ({"keep_alive_interval": "-1"}, "keep_alive_interval must be a positive number"),
         ({"key_prefix": "no-slash"}, "key prefix must be a string that starts with"),
+        ({"store_prefix": "no-slash"}, "store prefix must be a string that starts with"),
+        ({"keep_alive_max_attempt": "2.5"}, "keep_alive_max_attempt must be a positive whole"),
     ],
 )
 def test_bad_options_are_value_errors(
@@ -244,3 +247,15 @@ def test_a_node_of_a_very_large_job_joins_with_less_node_info(
         [member] = handler.membership.members
         assert len(member.info) <= handler._rendezvous.max_node_info
         assert "pid" in json.loads(member.info)
+
+
+def test_a_store_prefix_without_a_final_slash_is_a_folder_all_the_same(
+    etcd_endpoints: str, etcd_key_prefix: str, raw_etcd_sync: RawEtcd
+) -> None:
+    """store_prefix=/p keeps the rounds' stores under /p/{run id}/, as /p/ would."""
+    params = _params(
+        etcd_endpoints, etcd_key_prefix, nodes="1", store_prefix=f"{etcd_key_prefix}/s"
+    )
+    with _handlers(params, 1) as (handler,):
+        handler.next_rendezvous().store.set("k", "v")
+    assert raw_etcd_sync.under(f"{etcd_key_prefix}/s/job/round-0000000001/k") != []

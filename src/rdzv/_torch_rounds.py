@@ -26,7 +26,7 @@ from rdzv._backend import DEFAULT_TTL
 from rdzv._errors import RendezvousClosedError, RendezvousError, RendezvousTimeoutError
 from rdzv._etcd import Connection
 from rdzv._rendezvous import DEFAULT_ROUNDS_PREFIX, AsyncRendezvous, Membership
-from rdzv._store import DEFAULT_STORE_PREFIX, AsyncEtcdStore
+from rdzv._store import DEFAULT_STORE_PREFIX, AsyncEtcdStore, _validate_prefix
 from rdzv._sync import open_shared
 from rdzv._validation import validate_ttl
 
@@ -176,8 +176,20 @@ class RoundsRendezvousHandler(torch_api.RendezvousHandler):
         return EtcdStore(self._loop, store)
 
     async def _delete_round_store(self, number: int) -> None:
+        """Delete round `number`'s store keys; best effort (they expire after `ttl` anyway).
+
+        The round that joined must not fail for it: torchrun would then close the rendezvous.
+        """
         prefix = round_store_prefix(self._store_prefix, self.get_run_id(), number)
-        await self.connection.delete(prefix.encode(), prefix=True)
+        try:
+            await self.connection.delete(prefix.encode(), prefix=True)
+        except RendezvousError as error:
+            logger.warning(
+                "could not delete the store keys of round %d under %r (they expire after ttl): %s",
+                number,
+                prefix,
+                error,
+            )
 
     def is_closed(self) -> bool:
         """Whether the rendezvous is closed (one read of one key)."""
@@ -259,10 +271,21 @@ def _seconds(params: torch_api.RendezvousParameters, key: str, default: float) -
     return seconds
 
 
+def _count(params: torch_api.RendezvousParameters, key: str, default: int) -> int:
+    """A positive whole number from `--rdzv-conf` (`ValueError` naming `key` if not)."""
+    value = params.get(key)
+    if value is None:
+        return default
+    text = str(value).strip()
+    if not (text.isascii() and text.isdigit() and int(text) > 0):
+        raise ValueError(f"{key} must be a positive whole number, not {value!r}.")
+    return int(text)
+
+
 def _lease_ttl(params: torch_api.RendezvousParameters) -> int:
     """torch's keep-alive settings as a lease: a node is gone once it missed them all."""
     interval = _seconds(params, "keep_alive_interval", 5)
-    attempts = _seconds(params, "keep_alive_max_attempt", 3)
+    attempts = _count(params, "keep_alive_max_attempt", 3)
     return max(2, math.ceil(interval * attempts))
 
 
@@ -294,7 +317,11 @@ def create_rounds_handler(params: torch_api.RendezvousParameters) -> RoundsRende
     rdzv_torch._warn_unknown_conf(params, connection_keys | _ROUNDS_CONF_KEYS)
     options = rdzv_torch._connection_options(params)
     store_ttl = validate_ttl(params.get_as_int("ttl", DEFAULT_TTL))
-    store_prefix = rdzv_torch._first(params, "store_prefix") or DEFAULT_STORE_PREFIX
+    # Checked here, not when the first round's store is made: after a join, an error ends the
+    # agent, and torchrun's shutdown() then closes the rendezvous for every node.
+    store_prefix = _validate_prefix(
+        rdzv_torch._first(params, "store_prefix") or DEFAULT_STORE_PREFIX
+    )
     key_prefix = rdzv_torch._first(params, "key_prefix") or DEFAULT_ROUNDS_PREFIX
     join_timeout = _seconds(params, "join_timeout", 600)
     last_call_timeout = _seconds(params, "last_call_timeout", 30)
