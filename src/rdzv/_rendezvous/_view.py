@@ -12,13 +12,14 @@ import dataclasses
 from typing import Final
 
 from rdzv._errors import RendezvousStateError
-from rdzv._etcd import Connection, Get, KeyValue
+from rdzv._etcd import Compare, Connection, Get, KeyValue
 from rdzv._rendezvous._layout import Layout, Member, decode_membership, round_number
 
 SHOWN_MEMBERS: Final = 50
 """The most members listed for a round; the counts are always complete."""
 
 _INFO_SHOWN: Final = 120
+_CONTROL_KEYS: Final = 16  # a round has five; more are somebody else's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,32 +66,42 @@ async def view_rounds(connection: Connection, key_prefix: str, run_id: str) -> R
     """The rounds of `run_id` under `key_prefix`, read at one revision."""
     layout = Layout(key_prefix, run_id)
     base = layout.base.decode(errors="backslashreplace")
-    first = await connection.txn(
-        [], [Get(layout.closed), Get(layout.latest)], what=f"read the rounds of {run_id!r}"
-    )
-    closed, latest_kvs = first.ranges
-    try:
-        latest = round_number(latest_kvs[0].value if latest_kvs else None, key=layout.latest)
-    except RendezvousStateError as foreign:
-        return RoundsView(base, first.revision, bool(closed), 0, (), error=str(foreign))
-    numbers = [n for n in (latest, latest + 1) if n > 0]
-    reads = []
-    for number in numbers:
-        reads += [
-            Get(layout.control(number), prefix=True),
-            Get(layout.members(number), prefix=True, limit=SHOWN_MEMBERS),
-        ]
-    result = await connection.txn([], reads, what=f"read the rounds of {run_id!r}")
+    what = f"read the rounds of {run_id!r}"
+    while True:
+        first = await connection.txn([], [Get(layout.latest)], what=what)
+        [latest_kvs] = first.ranges
+        try:
+            latest = round_number(latest_kvs[0].value if latest_kvs else None, key=layout.latest)
+        except RendezvousStateError as foreign:
+            is_closed = await connection.get(layout.closed) is not None
+            return RoundsView(base, first.revision, is_closed, 0, (), error=str(foreign))
+        numbers = [n for n in (latest, latest + 1) if n > 0]
+        reads = [Get(layout.closed)]
+        for number in numbers:
+            reads += [
+                Get(layout.control(number), prefix=True, limit=_CONTROL_KEYS),
+                Get(layout.members(number), prefix=True, limit=SHOWN_MEMBERS),
+            ]
+        # Only if `latest` is still what the rounds to read were chosen by: one revision.
+        unchanged = (
+            Compare.mod_revision_is(layout.latest, latest_kvs[0].mod_revision)
+            if latest_kvs
+            else Compare.absent(layout.latest)
+        )
+        result = await connection.txn([unchanged], reads, what=what)
+        if result.succeeded:
+            break
     rounds: list[RoundView] = []
     error: str | None = None
     for index, number in enumerate(numbers):
-        control = {kv.key.rsplit(b"/", 1)[-1]: kv for kv in result.ranges[2 * index]}
-        waiting = result.ranges[2 * index + 1], result.counts[2 * index + 1]
+        control = {kv.key.rsplit(b"/", 1)[-1]: kv for kv in result.ranges[1 + 2 * index]}
+        waiting = result.ranges[2 + 2 * index], result.counts[2 + 2 * index]
         try:
             rounds.append(_round(layout, number, control, waiting))
         except RendezvousStateError as failure:
             error = str(failure)
-    return RoundsView(base, result.revision, bool(closed), latest, tuple(rounds), error)
+    closed = bool(result.ranges[0])
+    return RoundsView(base, result.revision, closed, latest, tuple(rounds), error)
 
 
 def _round(
