@@ -17,7 +17,7 @@ import pytest
 
 import rdzv
 from rdzv.testing import EtcdServer, find_etcd_binary
-from support import RawEtcd, raw_client
+from support import READER_PASSWORD, RawEtcd, raw_client
 
 
 @pytest.fixture
@@ -139,3 +139,26 @@ async def participants(
     yield made
     for participant in made.made:
         await participant.leave()
+
+
+@pytest.fixture(scope="module")
+def reader_server() -> Iterator[EtcdServer]:
+    """An etcd with auth on: "reader" may only read (role "reading"), "nobody" has no role.
+
+    Its root's password is "root-password".
+    """
+    with EtcdServer() as server:
+        etcdctl = str(Path(find_etcd_binary()).with_name("etcdctl"))
+
+        def run(*arguments: str) -> None:
+            command = [etcdctl, f"--endpoints={server.endpoint}", *arguments]
+            subprocess.run(command, check=True, capture_output=True, timeout=30)
+
+        run("user", "add", "root:root-password")
+        run("role", "add", "reading")
+        run("role", "grant-permission", "reading", "--prefix=true", "read", "/")
+        run("user", "add", f"reader:{READER_PASSWORD}")
+        run("user", "add", f"nobody:{READER_PASSWORD}")
+        run("user", "grant-role", "reader", "reading")
+        run("auth", "enable")
+        yield server

@@ -41,6 +41,9 @@ T = TypeVar("T")
 # Seconds that a raw client waits for etcd's answer.
 RAW_TIMEOUT = 10
 
+READER_PASSWORD = "reader-Passw0rd"
+"""The password of the users "reader" and "nobody" of the `reader_server` fixture."""
+
 
 def closed_port() -> int:
     """A loopback port that nothing listens on (it was free a moment ago)."""

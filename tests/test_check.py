@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +12,8 @@ from click.testing import CliRunner, Result
 
 from rdzv import _check
 from rdzv._cli import main
-from rdzv.testing import EtcdServer, find_etcd_binary
-from support import RawEtcd, closed_port
-
-READER_PASSWORD = "reader-Passw0rd"
+from rdzv.testing import EtcdServer
+from support import READER_PASSWORD, RawEtcd, closed_port
 
 
 def _check_cli(*arguments: str, env: dict[str, str | None] | None = None) -> Result:
@@ -33,26 +29,6 @@ def _finding(report: dict[str, Any], topic: str, name: str) -> dict[str, Any]:
     checks: list[dict[str, Any]] = report["checks"]
     (found,) = [c for c in checks if (c["topic"], c["name"]) == (topic, name)]
     return found
-
-
-@pytest.fixture(scope="module")
-def reader_server() -> Iterator[EtcdServer]:
-    """An etcd with auth on: "reader" may only read (role "reading"), "nobody" has no role."""
-    with EtcdServer() as server:
-        etcdctl = str(Path(find_etcd_binary()).with_name("etcdctl"))
-
-        def run(*arguments: str) -> None:
-            command = [etcdctl, f"--endpoints={server.endpoint}", *arguments]
-            subprocess.run(command, check=True, capture_output=True, timeout=30)
-
-        run("user", "add", "root:root-password")
-        run("role", "add", "reading")
-        run("role", "grant-permission", "reading", "--prefix=true", "read", "/")
-        run("user", "add", f"reader:{READER_PASSWORD}")
-        run("user", "add", f"nobody:{READER_PASSWORD}")
-        run("user", "grant-role", "reader", "reading")
-        run("auth", "enable")
-        yield server
 
 
 def test_healthy_etcd_passes_every_check(etcd_endpoints: str, etcd_key_prefix: str) -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 import pytest
@@ -15,6 +16,8 @@ from click.testing import CliRunner, Result
 
 import rdzv
 from rdzv._cli import main
+from rdzv.testing import EtcdServer, find_etcd_binary
+from support import READER_PASSWORD
 
 
 @dataclass(frozen=True)
@@ -192,3 +195,43 @@ def test_a_bad_run_id_is_a_usage_error() -> None:
     outcome = _reset(["reset", "--run-id", "a/b", "--yes"])
     assert outcome.exit_code == 2
     assert "must not contain '/'" in outcome.stderr
+
+
+def test_a_refused_delete_is_one_line_saying_how_many_keys_went(
+    reader_server: EtcdServer, tmp_path: Path
+) -> None:
+    """A user who may only read: reset lists the keys, then fails in one line, exit 1."""
+    etcdctl = str(Path(find_etcd_binary()).with_name("etcdctl"))
+    subprocess.run(
+        [
+            etcdctl,
+            f"--endpoints={reader_server.endpoint}",
+            "--user=root:root-password",
+            "put",
+            "/rdzv/rounds/refused/latest",
+            "1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    password_file = tmp_path / "password"
+    password_file.write_text(READER_PASSWORD)
+    outcome = _reset(
+        [
+            "reset",
+            "--endpoints",
+            reader_server.endpoint,
+            "--username",
+            "reader",
+            "--password-file",
+            str(password_file),
+            "--run-id",
+            "refused",
+            "--yes",
+        ]
+    )
+    assert outcome.exit_code == 1
+    [line] = outcome.stderr.splitlines()
+    assert line.startswith("rdzv reset: 1 of 1 deletes failed (0 keys deleted)")
+    assert "permission denied" in line

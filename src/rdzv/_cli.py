@@ -638,8 +638,12 @@ def _run_on_etcd(command: str, etcd: EtcdOptions, function: Callable[[Connection
 
     try:
         return anyio.run(run, backend="asyncio")
-    except RendezvousError as error:
-        _fail(command, _one_line(error, etcd))
+    except Exception as error:
+        # Also a task group's: the first of its failures, on one line as any other.
+        failures = [leaf for leaf in _leaves(error) if isinstance(leaf, RendezvousError)]
+        if not failures:
+            raise
+        _fail(command, _one_line(failures[0], etcd))
 
 
 # ---------------------------------------------------------------------------------- inspect

@@ -24,6 +24,7 @@ from typing import Final
 
 import anyio
 
+from rdzv._errors import RendezvousError
 from rdzv._etcd import Connection
 from rdzv._store import _MARKERS, _QUEUE_ITEMS, _QUEUES
 
@@ -97,17 +98,30 @@ async def plan(
 
 
 async def delete(connection: Connection, groups: Sequence[Group]) -> int:
-    """Delete the keys of `groups`, a few at a time; how many were still there."""
+    """Delete the keys of `groups`, a few at a time; how many were still there.
+
+    If etcd refuses or fails a delete, the others go on, and the first failure is raised,
+    saying how many keys were deleted (a `RendezvousError`, as every other failure).
+    """
     counts: list[int] = []
+    failures: list[RendezvousError] = []
     limiter = anyio.CapacityLimiter(_CONCURRENT_DELETES)
 
     async def one(key: bytes) -> None:
         async with limiter:
-            counts.append(await connection.delete(key))
+            try:
+                counts.append(await connection.delete(key))
+            except RendezvousError as error:
+                failures.append(error)
 
     async with anyio.create_task_group() as group:
         for key in [key for kind in groups for key in kind.keys]:
             group.start_soon(one, key)
+    if failures:
+        raise RendezvousError(
+            f"{len(failures)} of {len(counts) + len(failures)} deletes failed "
+            f"({sum(counts)} keys deleted); the first: {failures[0]}"
+        ) from failures[0]
     return sum(counts)
 
 
