@@ -432,3 +432,18 @@ def test_multiprocessing_fork_child_shares_its_own_connection(
     assert child.exitcode == 0
     assert results.get(timeout=5) == (True, True)
     assert present(parent.get_state())[0] == b"mp"
+
+
+def test_closing_the_last_two_connections_at_once_closes_both(
+    open_facade: OpenFacade,
+) -> None:
+    """Two threads closing the last facades of two connections: both channels get closed."""
+    for attempt in range(20):
+        facades = [open_facade(f"a{attempt}"), open_facade(f"b{attempt}", read_timeout=20)]
+        connections = [facade.connection for facade in facades]
+        closers = [threading.Thread(target=facade.close) for facade in facades]
+        for closer in closers:
+            closer.start()
+        for closer in closers:
+            closer.join(timeout=30)
+        assert [c._links._closed for c in connections] == [True, True], attempt

@@ -312,6 +312,7 @@ class _Process:
         self.lock = threading.Lock()
         self.runner: _Runner | None = None
         self.shared: dict[tuple[object, ...], _Shared] = {}
+        self.closing = 0  # portals releasing their connection on the runner right now
 
 
 _process = _Process()
@@ -506,12 +507,17 @@ class Portal:
             last = shared.users == 0
             if last and process.shared.get(shared.key) is shared:
                 del process.shared[shared.key]
-            stop = process.runner is runner and not process.shared
-            if stop:
-                process.runner = None
+            process.closing += 1
         try:
             runner.run(self._release, last)
         finally:
+            # The last portal to finish its release stops the thread: one that stopped it
+            # while another still closed its connection would leave that channel open.
+            with process.lock:
+                process.closing -= 1
+                stop = process.runner is runner and not process.shared and not process.closing
+                if stop:
+                    process.runner = None
             if stop:
                 runner.stop()
 
