@@ -360,13 +360,17 @@ async def despite_cancellation(work: Awaitable[None], limit: float) -> None:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 task.cancel()
+                logger.warning(
+                    "Closing a gRPC channel or call took over %g s; no longer waiting for it", limit
+                )
                 break
             try:
                 await asyncio.wait([task], timeout=remaining)
             except asyncio.CancelledError as error:
                 cancelled = error
-    if task.done() and not task.cancelled():
-        task.exception()  # retrieved: a close that failed has nothing more to say
+    if task.done() and not task.cancelled() and task.exception() is not None:
+        # A close that failed has closed all the same; only its cause may interest someone.
+        logger.debug("Closing a gRPC channel or call failed: %r", task.exception())
     if cancelled is not None:
         raise cancelled
 
