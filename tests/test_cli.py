@@ -915,3 +915,20 @@ def test_demo_rounds_on_a_foreign_key_fails_with_one_line(
     assert outcome.exit_code == 1
     assert outcome.stderr.startswith(f"rdzv demo: The key b'{etcd_key_prefix}/job/latest' holds")
     assert outcome.stderr.count("\n") == 1
+
+
+def test_inspect_shows_what_the_user_may_read_and_names_what_it_may_not(
+    auth_server: EtcdServer, auth_password: str, etcd_key_prefix: str
+) -> None:
+    """A user who may read the state but not the rounds sees the state; stderr says why not more."""
+    prefix = f"/allowed{etcd_key_prefix}"
+    _set_state(auth_server.endpoint, prefix, b"x", username="alice", password=auth_password)
+    outcome = _invoke(
+        "inspect", "--endpoints", auth_server.endpoint, "--key-prefix", prefix, "--run-id", "job",
+        env={"RDZV_USERNAME": "alice", "RDZV_ETCD_PASSWORD": auth_password},
+    )  # fmt: skip
+    assert outcome.exit_code == 0, outcome.output
+    assert "revision" in outcome.stdout
+    [note] = outcome.stderr.splitlines()
+    assert note.startswith("rdzv inspect: not shown: ")
+    assert "refused to let user 'alice' read the rounds of 'job'" in note

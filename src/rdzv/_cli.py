@@ -41,7 +41,12 @@ from rdzv._demo import (
     max_nodes,
     run_demo,
 )
-from rdzv._errors import CONNECTION_FAILED_MESSAGE, RendezvousConnectionError, RendezvousError
+from rdzv._errors import (
+    CONNECTION_FAILED_MESSAGE,
+    RendezvousAuthError,
+    RendezvousConnectionError,
+    RendezvousError,
+)
 from rdzv._etcd import Connection
 from rdzv._etcd._endpoints import resolve_endpoints
 from rdzv._rendezvous import DEFAULT_ROUNDS_PREFIX
@@ -689,33 +694,49 @@ def inspect(etcd: EtcdOptions, run_id: str, as_json: bool, rounds_prefix: str) -
     key = etcd.key(run_id)
     prefix = _rounds_prefix(rounds_prefix)
 
-    async def read(connection: Connection) -> tuple[_inspect.Inspection | None, RoundsView]:
-        inspection = await _inspect.inspect_key(connection, key, state_key=etcd.state_key)
-        return inspection, await view_rounds(connection, prefix, validate_run_id(run_id))
+    refusals: list[RendezvousError] = []  # a user may read one of the two places only
+
+    async def read(connection: Connection) -> tuple[_inspect.Inspection | None, RoundsView | None]:
+        inspection = rounds = None
+        try:
+            inspection = await _inspect.inspect_key(connection, key, state_key=etcd.state_key)
+        except RendezvousAuthError as refused:
+            refusals.append(refused)
+        try:
+            rounds = await view_rounds(connection, prefix, validate_run_id(run_id))
+        except RendezvousAuthError as refused:
+            refusals.append(refused)
+        return inspection, rounds
 
     inspection, rounds = _run_on_etcd("inspect", etcd, read)
-    if inspection is None and not rounds.exists:
+    if rounds is not None and not rounds.exists:
+        rounds = None
+    if inspection is None and rounds is None:
+        if refusals:
+            _fail("inspect", _one_line(refusals[0], etcd))
         _fail(
             "inspect",
-            f"there is no state at {key!r} and no rounds under {rounds.base!r} "
+            f"there is no state at {key!r} and no rounds under {prefix + '/' + run_id + '/'!r} "
             f"(run id {run_id!r}).",
         )
+    for refused in refusals:
+        click.echo(f"rdzv inspect: not shown: {_one_line(refused, etcd)}", err=True)
     if as_json:
         shown: dict[str, object] = {}
         if inspection is not None:
             shown.update(_inspect.to_json(inspection))
-        if rounds.exists:
+        if rounds is not None:
             shown["rounds"] = rounds_to_json(rounds)
         click.echo(json.dumps(shown, indent=2))
     else:
         lines = _inspect.to_text(inspection) if inspection is not None else []
-        if rounds.exists:
+        if rounds is not None:
             lines += rounds_to_text(rounds)
         for line in lines:
             click.echo(line)
     if inspection is not None and inspection.error is not None:
         _fail("inspect", inspection.error)
-    if rounds.error is not None:
+    if rounds is not None and rounds.error is not None:
         _fail("inspect", "the rounds hold a value rdzv did not write (shown above).")
 
 
