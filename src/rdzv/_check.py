@@ -206,7 +206,7 @@ class _Auth:
 
 async def _auth(connection: Connection, username: str | None) -> tuple[list[Finding], _Auth]:
     try:
-        enabled, seconds = await _timed(auth_enabled(connection))
+        enabled, seconds = await _timed(auth_enabled(connection, username))
     except RendezvousError as error:
         why = _why(error, connection.read_timeout)
         return [Finding("auth", "status", False, f"unknown: {why}")], _Auth(None, ())

@@ -9,14 +9,14 @@ current channel.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from typing import Any
 
+import anyio
 import grpc
 from aetcd import rpc
 
-from rdzv._errors import RendezvousAuthError
+from rdzv._errors import RendezvousAuthError, RendezvousError
 from rdzv._etcd._attempts import Refused, drive
 from rdzv._etcd._classify import is_auth_refusal, synthetic
 from rdzv._etcd._connection import Connection, _finish
@@ -102,16 +102,29 @@ async def member_list(connection: Connection) -> tuple[Member, ...]:
     )
 
 
-async def auth_enabled(connection: Connection) -> bool:
+async def auth_enabled(connection: Connection, username: str | None) -> bool:
     """Whether etcd has authentication enabled.
 
     etcd answers `Auth.AuthStatus` for root only once auth is on: its refusal says that it is.
+    etcd 3.4 has no `AuthStatus`; there, a connection with a user works only if auth is on
+    (etcd refuses to authenticate otherwise), and without one, listing the roles is refused
+    only if auth is on.
     """
     request = rpc.AuthStatusRequest()
     try:
         response = await _call(connection, "Auth", "AuthStatus", request, "report auth status")
     except RendezvousAuthError:
         return True
+    except RendezvousError as error:
+        if "UNIMPLEMENTED" not in f"{error.code} {error.details}":
+            raise
+        if username is not None:
+            return True
+        try:
+            await _call(connection, "Auth", "RoleList", rpc.AuthRoleListRequest(), "list roles")
+        except RendezvousAuthError:
+            return True
+        return False
     return bool(response.enabled)
 
 
@@ -134,8 +147,9 @@ async def open_watch(connection: Connection, key: bytes) -> None:
         try:
             await call.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(key=key)))
             try:
-                response = await asyncio.wait_for(call.read(), timeout)
-            except asyncio.TimeoutError:
+                with anyio.fail_after(timeout):  # not wait_for: see _keepalive._open_stream
+                    response = await call.read()
+            except TimeoutError:
                 raise synthetic(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer to a watch") from None
             if response is grpc.aio.EOF:
                 raise synthetic(grpc.StatusCode.UNAVAILABLE, "the watch stream ended")
