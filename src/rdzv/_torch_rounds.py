@@ -23,7 +23,7 @@ import anyio
 from torch.distributed.elastic.rendezvous import api as torch_api
 
 from rdzv._backend import DEFAULT_TTL
-from rdzv._errors import RendezvousClosedError, RendezvousError, RendezvousTimeoutError
+from rdzv._errors import RendezvousError
 from rdzv._etcd import Connection
 from rdzv._rendezvous import DEFAULT_ROUNDS_PREFIX, AsyncRendezvous, Membership
 from rdzv._store import DEFAULT_STORE_PREFIX, AsyncEtcdStore, _validate_prefix
@@ -51,20 +51,15 @@ def round_store_prefix(store_prefix: str, run_id: str, number: int) -> str:
 
 
 @contextlib.contextmanager
-def _as_torch_errors() -> Iterator[None]:
-    """rdzv's rendezvous errors as torch's classes, which the elastic agent acts on."""
-    from rdzv.torch import _as_torch_errors as store_errors
+def as_torch_errors() -> Iterator[None]:
+    """rdzv's errors as torch's classes, which the elastic agent acts on (see `rdzv.torch`).
 
-    try:
-        with store_errors():
-            yield
-    except torch_api.RendezvousError as error:
-        cause = error.__cause__
-        if isinstance(cause, RendezvousClosedError):
-            raise torch_api.RendezvousClosedError(str(cause)) from cause
-        if isinstance(cause, RendezvousTimeoutError):
-            raise torch_api.RendezvousTimeoutError(str(cause)) from cause
-        raise
+    Imported when used: `rdzv.torch` imports this module at its end.
+    """
+    from rdzv.torch import _as_torch_errors
+
+    with _as_torch_errors():
+        yield
 
 
 def _node_info(local_addr: str | None, limit: int) -> bytes:
@@ -149,7 +144,7 @@ class RoundsRendezvousHandler(torch_api.RendezvousHandler):
         Raises torch's `RendezvousClosedError`, `RendezvousTimeoutError` (after
         `join_timeout`), `RendezvousConnectionError` or `RendezvousStateError`.
         """
-        with _as_torch_errors():
+        with as_torch_errors():
             info = _node_info(self._local_addr, self._rendezvous.max_node_info)
             membership = self._loop.call(self._rendezvous.join, info)
             self._membership, self._waiting = membership, None
@@ -193,12 +188,12 @@ class RoundsRendezvousHandler(torch_api.RendezvousHandler):
 
     def is_closed(self) -> bool:
         """Whether the rendezvous is closed (one read of one key)."""
-        with _as_torch_errors():
+        with as_torch_errors():
             return bool(self._loop.call(self._rendezvous.is_closed))
 
     def set_closed(self) -> None:
         """Close the rendezvous: every node's next (or current) `next_rendezvous()` fails."""
-        with _as_torch_errors():
+        with as_torch_errors():
             self._loop.call(self._rendezvous.close)
 
     def num_nodes_waiting(self) -> int:
@@ -206,7 +201,7 @@ class RoundsRendezvousHandler(torch_api.RendezvousHandler):
         now = time.monotonic()
         if self._waiting is not None and now - self._waiting[0] < _WAITING_CACHE:
             return self._waiting[1]
-        with _as_torch_errors():
+        with as_torch_errors():
             waiting = int(self._loop.call(self._rendezvous.num_nodes_waiting))
         self._waiting = (now, waiting)
         return waiting
@@ -222,7 +217,7 @@ class RoundsRendezvousHandler(torch_api.RendezvousHandler):
         self._shut_down = True
         closed = True
         try:
-            with _as_torch_errors():
+            with as_torch_errors():
                 self._loop.call(self._close_and_leave)
         except (torch_api.RendezvousError, TimeoutError) as error:
             logger.warning("could not close the rendezvous %r: %s", self.get_run_id(), error)
@@ -340,7 +335,7 @@ def create_rounds_handler(params: torch_api.RendezvousParameters) -> RoundsRende
             key_prefix=key_prefix,
         )
 
-    with rdzv_torch._as_torch_errors():
+    with as_torch_errors():
         portal, rendezvous = open_shared(options, make)
     return RoundsRendezvousHandler(
         rendezvous,

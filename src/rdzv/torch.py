@@ -41,16 +41,18 @@ from rdzv._backend import (
     SetStateResult,
 )
 from rdzv._errors import (
+    RendezvousClosedError,
     RendezvousConnectionError,
     RendezvousError,
     RendezvousStateError,
+    RendezvousTimeoutError,
     StoreTimeoutError,
 )
 from rdzv._etcd import Connection
 from rdzv._etcd._endpoints import resolve_endpoints
 from rdzv._store import DEFAULT_STORE_PREFIX, AsyncEtcdStore
 from rdzv._sync import ConnectionOptions, EtcdBackend, Portal, open_shared
-from rdzv._validation import validate_read_timeout, validate_ttl
+from rdzv._validation import parse_read_timeout, validate_ttl
 
 __all__ = [
     "PASSWORD_ENVIRONMENT_VARIABLE",
@@ -114,6 +116,8 @@ _KNOWN_CONF_KEYS: frozenset[str] = _RDZV_CONF_KEYS | _TORCH_CONF_KEYS
 _TORCH_ERRORS: tuple[tuple[type[RendezvousError], type[Exception]], ...] = (
     (RendezvousConnectionError, torch_api.RendezvousConnectionError),
     (RendezvousStateError, torch_api.RendezvousStateError),
+    (RendezvousClosedError, torch_api.RendezvousClosedError),
+    (RendezvousTimeoutError, torch_api.RendezvousTimeoutError),
     (RendezvousError, torch_api.RendezvousError),
 )
 
@@ -402,13 +406,7 @@ def _warn_unknown_conf(
 
 def _read_timeout(params: torch_api.RendezvousParameters) -> float:
     """`read_timeout` in seconds: a positive number up to a day, such as `0.5` (default 60)."""
-    value = params.get("read_timeout")
-    if value is None:
-        return validate_read_timeout(60)
-    if isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            value = float(value.strip())
-    return validate_read_timeout(value)
+    return parse_read_timeout(params.get("read_timeout", 60))
 
 
 def _connection_options(params: torch_api.RendezvousParameters) -> ConnectionOptions:
