@@ -29,15 +29,17 @@ from collections.abc import Awaitable, Callable
 from typing import Literal
 
 import anyio
+import anyio.abc
 
 from rdzv._errors import (
     RendezvousError,
     RendezvousOutcomeUnknownError,
+    RendezvousStateError,
     RendezvousWatchCompactedError,
 )
 from rdzv._etcd import Compare, Connection, Delete, Get, KeyValue, Put
 from rdzv._rendezvous._control import RoundControl
-from rdzv._rendezvous._layout import Layout, Member, encode_membership
+from rdzv._rendezvous._layout import Layout, Member, encode_membership, round_number
 
 logger = logging.getLogger("rdzv.rendezvous")
 
@@ -73,30 +75,34 @@ class Coordinator:
         self._members: dict[bytes, KeyValue] | None = None
         self._previous_empty = number == 1
         self._wake = asyncio.Event()
+        self._followers: anyio.abc.TaskGroup | None = None
+        self._failures: list[RendezvousError] = []
+        self._ignored: set[bytes] = set()  # foreign keys under the member prefix, logged once
 
     async def run(self) -> None:
         """Coordinate until the round's first departure is written, or we are replaced.
 
         Raises the first `RendezvousError` of its calls and watches (a plain one, not a group).
         """
-        failures: list[RendezvousError] = []
         async with anyio.create_task_group() as followers:
-
-            async def guarded(work: Callable[[], Awaitable[object]]) -> None:
-                try:
-                    await work()
-                except RendezvousError as error:
-                    failures.append(error)
-                    followers.cancel_scope.cancel()
-
-            followers.start_soon(guarded, self._follow_members)
-            followers.start_soon(guarded, self._follow_control)
+            self._followers = followers
+            followers.start_soon(self._guarded, self._follow_members)
+            followers.start_soon(self._guarded, self._follow_control)
             if not self._previous_empty:
-                followers.start_soon(guarded, self._follow_previous)
-            await guarded(self._coordinate)
+                followers.start_soon(self._guarded, self._follow_previous)
+            await self._guarded(self._coordinate)
             followers.cancel_scope.cancel()
-        if failures:
-            raise failures[0]
+        if self._failures:
+            raise self._failures[0]
+
+    async def _guarded(self, work: Callable[[], Awaitable[object]]) -> None:
+        """Run `work`; its `RendezvousError` ends the coordination (raised by `run`)."""
+        try:
+            await work()
+        except RendezvousError as error:
+            self._failures.append(error)
+            assert self._followers is not None
+            self._followers.cancel_scope.cancel()
 
     async def _coordinate(self) -> None:
         if await self._decide():
@@ -121,19 +127,40 @@ class Coordinator:
             )
             self._wake.set()
 
+    def _is_member(self, kv: KeyValue) -> bool:
+        """Whether `kv` is the key of a participant: named after the live lease it is on.
+
+        Anything else under the member prefix was written by another program (a key without a
+        lease would be a member that never leaves); it is skipped, and logged once.
+        """
+        if self._layout.member_id(kv.key) == kv.lease != 0:
+            return True
+        if kv.key not in self._ignored:
+            self._ignored.add(kv.key)
+            logger.warning(
+                "ignoring %r in round %d: not a participant's key (its name is not the id of "
+                "the lease it is on); another program wrote it",
+                kv.key,
+                self._number,
+                extra={"rdzv_key": kv.key.decode(errors="backslashreplace")},
+            )
+        return False
+
     async def _follow_members(self) -> None:
         prefix = self._layout.members(self._number)
         while True:
             kvs, revision = await self._connection.range(prefix, prefix=True)
-            self._members = {kv.key: kv for kv in kvs}
+            self._members = {kv.key: kv for kv in kvs if self._is_member(kv)}
             self._wake.set()
             changes = self._connection.watch(prefix, start_revision=revision + 1, prefix=True)
             try:
                 async for event in changes:
                     if event.deleted:
                         self._members.pop(event.kv.key, None)
-                    else:
+                    elif self._is_member(event.kv):
                         self._members[event.kv.key] = event.kv
+                    else:
+                        self._members.pop(event.kv.key, None)
                     self._wake.set()
             except RendezvousWatchCompactedError:
                 continue  # etcd no longer holds the changes we missed: read the members again
@@ -191,20 +218,26 @@ class Coordinator:
                     assert last_call_from is not None
                     remaining = last_call_from + self._settings.last_call_timeout - time.monotonic()
                     if count >= self._settings.max_nodes or remaining <= 0:
-                        if await self._complete(self._members):
-                            return True
-                        remaining = 0.05  # refused: look again shortly, or when woken
+                        completed = await self._complete(self._members)
+                        if completed is not None:
+                            return completed
+                        # Not yet: the answer was lost (look again shortly: a landed attempt
+                        # is then refused, and says so), or the previous round is not over
+                        # (woken when it is).
+                        remaining = 0.05 if self._previous_empty else None
                     timeout = remaining
             await self._sleep_until_woken(timeout)
 
-    async def _complete(self, members: dict[bytes, KeyValue]) -> bool:
-        """Try to write the membership; True once the round is complete (by us or not)."""
+    async def _complete(self, members: dict[bytes, KeyValue]) -> bool | None:
+        """Try to write the membership.
+
+        True once the round is complete (by us or not), False if it can no longer be ours to
+        complete (closed, or we were replaced), None if it may be completed later.
+        """
         chosen = sorted(members.values(), key=lambda kv: kv.create_revision)
         chosen = chosen[: self._settings.max_nodes]
         layout, number = self._layout, self._number
-        value = encode_membership(
-            number, [Member(layout.member_id(kv.key), kv.value) for kv in chosen]
-        )
+        value = encode_membership(number, [Member(kv.lease, kv.value) for kv in chosen])
         compare = [
             Compare.absent(layout.closed),
             latest_is(layout, number - 1),
@@ -222,15 +255,17 @@ class Coordinator:
             result = await self._connection.txn(
                 compare,
                 success,
-                [Get(layout.members(number - 1), prefix=True, count_only=True)],
+                [
+                    Get(layout.members(number - 1), prefix=True, count_only=True),
+                    Get(layout.latest),
+                    Get(layout.closed),
+                    Get(layout.coordinator(number)),
+                ],
                 what=f"complete round {number}",
             )
         except RendezvousOutcomeUnknownError:
             # Try again: if it landed, `latest` moved on and the next attempt is refused.
-            return False
-        if not result.succeeded and number > 1 and result.counts[0]:
-            self._previous_empty = False  # a member of the previous round came back: wait
-            self._wake.set()
+            return None
         if result.succeeded:
             logger.info(
                 "round %d completed with %d members",
@@ -241,15 +276,43 @@ class Coordinator:
                     "rdzv_revision": result.revision,
                 },
             )
-        return result.succeeded
+            return True
+        return self._refused(result.counts[0], *result.ranges[1:])
+
+    def _refused(
+        self,
+        previous_left: int,
+        latest: tuple[KeyValue, ...],
+        closed: tuple[KeyValue, ...],
+        coordinator: tuple[KeyValue, ...],
+    ) -> bool | None:
+        """Why etcd refused our completion: what `_complete` returns."""
+        layout, number = self._layout, self._number
+        completed = round_number(latest[0].value if latest else None, key=layout.latest)
+        if completed >= number:
+            return True  # by an attempt of ours whose answer was lost
+        if closed or not coordinator or coordinator[0].mod_revision != self._revision:
+            return False
+        if number > 1 and previous_left:
+            # A member of the previous round is left after all (the count we followed was
+            # stale): follow it again, and complete when it is gone.
+            self._previous_empty = False
+            assert self._followers is not None
+            self._followers.start_soon(self._guarded, self._follow_previous)
+            return None
+        raise RendezvousStateError(
+            f"Round {number} cannot complete: {layout.latest!r} says that round {completed} is "
+            f"the latest, although round {number - 1} completed; another program wrote it. "
+            "Choose another run id, or delete the rendezvous's keys.",
+        )
 
     # ------------------------------------------------------------------------------ departure
 
     async def _report_departure(self) -> None:
         # Our own write of `done` reaches the mirror a moment after its answer reached us.
         done = await self._control.wait_for(self._done_or_not_ours)
-        if not isinstance(done, KeyValue):
-            return  # replaced, or closed
+        if not isinstance(done, KeyValue) or self._control.get(b"departed") is not None:
+            return  # replaced, closed, or reported already
         _, members, _ = self._control.membership(done)
         keys = {self._layout.member(self._number, member.id) for member in members}
         while self._still_ours() and self._control.get(b"done") is done:

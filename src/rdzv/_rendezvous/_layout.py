@@ -33,6 +33,9 @@ MEMBERSHIP_BUDGET: Final = 1_000_000
 
 ENTRY_OVERHEAD: Final = _ENTRY.size
 
+_MEMBER_NAME_LENGTH: Final = 16
+_HEX_DIGITS: Final = b"0123456789abcdef"
+
 
 @dataclasses.dataclass(frozen=True)
 class Member:
@@ -88,21 +91,33 @@ class Layout:
         """Present if the rendezvous closed while round `number` was open."""
         return self.control(number) + b"closed"
 
-    def member_id(self, key: bytes) -> int:
-        """The member id of a member key."""
-        return int(key.rsplit(b"/", 1)[-1], 16)
+    def member_id(self, key: bytes) -> int | None:
+        """The member id of a member key; None if its name is not one that rdzv writes."""
+        return parse_member_name(key.rsplit(b"/", 1)[-1])
 
 
 def member_name(member_id: int) -> bytes:
     """How a member id appears in keys and in the coordinator key: 16 hex digits."""
-    return b"%016x" % member_id
+    return b"%0*x" % (_MEMBER_NAME_LENGTH, member_id)
+
+
+def parse_member_name(name: bytes) -> int | None:
+    """The member id that `member_name` wrote as `name`; None for any other name."""
+    if len(name) != _MEMBER_NAME_LENGTH or name.strip(_HEX_DIGITS):
+        return None
+    return int(name, 16)
 
 
 def round_number(value: bytes | None, *, key: bytes) -> int:
-    """The round number stored at `latest` (0 if absent); a foreign value is an error."""
+    """The number stored at `latest` or `size` (0 if absent); a foreign value is an error.
+
+    rdzv writes a positive number in its canonical decimal form: `0`, `01` or `007` come from
+    another program, and accepting them would make a join compare against a value that the
+    key does not hold, and so fail for ever.
+    """
     if value is None:
         return 0
-    if not value.isdigit() or len(value) > 19:
+    if not value.isdigit() or len(value) > 19 or value.startswith(b"0"):
         raise RendezvousStateError(
             f"The key {key!r} holds {value[:40]!r}, not a round number: another program wrote "
             "it, or it is not a rendezvous of rdzv. Choose another run id or delete the key."

@@ -20,12 +20,14 @@ import anyio
 
 from rdzv._errors import (
     RendezvousClosedError,
+    RendezvousConnectionError,
     RendezvousError,
     RendezvousLeaseNotFoundError,
     RendezvousOutcomeUnknownError,
+    RendezvousStateError,
     RendezvousTimeoutError,
 )
-from rdzv._etcd import Compare, Connection, Get, Nested, Put
+from rdzv._etcd import Compare, Connection, Get, KeyValue, Nested, Put
 from rdzv._etcd._keepalive import LeaseKeeper
 from rdzv._etcd._values import Delete
 from rdzv._rendezvous._control import RoundControl, round_control
@@ -60,6 +62,7 @@ logger = logging.getLogger("rdzv.rendezvous")
 _MAX_TIMEOUT: Final = 86_400 * 365
 _MAX_LEASE_TTL: Final = 86_400
 _RETRY_COORDINATION: Final = 1.0
+_RESEND_PAUSE: Final = 0.1  # before sending again a join whose answer was lost
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,10 +152,17 @@ class AsyncRendezvous:
         self._layout = Layout(validate_key_prefix(key_prefix), self._run_id)
         self._latest = 0  # the latest completed round this participant knows of
         self._keeper: LeaseKeeper | None = None
-        self._key: bytes | None = None  # our member key, once we joined a round
+        # A lease we stopped keeping alive without etcd saying that it is gone: revoked before
+        # we write anything on another one, so that we never have two keys in a round.
+        self._abandoned: int | None = None
+        # Our member keys: the one of the round we joined, and one whose join may have landed.
+        self._keys: list[bytes] = []
         self._coordinating: dict[int, asyncio.Task[None]] = {}
+        self._coordinated: set[tuple[int, int]] = set()  # (round, coordinator key revision)
         self._waiting: int | None = None  # the round a join waits in
         self._joining = asyncio.Lock()
+        self._left = False
+        self._join_scope: anyio.CancelScope | None = None  # cancelled by `leave`
 
     def __repr__(self) -> str:
         return (
@@ -205,31 +215,35 @@ class AsyncRendezvous:
                 f"{self._settings.max_nodes} it may have at most {self.max_node_info}."
             )
         async with self._joining:
-            with anyio.move_on_after(self._join_timeout):
-                try:
-                    return await self._join(bytes(node_info))
-                except BaseException:
-                    await self._withdraw()
-                    raise
-            raise RendezvousTimeoutError(
-                f"No round of {self._run_id!r} completed within the join timeout "
-                f"({self._join_timeout:g} s); this node left the round it waited in.",
-                run_id=self._run_id,
-                round=self._latest + 1,
-                timeout=self._join_timeout,
-            )
+            if self._left:
+                raise self._left_error()
+            with anyio.CancelScope() as self._join_scope:
+                with anyio.move_on_after(self._join_timeout):
+                    try:
+                        return await self._join(bytes(node_info))
+                    except BaseException:
+                        await self._withdraw()
+                        raise
+                raise RendezvousTimeoutError(
+                    f"No round of {self._run_id!r} completed within the join timeout "
+                    f"({self._join_timeout:g} s); this node left the round it waited in.",
+                    run_id=self._run_id,
+                    round=self._latest + 1,
+                    timeout=self._join_timeout,
+                )
+            raise self._left_error()  # `leave` cancelled the join
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _join(self, info: bytes) -> Membership:
         while True:
             keeper = await self._lease()
             try:
-                number, coordinator_revision = await self._enter(keeper, info)
+                number, coordinator = await self._enter(keeper, info)
             except RendezvousLeaseNotFoundError:
-                self._drop_lease()
+                self._drop_lease()  # etcd says that it is gone, and our keys with it
                 continue
-            if coordinator_revision is not None:
-                self._coordinate(number, keeper, coordinator_revision)
+            if coordinator is not None:
+                self._coordinate(number, keeper, coordinator)
             self._waiting = number
             membership = await self._wait_in(number, keeper)
             self._waiting = None
@@ -237,35 +251,74 @@ class AsyncRendezvous:
                 return membership
 
     async def _lease(self) -> LeaseKeeper:
-        if self._keeper is not None and not self._keeper.expired:
-            return self._keeper
-        self._drop_lease()
+        """Our lease: the one we hold unless etcd says that it is gone, else a new one.
+
+        A presumed loss is not a loss: a keeper whose answers stopped coming presumes its lease
+        expired, while etcd may still get its keep-alives and hold its keys. Only once etcd
+        says that a lease is gone (or we revoked it) do we write on another one, so no round
+        ever holds two keys of ours.
+        """
+        keeper = self._keeper
+        if keeper is not None and not keeper.expired:
+            return keeper
+        if self._left:
+            raise self._left_error()
+        if keeper is not None:
+            self._keeper = None
+            keeper.release()
+            if await self._connection.lease_time_to_live(keeper.lease_id) > 0:
+                logger.info(
+                    "the lease of a participant of %r was presumed expired, but etcd still "
+                    "has it: keeping it",
+                    self._run_id,
+                    extra={"rdzv_lease": keeper.lease_id},
+                )
+                self._keeper = self._connection.keep_alive(keeper.lease_id, self._lease_ttl)
+                return self._keeper
+        if self._abandoned is not None:
+            await self._connection.revoke_lease(self._abandoned)  # harmless if it is gone
+            self._abandoned = None
         lease_id = await self._connection.grant_lease(self._lease_ttl)
         self._keeper = self._connection.keep_alive(lease_id, self._lease_ttl)
         return self._keeper
 
     def _drop_lease(self) -> None:
-        """Forget a lease etcd no longer has: our key went with it."""
+        """Forget a lease etcd no longer has: our keys went with it."""
         if self._keeper is not None:
             self._keeper.release()
-        self._keeper, self._key = None, None
+        self._keeper = None
+
+    def _abandon_lease(self) -> None:
+        """Stop keeping our lease alive, when etcd cannot be told: its keys lapse with it."""
+        if self._keeper is not None:
+            self._abandoned = self._keeper.lease_id
+        self._drop_lease()
 
     async def _enter(self, keeper: LeaseKeeper, info: bytes) -> tuple[int, int | None]:
         """Put our key into the open round; return its number, and our coordinator key's revision.
 
-        The revision is None unless we took the coordinator's key.
+        The revision is None unless we hold the round's coordinator key. A join whose answer
+        was lost is sent again: the same key, value and lease, so a copy that lands late (or
+        twice) changes nothing, and the key's create revision (our rank) stays that of the
+        first to land. Whether we hold the coordinator key is read in the same transaction,
+        so a late copy that took it is recognised as our own.
         """
         layout, lease = self._layout, keeper.lease_id
+        unknown: RendezvousOutcomeUnknownError | None = None
         while True:
             number = self._latest + 1
             key = layout.member(number, lease)
             coordinator = layout.coordinator(number)
-            success: list[Put | Delete | Nested] = []
-            if self._key is not None and self._key != key:
-                success.append(Delete(self._key))  # leaving our previous round, atomically
-            success.append(Put(key, info, lease))
+            # Leaving our previous round, and any key a lost join may have left, atomically.
+            success: list[Put | Delete | Nested | Get] = [
+                Delete(old) for old in self._keys if old != key
+            ]
             take = Put(coordinator, member_name(lease), lease)
-            success.append(Nested((Compare.absent(coordinator),), (take,)))
+            success += [
+                Put(key, info, lease),
+                Nested((Compare.absent(coordinator),), (take,)),
+                Get(coordinator),
+            ]
             try:
                 result = await self._connection.txn(
                     [Compare.absent(layout.closed), latest_is(layout, number - 1)],
@@ -273,33 +326,44 @@ class AsyncRendezvous:
                     [Get(layout.latest), Get(layout.closed)],
                     what=f"join round {number} of {self._run_id!r}",
                 )
-            except RendezvousOutcomeUnknownError:
-                joined = await self._resolve_join(key, coordinator, lease)
-                if joined is None:
-                    continue
-                self._key = key
-                return number, joined or None
+            except RendezvousOutcomeUnknownError as error:
+                unknown = error
+                if key not in self._keys:
+                    self._keys.append(key)
+                await asyncio.sleep(_RESEND_PAUSE)
+                continue  # send it again (bounded by the join timeout): see above
+            except RendezvousConnectionError as error:
+                if unknown is not None:
+                    raise unknown from error  # an earlier attempt may have landed
+                raise
             if result.succeeded:
-                self._key = key
-                return number, result.revision if result.nested[-1] else None
+                self._keys = [key]
+                return number, _held_by(result.ranges[-1], lease)
             latest, closed = result.ranges
             if closed:
                 raise self._closed_error()
-            self._latest = round_number(latest[0].value if latest else None, key=layout.latest)
+            self._latest = self._refused_join(number, latest)
+            if unknown is not None and self._latest == number:
+                # A lost attempt may have landed before the round completed: `done` says.
+                return number, None
 
-    async def _resolve_join(self, key: bytes, coordinator: bytes, lease: int) -> int | None:
-        """After a lost answer: whether our join landed, and if so our coordinator key's revision.
+    def _refused_join(self, number: int, latest: tuple[KeyValue, ...]) -> int:
+        """The latest round, after etcd refused our join of round `number` with `latest`.
 
-        None if it did not land, 0 if it did and we did not take the coordinator's key. Only
-        this participant writes keys on its lease, so what is there tells.
+        Raises `RendezvousStateError` if `latest` cannot be rdzv's.
         """
-        kv = await self._connection.get(key)
-        if kv is None or kv.lease != lease:
-            return None
-        taken = await self._connection.get(coordinator)
-        if taken is not None and taken.lease == lease:
-            return taken.mod_revision
-        return 0
+        layout = self._layout
+        current = round_number(latest[0].value if latest else None, key=layout.latest)
+        if current < self._latest or current == number - 1:
+            # `latest` went back (we saw round `self._latest` complete), or holds what we
+            # compared it with and yet the comparison failed: rdzv did not write it.
+            raise RendezvousStateError(
+                f"The key {layout.latest!r} says that round {current} is the latest, but round "
+                f"{max(self._latest, number - 1)} of {self._run_id!r} completed: another "
+                "program wrote or deleted keys of this rendezvous. Choose another run id, or "
+                "delete its keys (rdzv reset)."
+            )
+        return current
 
     async def _wait_in(self, number: int, keeper: LeaseKeeper) -> Membership | None:
         """Wait until round `number` completes; None if we must join another round."""
@@ -366,6 +430,7 @@ class AsyncRendezvous:
             return "lease lost"
         if control.get(b"closed") is not None:
             return "closed"
+        self._adopt(control, number)
         if self._may_elect(control, number):
             return "elect"
         return None
@@ -373,11 +438,12 @@ class AsyncRendezvous:
     def _may_elect(self, control: RoundControl, number: int, *, holding: bool = False) -> bool:
         """Whether to try to take round `number`'s vacant coordinator key now.
 
-        Not while another local participant tries (`holding`: we hold the election lock), and
-        not twice for one state of the mirror.
+        Vacant: absent, or holding what no participant writes. Not while another local
+        participant tries (`holding`: we hold the election lock), and not twice for one state
+        of the mirror.
         """
         return (
-            control.get(b"coordinator") is None
+            _vacant(control.get(b"coordinator"))
             and control.version != control.election_version
             and (holding or not control.election.locked())
             and number not in self._coordinating
@@ -394,32 +460,61 @@ class AsyncRendezvous:
                 return
             control.election_version = control.version
             coordinator = self._layout.coordinator(number)
+            seen = control.get(b"coordinator")
+            if seen is not None:
+                logger.warning(
+                    "replacing %r = %r, which no participant wrote",
+                    coordinator,
+                    seen.value[:40],
+                    extra={"rdzv_key": coordinator.decode(errors="backslashreplace")},
+                )
             key = self._layout.member(number, lease)
             try:
                 result = await self._connection.txn(
                     # Also after completion: the coordinator then reports departures.
-                    [Compare.absent(coordinator), Compare(key, "create_revision", ">", 0)],
+                    [
+                        Compare.mod_revision_is(coordinator, seen.mod_revision if seen else 0),
+                        Compare(key, "create_revision", ">", 0),
+                    ],
                     [Put(coordinator, member_name(lease), lease)],
                     what=f"take over the coordination of round {number}",
                 )
                 revision = result.revision if result.succeeded else None
             except RendezvousOutcomeUnknownError:
+                # If it lands later, the mirror shows the key and we adopt it (`_adopt`).
                 taken = await self._connection.get(coordinator)
-                revision = taken.mod_revision if taken and taken.lease == lease else None
+                revision = _held_by((taken,) if taken else (), lease)
             except RendezvousLeaseNotFoundError:
                 return  # our lease is gone: the waiter learns it from the keeper
-            if revision is not None and self._keeper is not None:
+            keeper = self._keeper
+            if revision is not None and keeper is not None and keeper.lease_id == lease:
                 logger.debug("coordinating round %d of %r", number, self._run_id)
-                self._coordinate(number, self._keeper, revision)
+                self._coordinate(number, keeper, revision)
 
     def _coordinate(self, number: int, keeper: LeaseKeeper, revision: int) -> None:
+        self._coordinated.add((number, revision))
         task = asyncio.get_running_loop().create_task(
             self._run_coordinator(number, keeper, revision)
         )
         self._coordinating[number] = task
         task.add_done_callback(lambda _: self._coordinating.pop(number, None))
 
+    def _adopt(self, control: RoundControl, number: int) -> None:
+        """Coordinate round `number` if its coordinator key is ours and nobody here runs it.
+
+        A join or an election of ours whose answer was lost can land after we looked: the key
+        is then ours, and unless we coordinate, nobody does.
+        """
+        kv, keeper = control.get(b"coordinator"), self._keeper
+        if kv is None or keeper is None or number in self._coordinating:
+            return
+        revision = _held_by((kv,), keeper.lease_id)
+        if revision is not None and (number, revision) not in self._coordinated:
+            logger.debug("coordinating round %d of %r (a late write)", number, self._run_id)
+            self._coordinate(number, keeper, revision)
+
     async def _run_coordinator(self, number: int, keeper: LeaseKeeper, revision: int) -> None:
+        extra = {"rdzv_round": number}
         while not keeper.expired:
             try:
                 async with round_control(self._connection, self._layout.control(number)) as control:
@@ -433,23 +528,44 @@ class AsyncRendezvous:
                     )
                     await coordinator.run()
                     return
-            except RendezvousError:
-                # etcd did not answer for a whole read timeout: our key still says that we
-                # coordinate, so go on when it answers again (or our lease lapses meanwhile).
+            except RendezvousError as error:
+                # etcd did not answer for a whole read timeout, or holds a value rdzv did not
+                # write: our key still says that we coordinate, so go on when it answers again
+                # (or the value is mended, or our lease lapses meanwhile).
+                level = logging.WARNING if isinstance(error, RendezvousStateError) else logging.INFO
+                logger.log(
+                    level,
+                    "the coordinator of round %d of %r failed, and tries again in %g s: %s",
+                    number,
+                    self._run_id,
+                    _RETRY_COORDINATION,
+                    error,
+                    extra=extra,
+                )
                 await asyncio.sleep(_RETRY_COORDINATION)
+            except Exception:
+                # Never silently: a waiter takes over the key that we free.
+                logger.exception(
+                    "the coordinator of round %d of %r failed", number, self._run_id, extra=extra
+                )
+                with contextlib.suppress(RendezvousError):
+                    await self._free_coordinator_key(number, keeper.lease_id)
+                return
 
     async def _withdraw(self) -> None:
-        """After a failed join: resign, delete our key, or let our lease lapse if we cannot."""
+        """After a failed join: resign, delete our keys, or let our lease lapse if we cannot."""
         number, self._waiting = self._waiting, None
-        key, self._key = self._key, None
+        keys, self._keys = self._keys, []
         with anyio.CancelScope(shield=True):
             try:
                 if number is not None:
                     await self._resign(number)
-                if key is not None:
+                for key in keys:
                     await self._connection.delete(key)
             except RendezvousError:
-                self._drop_lease()  # our keys expire with the lease, within lease_ttl
+                # Our keys expire with the lease, within lease_ttl; the next join revokes it
+                # before it writes on another one.
+                self._abandon_lease()
 
     async def _resign(self, number: int) -> None:
         """Stop coordinating round `number`, and free its coordinator key for a waiter."""
@@ -457,14 +573,16 @@ class AsyncRendezvous:
         if task is not None:
             await _stop([task], self._connection.read_timeout)
         if self._keeper is not None:
-            coordinator = self._layout.coordinator(number)
-            mine = member_name(self._keeper.lease_id)
-            with contextlib.suppress(RendezvousOutcomeUnknownError):  # deleting is idempotent
-                await self._connection.txn(
-                    [Compare.value_is(coordinator, mine)],
-                    [Delete(coordinator)],
-                    what=f"resign the coordination of round {number}",
-                )
+            await self._free_coordinator_key(number, self._keeper.lease_id)
+
+    async def _free_coordinator_key(self, number: int, lease: int) -> None:
+        coordinator = self._layout.coordinator(number)
+        with contextlib.suppress(RendezvousOutcomeUnknownError):  # deleting is idempotent
+            await self._connection.txn(
+                [Compare.value_is(coordinator, member_name(lease))],
+                [Delete(coordinator)],
+                what=f"resign the coordination of round {number}",
+            )
 
     def _closed_error(self) -> RendezvousClosedError:
         return RendezvousClosedError(
@@ -525,6 +643,7 @@ class AsyncRendezvous:
     def _departure(self, control: RoundControl, number: int, names: set[bytes]) -> bool | None:
         if control.get(b"departed") is not None or control.get(b"done") is None:
             return True  # reported, or the round's keys are gone: the next round completed
+        self._adopt(control, number)
         if control.get(b"coordinator") is None:
             if control.coordinators & names:
                 return True  # the coordinator was a member, and its key went with its lease
@@ -533,45 +652,85 @@ class AsyncRendezvous:
         return None
 
     async def close(self) -> None:
-        """Close the rendezvous for everybody.
+        """Close the rendezvous for everybody, within the connection's read timeout.
 
         Joins from now on raise `RendezvousClosedError`, and so do the joins waiting in the
-        open round.
+        open round: one transaction writes `closed` and tells that round. Raises
+        `RendezvousOutcomeUnknownError` if etcd did not answer and the rendezvous may or may
+        not be closed, `RendezvousConnectionError` if nothing was written.
         """
         layout = self._layout
+        deadline = self._connection.deadline()
+        number = self._latest  # a guess of the latest round; the transaction checks it
+        unknown: RendezvousOutcomeUnknownError | None = None
         while True:
             try:
                 result = await self._connection.txn(
-                    [Compare.absent(layout.closed)],
-                    [Put(layout.closed, b"closed"), Get(layout.latest)],
+                    # No round completes after `closed` (completing compares it), so the open
+                    # round is the one after `latest`.
+                    [latest_is(layout, number)],
+                    [Put(layout.closed, b"closed"), Put(layout.closed_in(number + 1), b"closed")],
                     [Get(layout.latest)],
                     what=f"close {self._run_id!r}",
+                    deadline=deadline,
                 )
+            except RendezvousOutcomeUnknownError as error:
+                unknown = error
+                continue  # closing twice is harmless: send it again, within the deadline
+            except RendezvousConnectionError as error:
+                if unknown is not None:
+                    raise unknown from error  # an earlier attempt may have landed
+                raise
+            if result.succeeded:
                 break
-            except RendezvousOutcomeUnknownError:
-                continue  # closing twice is harmless
-        # No round completes after `closed` (completing compares it), so this is the open one.
-        latest = result.ranges[-1]
-        number = round_number(latest[0].value if latest else None, key=layout.latest) + 1
-        await self._connection.put(layout.closed_in(number), b"closed")
-        if result.succeeded:
-            logger.info("closed the rendezvous %r", self._run_id)
+            [latest] = result.ranges
+            number = round_number(latest[0].value if latest else None, key=layout.latest)
+        logger.info("closed the rendezvous %r", self._run_id)
 
     async def is_closed(self) -> bool:
         """Whether the rendezvous is closed."""
         return await self._connection.get(self._layout.closed) is not None
 
     async def leave(self) -> None:
-        """Leave: stop coordinating, delete our key and revoke our lease. Harmless twice.
+        """Leave for good: end a pending join, stop coordinating, delete our keys. Harmless twice.
 
-        The other members of our round see a departure.
+        The other members of our round see a departure. A pending join, and every join of
+        this object from now on, raises `RendezvousClosedError`.
         """
+        self._left = True
+        if self._join_scope is not None:
+            self._join_scope.cancel()
         await _stop(list(self._coordinating.values()), self._connection.read_timeout)
-        keeper, self._keeper, self._key = self._keeper, None, None
+        keeper, self._keeper, self._keys = self._keeper, None, []
+        leases = [keeper.lease_id] if keeper is not None else []
+        if self._abandoned is not None:
+            leases.append(self._abandoned)
+            self._abandoned = None
         if keeper is not None:
             keeper.release()
+        for lease in leases:
             with contextlib.suppress(RendezvousError):
-                await self._connection.revoke_lease(keeper.lease_id)
+                await self._connection.revoke_lease(lease)
+
+    def _left_error(self) -> RendezvousClosedError:
+        return RendezvousClosedError(
+            f"This participant left the rendezvous {self._run_id!r} (leave()): make a new "
+            "one to join again.",
+            run_id=self._run_id,
+        )
+
+
+def _vacant(coordinator: KeyValue | None) -> bool:
+    """Whether a coordinator key is free to take: absent, or not written by a participant."""
+    return coordinator is None or _held_by((coordinator,), coordinator.lease) is None
+
+
+def _held_by(coordinator: tuple[KeyValue, ...], lease: int) -> int | None:
+    """The mod revision of the coordinator key if the participant of `lease` holds it."""
+    held = coordinator[0] if coordinator else None
+    if held is not None and lease and held.lease == lease and held.value == member_name(lease):
+        return held.mod_revision
+    return None
 
 
 async def _stop(tasks: list[asyncio.Task[None]], timeout: float) -> None:

@@ -115,13 +115,16 @@ def _round(
     done = control.get(b"done")
     if done is None:
         kvs, count = waiting
-        try:
-            members = tuple(Member(layout.member_id(kv.key), kv.value) for kv in kvs)
-        except ValueError as error:
-            raise RendezvousStateError(
-                f"A key under {layout.members(number)!r} is not a member key: {error}"
-            ) from error
-        return RoundView(number, False, count, members, shown_coordinator, False)
+        waiting_members = []
+        for kv in kvs:
+            member_id = layout.member_id(kv.key)
+            if member_id is None:
+                raise RendezvousStateError(
+                    f"The key {kv.key!r} under {layout.members(number)!r} is not a member key: "
+                    "another program wrote it."
+                )
+            waiting_members.append(Member(member_id, kv.value))
+        return RoundView(number, False, count, tuple(waiting_members), shown_coordinator, False)
     _, members = decode_membership(done.value, key=done.key)
     return RoundView(
         number,
