@@ -224,6 +224,8 @@ class AsyncRendezvous:
                     except BaseException:
                         await self._withdraw()
                         raise
+                    finally:
+                        self._join_scope = None
                 raise RendezvousTimeoutError(
                     f"No round of {self._run_id!r} completed within the join timeout "
                     f"({self._join_timeout:g} s); this node left the round it waited in.",
@@ -264,8 +266,7 @@ class AsyncRendezvous:
         if self._left:
             raise self._left_error()
         if keeper is not None:
-            self._keeper = None
-            keeper.release()
+            self._abandon_lease()  # until etcd says whether it still has it
             if await self._connection.lease_time_to_live(keeper.lease_id) > 0:
                 logger.info(
                     "the lease of a participant of %r was presumed expired, but etcd still "
@@ -273,8 +274,10 @@ class AsyncRendezvous:
                     self._run_id,
                     extra={"rdzv_lease": keeper.lease_id},
                 )
+                self._abandoned = None
                 self._keeper = self._connection.keep_alive(keeper.lease_id, self._lease_ttl)
                 return self._keeper
+            self._abandoned = None  # gone, and our keys with it
         if self._abandoned is not None:
             await self._connection.revoke_lease(self._abandoned)  # harmless if it is gone
             self._abandoned = None
