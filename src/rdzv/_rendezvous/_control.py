@@ -21,6 +21,9 @@ from rdzv._rendezvous._layout import Member, decode_membership
 
 T = TypeVar("T")
 
+Seen = tuple[tuple[KeyValue, ...], int]
+"""The control keys as read at a revision: `(keys, revision)`."""
+
 
 class RoundControl:
     """What the control keys of one round hold, as this connection last saw them.
@@ -87,16 +90,19 @@ class RoundControl:
         async with self._changed:
             self._changed.notify_all()
 
-    async def _start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._follow())
+    async def _start(self, seen: Seen | None) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._follow(seen))
         await self._ready.wait()
         if self._failure is not None:
             raise self._failure
 
-    async def _follow(self) -> None:
+    async def _follow(self, seen: Seen | None) -> None:
         try:
             while True:
-                kvs, revision = await self._connection.range(self.prefix, prefix=True)
+                if seen is None:
+                    seen = await self._connection.range(self.prefix, prefix=True)
+                kvs, revision = seen
+                seen = None
                 self._reset(kvs)
                 self.revision = max(self.revision, revision)
                 self._ready.set()
@@ -149,10 +155,14 @@ _mirrors: weakref.WeakKeyDictionary[Connection, dict[bytes, RoundControl]] = (
 
 
 @contextlib.asynccontextmanager
-async def round_control(connection: Connection, prefix: bytes) -> AsyncIterator[RoundControl]:
+async def round_control(
+    connection: Connection, prefix: bytes, *, seen: Seen | None = None
+) -> AsyncIterator[RoundControl]:
     """The connection's mirror of the control keys under `prefix`, while the block runs.
 
-    The first user starts it (one read, one watch); the last one stops it.
+    The first user starts it (one read, one watch); the last one stops it. `seen`, the keys
+    as a transaction of the caller read them, saves the first user the read: the watch
+    starts after its revision.
     """
     mirrors = _mirrors.setdefault(connection, {})
     control = mirrors.get(prefix)
@@ -161,7 +171,7 @@ async def round_control(connection: Connection, prefix: bytes) -> AsyncIterator[
     control._users += 1
     try:
         if control._task is None:
-            await control._start()
+            await control._start(seen)
         else:
             await control._ready.wait()
             if control._failure is not None:

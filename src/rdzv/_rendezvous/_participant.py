@@ -30,7 +30,7 @@ from rdzv._errors import (
 from rdzv._etcd import Compare, Connection, Get, KeyValue, Nested, Put
 from rdzv._etcd._keepalive import LeaseKeeper
 from rdzv._etcd._values import Delete
-from rdzv._rendezvous._control import RoundControl, round_control
+from rdzv._rendezvous._control import RoundControl, Seen, round_control
 from rdzv._rendezvous._coordinator import Coordinator, Settings, latest_is
 from rdzv._rendezvous._layout import (
     ENTRY_OVERHEAD,
@@ -240,14 +240,14 @@ class AsyncRendezvous:
         while True:
             keeper = await self._lease()
             try:
-                number, coordinator = await self._enter(keeper, info)
+                entered = await self._enter(keeper, info)
             except RendezvousLeaseNotFoundError:
                 self._drop_lease()  # etcd says that it is gone, and our keys with it
                 continue
-            if coordinator is not None:
-                self._coordinate(number, keeper, coordinator)
+            # If we took the coordinator key, the waiter sees it in the mirror and adopts it.
+            number, seen = entered
             self._waiting = number
-            membership = await self._wait_in(number, keeper)
+            membership = await self._wait_in(number, keeper, seen)
             self._waiting = None
             if membership is not None:
                 return membership
@@ -297,14 +297,15 @@ class AsyncRendezvous:
             self._abandoned = self._keeper.lease_id
         self._drop_lease()
 
-    async def _enter(self, keeper: LeaseKeeper, info: bytes) -> tuple[int, int | None]:
-        """Put our key into the open round; return its number, and our coordinator key's revision.
+    async def _enter(self, keeper: LeaseKeeper, info: bytes) -> tuple[int, Seen | None]:
+        """Put our key into the open round; return its number, and its control keys after.
 
-        The revision is None unless we hold the round's coordinator key. A join whose answer
-        was lost is sent again: the same key, value and lease, so a copy that lands late (or
-        twice) changes nothing, and the key's create revision (our rank) stays that of the
-        first to land. Whether we hold the coordinator key is read in the same transaction,
-        so a late copy that took it is recognised as our own.
+        The control keys, read in the same transaction, save the waiter a read: its watch
+        starts there. They say whether we hold the coordinator key, so a copy of our join that
+        landed late and took it is recognised as our own. A join whose answer was lost is sent
+        again: the same key, value and lease, so a copy that lands late (or twice) changes
+        nothing, and the key's create revision (our rank) stays that of the first to land.
+        The control keys are None if we only know that a lost join may have landed.
         """
         layout, lease = self._layout, keeper.lease_id
         unknown: RendezvousOutcomeUnknownError | None = None
@@ -320,7 +321,7 @@ class AsyncRendezvous:
             success += [
                 Put(key, info, lease),
                 Nested((Compare.absent(coordinator),), (take,)),
-                Get(coordinator),
+                Get(layout.control(number), prefix=True),
             ]
             try:
                 result = await self._connection.txn(
@@ -341,7 +342,7 @@ class AsyncRendezvous:
                 raise
             if result.succeeded:
                 self._keys = [key]
-                return number, _held_by(result.ranges[-1], lease)
+                return number, (result.ranges[-1], result.revision)
             latest, closed = result.ranges
             if closed:
                 raise self._closed_error()
@@ -368,9 +369,12 @@ class AsyncRendezvous:
             )
         return current
 
-    async def _wait_in(self, number: int, keeper: LeaseKeeper) -> Membership | None:
+    async def _wait_in(
+        self, number: int, keeper: LeaseKeeper, seen: Seen | None
+    ) -> Membership | None:
         """Wait until round `number` completes; None if we must join another round."""
-        async with round_control(self._connection, self._layout.control(number)) as control:
+        prefix = self._layout.control(number)
+        async with round_control(self._connection, prefix, seen=seen) as control:
             while True:
                 outcome = await self._next_outcome(control, number, keeper)
                 if isinstance(outcome, Membership):
@@ -505,15 +509,15 @@ class AsyncRendezvous:
     def _adopt(self, control: RoundControl, number: int) -> None:
         """Coordinate round `number` if its coordinator key is ours and nobody here runs it.
 
-        A join or an election of ours whose answer was lost can land after we looked: the key
-        is then ours, and unless we coordinate, nobody does.
+        The key is ours after our join took it, and also when a join or an election of ours
+        whose answer was lost landed after we looked: unless we coordinate, nobody does.
         """
         kv, keeper = control.get(b"coordinator"), self._keeper
         if kv is None or keeper is None or number in self._coordinating:
             return
         revision = _held_by((kv,), keeper.lease_id)
         if revision is not None and (number, revision) not in self._coordinated:
-            logger.debug("coordinating round %d of %r (a late write)", number, self._run_id)
+            logger.debug("coordinating round %d of %r", number, self._run_id)
             self._coordinate(number, keeper, revision)
 
     async def _run_coordinator(self, number: int, keeper: LeaseKeeper, revision: int) -> None:
