@@ -6,7 +6,10 @@ checks what the client sees and, over a second connection straight to etcd, what
 
 from __future__ import annotations
 
+import gc
+import logging
 import socket
+import struct
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -223,6 +226,22 @@ async def test_drop_discards_what_was_held(
     assert await _stored(direct) == b"one"
 
 
+@pytest.mark.slow
+async def test_connections_that_lost_bytes_are_reset_when_the_drop_ends(
+    proxy: FaultProxy, proxied: rdzv.AsyncEtcdBackend
+) -> None:
+    """Ending a drop resets the connections that lost bytes: no stream goes on after a gap."""
+    token = await _token(proxied, b"one")
+    proxy.drop("requests")
+    with pytest.raises(rdzv.RendezvousConnectionError):
+        await proxied.get_state()
+    assert proxy.dropped("requests") > 0
+    proxy.restore()
+    assert proxy.connections_open == 0
+    assert await proxied.get_state() == (b"one", token)
+    assert proxy.connections_open == 1
+
+
 async def test_delay_postpones_each_byte(proxy: FaultProxy, proxied: rdzv.AsyncEtcdBackend) -> None:
     """A delay on both directions makes a round trip last at least twice the delay."""
     token = await _token(proxied, b"one")
@@ -267,6 +286,35 @@ async def test_refused_connections_fail_calls_until_allowed_again(
         backend = rdzv.AsyncEtcdBackend(connection, "job", key_prefix=etcd_key_prefix)
         assert await backend.get_state() == (b"one", token)
     assert proxy.connections_accepted >= 2
+
+
+def test_a_target_gone_before_the_clients_end_of_stream_is_no_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A target that reset its connection before the client ended its stream logs no error."""
+    # A plain TCP target rather than etcd: the test decides when it resets its connection.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(WAIT)
+        with FaultProxy(f"127.0.0.1:{listener.getsockname()[1]}") as proxy:
+            host, port = proxy.endpoint.rsplit(":", 1)
+            with socket.create_connection((host, int(port)), timeout=WAIT) as client:
+                target, _ = listener.accept()
+                # The target ends its stream: the proxy passes the end on and stops reading.
+                target.shutdown(socket.SHUT_WR)
+                assert client.recv(1) == b""
+                # Then it resets the connection, unseen: the proxy's end of the client's stream
+                # meets a socket that cannot take it any more.
+                target.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                target.close()
+                client.shutdown(socket.SHUT_WR)
+                proxy.wait_for(lambda: proxy.connections_open == 0, timeout=WAIT)
+            # A second connection passed on: the proxy's loop has finished with the first.
+            with socket.create_connection((host, int(port)), timeout=WAIT):
+                listener.accept()[0].close()
+        gc.collect()  # a task's exception that nobody retrieved is logged once it is collected
+    assert [
+        record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR
+    ] == []
 
 
 # ---------------------------------------------------------------------------------- waits

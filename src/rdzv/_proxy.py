@@ -4,7 +4,9 @@
 endpoint, byte for byte, until a test tells it to misbehave: hold, drop or delay the bytes of one
 direction, cut every connection, or refuse new ones. It runs on its own daemon thread with its
 own event loop, so it needs nothing from the caller's loop and never blocks it for long, and its
-control methods can be called from any thread or coroutine.
+control methods can be called from any thread or coroutine. A peer that resets or closes its
+connection is normal for a proxy: the other side of that connection is reset, and nothing is
+logged.
 
 The proxy knows nothing of gRPC or HTTP/2: it moves bytes. gRPC sends every call of a channel
 over one TCP connection, so a fault applies to every call of that channel at once.
@@ -84,6 +86,8 @@ class _Pump:
         self.writer = writer
         self.pending: deque[_Chunk] = deque()
         self.eof = False
+        # Bytes of this stream were discarded: passing on what follows would leave a gap.
+        self.broken = False
         self.wake = asyncio.Event()
 
     def discard(self) -> None:
@@ -92,6 +96,7 @@ class _Pump:
         self.pending.clear()
         self.flow.held -= size
         self.flow.dropped += size
+        self.broken = self.broken or size > 0
 
 
 class _Link:
@@ -176,6 +181,22 @@ class FaultProxy:
     `cut()` resets every current connection and `refuse_new()` resets new ones as soon as they
     are accepted. `restore()` switches every fault off.
 
+    What each fault models. TCP never loses bytes from the middle of a stream: a network fault
+    shows as bytes that arrive late, or as a connection that ends.
+
+    - `hold`: a partition, or a peer that stalls. Nothing is lost: the bytes arrive, in order,
+      when released, as TCP would deliver them once the network heals. Holding responses makes
+      lost answers (etcd applies a request whose answer never comes in time); holding requests
+      makes requests that land late, after their client gave up.
+    - `delay`: a slow link, every byte late by the same time, order kept.
+    - `drop`: a path that dies silently (a host that vanished, a firewall that starts discarding
+      packets): the bytes vanish and nobody is told, until the client's own timeout notices.
+      A connection that lost bytes so can never carry its stream on; when the drop ends, it is
+      reset, as its peers would reset it once TCP gives up, and the client connects again.
+      Connections that sent nothing while dropping go on unharmed.
+    - `cut`: a peer that crashed or restarted: its connections are reset at once.
+    - `refuse_new`: a server that is down, or not accepting connections.
+
     gRPC multiplexes all the calls of a channel on one TCP connection: a fault hits every call
     of the channel at once, not a single call. The proxy moves bytes and never parses them.
 
@@ -186,10 +207,11 @@ class FaultProxy:
 
     The proxy runs on a daemon thread of its own, with its own asyncio event loop: it works
     under async tests (it never uses their loop) and in plain synchronous code. Every method is
-    thread-safe and returns at once, except `close()` and `cut()`, which wait (milliseconds)
-    until the proxy's thread has done it, and `wait_for`, which blocks by design (in coroutines,
-    use `wait_for_async`). The proxy talks to nothing but `target` and the loopback clients
-    that connect to it. It keeps its port until `close()`, and cannot be started again after.
+    thread-safe and returns at once, except `close()`, `cut()` and a call that ends a drop,
+    which wait (milliseconds) until the proxy's thread has reset the connections, and
+    `wait_for`, which blocks by design (in coroutines, use `wait_for_async`). The proxy talks
+    to nothing but `target` and the loopback clients that connect to it. It keeps its port
+    until `close()`, and cannot be started again after.
 
     Args:
         target: the etcd client endpoint to pass connections on to, `"host:port"` (an IPv6
@@ -337,8 +359,8 @@ class FaultProxy:
     def release(self, direction: Direction = "both", *, nbytes: int | None = None) -> None:
         """Forward `direction` again: first what was held, in order, then new bytes.
 
-        This also ends a `drop` of that direction. A `delay` still applies, counted from when
-        each byte reached the proxy.
+        This also ends a `drop` of that direction, resetting the connections that lost bytes
+        (see `drop`). A `delay` still applies, counted from when each byte reached the proxy.
 
         With `nbytes`, only the first `nbytes` bytes held (in their order of arrival, over all
         the connections) are passed on, and the direction keeps holding the rest and whatever
@@ -392,8 +414,16 @@ class FaultProxy:
     def drop(self, direction: Direction = "both") -> None:
         """Discard the bytes of `direction` silently, until `release` or `restore`: a black hole.
 
-        The connections stay open, and nothing tells either side; bytes held for that direction
+        This models a path that dies without a word: the connections stay open, nothing tells
+        either side, and a client notices only by its own timeout. Bytes held for that direction
         are discarded too.
+
+        A stream that lost bytes cannot go on: its receiver would get the bytes after the gap,
+        which no real network delivers, and gRPC would see garbage. So when the drop ends
+        (`release`, `restore`, or `hold` of that direction), every connection that lost bytes
+        of that direction is reset on both sides, and that call returns once they are; the
+        client then connects again. A connection that lost nothing goes on as it was. To model
+        a partition that heals, with every byte delivered late, use `hold` instead.
 
         Args:
             direction: `"requests"`, `"responses"` or `"both"`.
@@ -441,7 +471,8 @@ class FaultProxy:
     def restore(self) -> None:
         """Switch every fault off: forward both ways (held bytes first), no delay, accept all.
 
-        Bytes dropped before are gone for good; connections cut before stay closed.
+        Bytes dropped before are gone for good, and the connections that lost them are reset
+        (see `drop`); connections cut before stay closed.
         """
         with self._changed:
             self._refusing = False
@@ -451,9 +482,17 @@ class FaultProxy:
         self, direction: Direction, *, mode: _Mode | None = None, delay: float | None = None
     ) -> None:
         names = _directions(direction)
+        broken: list[_Link] = []
         with self._changed:
             for name in names:
                 flow = self._flows[name]
+                if flow.mode is _Mode.DROP and mode not in (None, _Mode.DROP):
+                    # The drop ends: a stream with a gap is reset, never passed on.
+                    broken += [
+                        link
+                        for link in self._links
+                        if any(pump.flow is flow and pump.broken for pump in link.pumps)
+                    ]
                 if mode is not None:
                     flow.mode = mode
                 if delay is not None:
@@ -463,7 +502,11 @@ class FaultProxy:
                         for pump in link.pumps:
                             if pump.flow is flow:
                                 pump.discard()
+            for link in broken:
+                self._forget(link)  # its pumps stop at once: nothing after the gap goes out
             self._bump()
+        if broken:
+            self._call_in_loop(lambda: self._reset_links(broken))
         self._wake_pumps()
 
     # ---------------------------------------------------------------------------- counters
@@ -645,6 +688,10 @@ class FaultProxy:
             for link in links:
                 self._forget(link)
             self._bump()
+        self._reset_links(links)
+
+    def _reset_links(self, links: list[_Link]) -> None:
+        """Reset both sides of `links`, which were forgotten already (in the proxy's loop)."""
         for link in links:
             _reset(link.client)
             _reset(link.upstream)
@@ -743,8 +790,12 @@ class FaultProxy:
                 asyncio.ensure_future(self._write(link, link.responses)),
             ]
             # Both streams ended and were passed on: close both sides gracefully. If a side
-            # failed instead (a reset, say), gather raises and the finally clause resets both.
-            await asyncio.gather(*tasks)
+            # failed instead, the finally clause resets both: a peer that went away (a reset, or
+            # a socket that cannot take the end of a stream any more) is normal for a proxy.
+            try:
+                await asyncio.gather(*tasks)
+            except OSError:
+                return
             client.close()
             target.close()
         finally:
@@ -773,6 +824,7 @@ class FaultProxy:
                     pump.eof = True
                 elif pump.flow.mode is _Mode.DROP:
                     pump.flow.dropped += len(data)
+                    pump.broken = True
                 else:
                     self._sequence += 1
                     chunk = _Chunk(self._sequence, time.monotonic(), data, released=False)

@@ -14,7 +14,9 @@ Queues (`queue_push`, `queue_pop`, `queue_len`) live apart from the keys, as in 
 is a pair of counters, `b"head tail"`, at one reserved key, and its items at keys numbered from
 `head` to `tail - 1`. A push or a pop is one compare-and-swap transaction of the counters that
 also puts, or reads and deletes, the item; so two poppers never get the same item, and a lost
-answer is resolved with a write id, like `add`'s.
+answer is resolved with a write id, like `add`'s. Items expire with the store's lease: a pop
+that finds its item gone looks for the next ones that are not, many per read, and moves the head
+past all the gone ones in the transaction that pops.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from rdzv._errors import (
     RendezvousCompactedError,
     RendezvousConnectionError,
     RendezvousOutcomeUnknownError,
+    RendezvousStateError,
     RendezvousWatchCompactedError,
     StoreTimeoutError,
 )
@@ -67,6 +70,13 @@ _RESERVED: Final = "\x00rdzv-"
 # at `prefix + _QUEUE_ITEMS + q + "/" + n` (20 digits, so that a queue's items sort in order).
 _QUEUES: Final = "\x00rdzv-queue/"
 _QUEUE_ITEMS: Final = "\x00rdzv-queue-item/"
+# A pop looks past expired items this many at a time: one transaction reads the counters and
+# whether each of the next items still exists.
+_PROBE_SIZE: Final = _MAX_TXN_OPS - 1
+# A queue_pop that finds items may go on this long past its timeout to take one: it looks past
+# expired items for half of it, and its last requests end by the end of it. So a zero timeout
+# (torch's non-blocking pop) still takes an item that is there.
+_POP_GRACE: Final = 1.0
 _WRITE_ID_SIZE: Final = 16
 T = TypeVar("T")
 
@@ -74,6 +84,9 @@ logger = logging.getLogger("rdzv.store")
 
 # What TCPStore's `add` writes (std::to_string of an int64), with an optional sign.
 _INTEGER: Final = re.compile(rb"[+-]?[0-9]+")
+# What rdzv writes at a queue's counters key: head and tail, canonical decimals below 10**19
+# (an item's number is written with 20 digits).
+_COUNTERS: Final = re.compile(rb"(0|[1-9][0-9]{0,18}) (0|[1-9][0-9]{0,18})")
 
 
 def _validate_prefix(prefix: object) -> str:
@@ -106,11 +119,16 @@ def _as_bytes(value: object, what: str) -> bytes:
     return bytes(value)
 
 
+def _shown(value: bytes) -> str:
+    """A stored value for an error message: escaped, and cut short after 40 bytes."""
+    return repr(value) if len(value) <= 40 else f"{value[:40]!r}... ({len(value)} bytes)"
+
+
 def _parse_integer(key: str, value: bytes) -> int:
     if not _INTEGER.fullmatch(value):
-        shown = value if len(value) <= 40 else value[:40] + b"..."
         raise ValueError(
-            f"Cannot add to the store key {key!r}: its value {shown!r} is not a decimal integer."
+            f"Cannot add to the store key {key!r}: its value {_shown(value)} is not a decimal "
+            "integer."
         )
     return int(value)
 
@@ -128,16 +146,25 @@ def _holds(found: KeyValue | None, expected: bytes, empty_at: int | None) -> boo
     return found is not None and found.mod_revision == empty_at
 
 
-def _queue_bounds(value: bytes | None) -> tuple[int, int]:
-    """The `(head, tail)` counters of a queue, from the value of its counters key (or `None`)."""
+def _queue_bounds(key: bytes, value: bytes | None) -> tuple[int, int]:
+    """The `(head, tail)` counters of a queue, from the value of its counters key `key` (or None).
+
+    Raises `RendezvousStateError` for a value that rdzv does not write there.
+    """
     if value is None:
         return 0, 0
-    head, tail = (int(number) for number in value.split(b" "))
-    return head, tail
+    counters = _COUNTERS.fullmatch(value)
+    if counters is not None and int(counters[1]) <= int(counters[2]):
+        return int(counters[1]), int(counters[2])
+    raise RendezvousStateError(
+        f'The store queue counters at key {key!r} hold {_shown(value)}, not the "head tail" '
+        "that rdzv writes (two decimal numbers, head <= tail): another program wrote them. Use "
+        "another store prefix, or delete the key."
+    )
 
 
-def _queue_length(value: bytes | None) -> int:
-    head, tail = _queue_bounds(value)
+def _queue_length(key: bytes, value: bytes | None) -> int:
+    head, tail = _queue_bounds(key, value)
     return tail - head
 
 
@@ -145,20 +172,52 @@ def _queue_length(value: bytes | None) -> int:
 class _QueueStep:
     """One change of a queue: its new counters, and the item pushed (`value`) or popped (None).
 
+    A step with no `item` only moves the head past items that are gone (expired).
     `read_at` is the mod revision of the counters it was planned on (0: the queue was absent).
     """
 
     counters: bytes
-    item: bytes
+    item: bytes | None
     value: bytes | None
     read_at: int
 
     def operations(self, lease: int) -> list[Operation]:
         """What the transaction does to the item, before it writes the counters."""
+        if self.item is None:
+            return []
         if self.value is not None:
             return [Put(self.item, self.value, lease)]
         # Read, then delete: the transaction's answer carries the item it popped.
         return [Get(self.item), Delete(self.item)]
+
+
+class _Gone:
+    """The numbers of a queue's items found gone (expired) below its tail: they stay gone.
+
+    Only a push writes an item, at the tail, so an item below the tail that is gone never comes
+    back while the counters key lives. Counters created anew (the old ones expired, and a push
+    started the queue again from 0) number their items again: what was found is then forgotten.
+    `created` is the create revision of the counters that the numbers belong to.
+    """
+
+    def __init__(self, created: int) -> None:
+        self._created = created
+        self._numbers: set[int] = set()
+
+    def add(self, number: int, created: int) -> None:
+        """Note that item `number`, below the tail of the counters created at `created`, is gone."""
+        if created != self._created:
+            self._created = created
+            self._numbers.clear()
+        self._numbers.add(number)
+
+    def next_item(self, head: int, tail: int, created: int) -> int:
+        """The first number from `head` not known to be gone (`tail` if none is below it)."""
+        number = head
+        if created == self._created:
+            while number < tail and number in self._numbers:
+                number += 1
+        return number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,6 +425,8 @@ class AsyncEtcdStore:
         Raises:
             StoreTimeoutError: some keys did not exist within `timeout` seconds; the message
                 names them.
+            RendezvousStateError: the counters of a queue of one of those names hold a value
+                that rdzv does not write.
         """
         await self._wait_for(self._names(keys), timeout, queues=True)
 
@@ -373,7 +434,8 @@ class AsyncEtcdStore:
         """Return whether every key in `keys` exists now, without waiting.
 
         As in TCPStore, a name also counts as existing while the queue of that name is not
-        empty.
+        empty. Raises `RendezvousStateError` if the counters of such a queue hold a value that
+        rdzv does not write.
         """
         names = self._names(keys)
         if not names:
@@ -417,10 +479,10 @@ class AsyncEtcdStore:
         `queue_pop` skips an expired item.
         """
         data = _as_bytes(value, "value")
-        self._key(key)  # rejects a reserved name before anything is sent
+        counters_key = self._queue_key(key)  # rejects a reserved name before anything is sent
 
         def push(counters: KeyValue | None) -> _QueueStep:
-            head, tail = _queue_bounds(None if counters is None else counters.value)
+            head, tail = _queue_bounds(counters_key, None if counters is None else counters.value)
             return _QueueStep(
                 counters=f"{head} {tail + 1}".encode(),
                 item=self._queue_item(key, tail),
@@ -435,33 +497,49 @@ class AsyncEtcdStore:
     async def queue_pop(self, key: str, *, timeout: float) -> bytes:
         """Remove and return the oldest item of the queue `key`; wait up to `timeout` seconds.
 
-        Items come out in the order their pushes landed in etcd. Of any number of concurrent
-        poppers, in any number of processes, each item goes to exactly one. An empty queue is
-        waited for with etcd's watch; a zero `timeout` does not wait.
+        Items come out in the order their pushes landed in etcd; expired items are skipped,
+        many per request. Of any number of concurrent poppers, in any number of processes, each
+        item goes to exactly one. An empty queue is waited for with etcd's watch; a zero
+        `timeout` does not wait.
+
+        The whole call ends within `timeout`, or, when it has found items, within one second
+        more (each request also within the read timeout): enough to look past expired items and
+        take one, so that a zero `timeout` still pops an item that is there.
 
         Raises:
-            StoreTimeoutError: the queue stayed empty for `timeout` seconds.
+            StoreTimeoutError: no item could be popped within the timeout: the queue stayed
+                empty, or held only expired items.
+            RendezvousStateError: the queue's counters hold a value that rdzv does not write.
+            RendezvousOutcomeUnknownError: the pop's answer was lost, and etcd could not tell
+                in time whether it landed: the item may have been taken.
         """
         seconds = _validate_timeout(timeout)
         counters_key = self._queue_key(key)
-        deadline = anyio.current_time() + seconds
+        deadline = time.monotonic() + seconds
+        limit = deadline + _POP_GRACE  # every request ends by then
         while True:
-            kvs, revision = await self._connection.range(counters_key)
+            kvs, revision = await self._connection.range(
+                counters_key, deadline=self._request_deadline(limit)
+            )
             counters = kvs[0] if kvs else None
-            if counters is not None and _queue_length(counters.value) > 0:
-                # Not under the deadline: a pop cancelled in flight could lose its item.
-                popped = await self._pop(key, counters)
+            if counters is not None and _queue_length(counters_key, counters.value) > 0:
+                popped = await self._pop(key, counters, deadline + _POP_GRACE / 2, limit)
                 if popped is not None:
                     return popped
-                continue  # another popper was first, or the item had expired: look again
+                if time.monotonic() >= deadline:
+                    raise StoreTimeoutError(
+                        f"The store queue {key!r} (under {self._prefix!r}) had no unexpired "
+                        f"item to pop within the timeout of {seconds:g} s."
+                    )
+                continue  # another popper was first, or the items had expired: look again
             found = {} if counters is None else {counters_key: counters.value}
             try:
-                with anyio.CancelScope(deadline=deadline):
+                with anyio.move_on_after(deadline - time.monotonic()):
                     await self._watch_until(
                         [counters_key],
                         found,
                         revision,
-                        lambda found: _queue_length(found.get(counters_key)) > 0,
+                        lambda found: _queue_length(counters_key, found.get(counters_key)) > 0,
                     )
                     continue
             except RendezvousWatchCompactedError:
@@ -472,9 +550,16 @@ class AsyncEtcdStore:
             )
 
     async def queue_len(self, key: str) -> int:
-        """Return the number of items in the queue `key` (0 if there is no such queue)."""
-        counters = await self._connection.get(self._queue_key(key))
-        return _queue_length(None if counters is None else counters.value)
+        """Return the number of items in the queue `key` (0 if there is no such queue).
+
+        Items that have expired and not yet been popped past are counted.
+
+        Raises:
+            RendezvousStateError: the queue's counters hold a value that rdzv does not write.
+        """
+        counters_key = self._queue_key(key)
+        counters = await self._connection.get(counters_key)
+        return _queue_length(counters_key, None if counters is None else counters.value)
 
     # ---------------------------------------------------------------------------- internals
 
@@ -504,9 +589,13 @@ class AsyncEtcdStore:
         return [
             name
             for key, name in names.items()
-            if key not in found
-            and not (queues and _queue_length(found.get(self._queue_key(name))) > 0)
+            if key not in found and not (queues and self._queue_found(name, found))
         ]
+
+    def _queue_found(self, name: str, found: dict[bytes, bytes]) -> bool:
+        """Whether `found` holds counters of a non-empty queue `name`."""
+        counters_key = self._queue_key(name)
+        return _queue_length(counters_key, found.get(counters_key)) > 0
 
     def _marker(self, key: bytes) -> bytes:
         """Where the write id of the last add, append or compare_set of `key` is kept."""
@@ -728,6 +817,7 @@ class AsyncEtcdStore:
         plan: Callable[[KeyValue | None], _Swap[T] | None],
         current: KeyValue | None,
         what: tuple[str, str],
+        deadline: float | None = None,
     ) -> tuple[T, TxnResult | None] | None:
         """Apply `plan(current)` by compare-and-swap on `key`; each write lands exactly once.
 
@@ -738,12 +828,13 @@ class AsyncEtcdStore:
         lost is recognised as ours by that id alone (see `_lost_write_landed`), never applied
         twice. Returns what the plan that landed said, with the transaction's result (None if
         its answer was lost), or None once `plan` finds nothing to do. `name` is the store's
-        name of the key, `what` the kind of write for logs and the verb for errors.
+        name of the key, `what` the kind of write for logs and the verb for errors. Every
+        request ends by `deadline` (by default, the read timeout from now).
         """
         kind, verb = what
         marker = self._marker(key)
         write_id = os.urandom(_WRITE_ID_SIZE)
-        deadline = self._connection.deadline()
+        deadline = self._connection.deadline() if deadline is None else deadline
         # The conditions of attempts whose answers were lost, each with what its plan said.
         lost: dict[int | None, T] = {}
         while True:
@@ -836,12 +927,13 @@ class AsyncEtcdStore:
         key: str,
         plan: Callable[[KeyValue | None], _QueueStep | None],
         counters: KeyValue | None,
+        deadline: float | None = None,
     ) -> tuple[_QueueStep, TxnResult | None] | None:
         """Apply `plan(counters)` to the queue `key` once, by compare-and-swap of its counters.
 
         `counters` is the first guess of the queue's counters key. Returns the step that
         landed with the transaction's result (None if the answer was lost), or None once
-        `plan` finds nothing to do (see `_swap`).
+        `plan` finds nothing to do (see `_swap`). Every request ends by `deadline`.
         """
         counters_key = self._queue_key(key)
 
@@ -854,39 +946,101 @@ class AsyncEtcdStore:
                 lambda lease: [*step.operations(lease), Put(counters_key, step.counters, lease)],
             )
 
-        return await self._swap(
-            key, counters_key, swap, counters, ("queue change", "change the store queue")
-        )
+        what = ("queue change", "change the store queue")
+        return await self._swap(key, counters_key, swap, counters, what, deadline)
 
-    async def _pop(self, key: str, counters: KeyValue) -> bytes | None:
-        """Pop the oldest item of the queue `key`, whose counters were read as `counters`.
+    async def _pop(
+        self, key: str, counters: KeyValue, probe_until: float, limit: float
+    ) -> bytes | None:
+        """Pop the oldest item of the queue `key` that has not expired; None if none was popped.
 
-        Returns None, having popped nothing, if the queue was found empty; and also, having
-        moved past it, if the item had expired.
+        `counters` are the queue's counters, just read, of a non-empty queue. The head item is
+        popped at once: one transaction in the common case. If it had expired, the next items
+        are looked for `_PROBE_SIZE` per read (`_probe`), until `probe_until`; then one
+        transaction moves the head past every item found gone and pops the first one that is
+        not, by compare-and-swap of the counters like any pop. Returns None, having popped
+        nothing, if the queue was found empty or holding only gone items (the head is then
+        moved to the tail), or if time ran out while every item looked at had expired. Every
+        request ends by `limit`, and by its read timeout.
         """
+        counters_key = self._queue_key(key)
+        gone = _Gone(counters.create_revision)
 
         def pop(current: KeyValue | None) -> _QueueStep | None:
-            head, tail = _queue_bounds(None if current is None else current.value)
-            if current is None or head >= tail:
+            if current is None:
                 return None
+            head, tail = _queue_bounds(counters_key, current.value)
+            if head >= tail:
+                return None
+            number = gone.next_item(head, tail, current.create_revision)
             return _QueueStep(
-                counters=f"{head + 1} {tail}".encode(),
-                item=self._queue_item(key, head),
+                counters=f"{min(number + 1, tail)} {tail}".encode(),
+                item=self._queue_item(key, number) if number < tail else None,
                 value=None,
                 read_at=current.mod_revision,
             )
 
-        landed = await self._change_queue(key, pop, counters)
-        if landed is None:
-            return None
-        step, result = landed
-        if result is not None:
-            items = result.ranges[0]  # the transaction's Get of the item
-            return items[0].value if items else None
-        # The answer was lost: the item is read as it was when the pop was planned (it was
-        # pushed before, and only this pop deleted it).
-        item = await self._resolving(key, self._connection.get(step.item, revision=step.read_at))
-        return None if item is None else item.value
+        current: KeyValue | None = counters
+        while True:
+            deadline = self._request_deadline(limit)
+            landed = await self._change_queue(key, pop, current, deadline)
+            if landed is None:
+                return None  # found empty
+            step, result = landed
+            if step.item is None:
+                return None  # every item left was gone: the head moved to the tail
+            if result is not None:
+                items = result.ranges[0]  # the transaction's Get of the item
+                if items:
+                    return items[0].value
+            else:
+                # The answer was lost: the item is read as it was when the pop was planned (it
+                # was pushed before, and only this pop deleted it).
+                get = self._connection.get(step.item, revision=step.read_at, deadline=deadline)
+                item = await self._resolving(key, get)
+                if item is not None:
+                    return item.value
+            # The item had expired: look for the next ones that have not, many per read.
+            if time.monotonic() >= probe_until:
+                return None
+            head, _ = _queue_bounds(counters_key, step.counters)
+            current = await self._probe(key, head, gone, probe_until, limit)
+
+    async def _probe(
+        self, key: str, start: int, gone: _Gone, until: float, limit: float
+    ) -> KeyValue | None:
+        """Read which items of the queue `key` from number `start` on are gone, into `gone`.
+
+        Each read is one transaction: the counters, and whether each of the next `_PROBE_SIZE`
+        items exists, at one revision. Reads go on until one finds an item that exists, or
+        reaches the tail, or `until` has passed. Returns the counters as last read (None if
+        the queue is gone). Every request ends by `limit`.
+        """
+        counters_key = self._queue_key(key)
+        while True:
+            numbers = range(start, start + _PROBE_SIZE)
+            reads = [Get(counters_key)]
+            reads += [Get(self._queue_item(key, number), count_only=True) for number in numbers]
+            result = await self._connection.txn([], reads, deadline=self._request_deadline(limit))
+            current = result.ranges[0][0] if result.ranges[0] else None
+            if current is None:
+                return None
+            head, tail = _queue_bounds(counters_key, current.value)
+            for number, count in zip(numbers, result.counts[1:], strict=True):
+                if number >= tail:
+                    return current  # not pushed yet
+                if number < head:
+                    continue  # popped since
+                if count:
+                    return current  # an item that has not expired
+                gone.add(number, current.create_revision)
+            start = max(numbers.stop, head)
+            if start >= tail or time.monotonic() >= until:
+                return current
+
+    def _request_deadline(self, limit: float) -> float:
+        """The deadline of a request sent now, within the read timeout and by `limit`."""
+        return min(self._connection.deadline(), limit)
 
     async def _resolving(self, key: str, resolution: Awaitable[T]) -> T:
         """`resolution`, or `RendezvousOutcomeUnknownError` if etcd cannot settle it in time."""
