@@ -16,7 +16,7 @@ import aetcd
 import pytest
 
 import rdzv
-from rdzv.testing import EtcdServer, find_etcd_binary
+from rdzv.testing import EtcdServer, FaultProxy, find_etcd_binary
 from support import READER_PASSWORD, RawEtcd, raw_client
 
 
@@ -37,6 +37,13 @@ async def connection(etcd_endpoints: str) -> AsyncIterator[rdzv.Connection]:
 def backend(connection: rdzv.Connection, etcd_key_prefix: str) -> rdzv.AsyncEtcdBackend:
     """A backend for run id "job" under this test's own key prefix."""
     return rdzv.AsyncEtcdBackend(connection, "job", key_prefix=etcd_key_prefix)
+
+
+@pytest.fixture
+def proxy(etcd_endpoints: str) -> Iterator[FaultProxy]:
+    """A started fault proxy in front of the session's etcd."""
+    with FaultProxy(etcd_endpoints) as proxy:
+        yield proxy
 
 
 @pytest.fixture

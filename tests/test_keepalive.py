@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 import aetcd
 import anyio
@@ -56,13 +56,6 @@ async def _remaining_until(
 async def _alive(connection: rdzv.Connection, lease_id: int) -> bool:
     """Whether etcd still has the lease."""
     return await connection.lease_time_to_live(lease_id) > 0
-
-
-@pytest.fixture
-def proxy(etcd_endpoints: str) -> Iterator[FaultProxy]:
-    """A started proxy in front of the session's etcd."""
-    with FaultProxy(etcd_endpoints) as proxy:
-        yield proxy
 
 
 @pytest.fixture

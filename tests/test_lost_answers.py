@@ -7,7 +7,7 @@ to resolve what happened.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import anyio
 import pytest
@@ -20,13 +20,6 @@ pytestmark = pytest.mark.anyio
 
 # With two endpoints an attempt gets a third of this: a lost answer is noticed after ~1.3 s.
 READ_TIMEOUT = 4
-
-
-@pytest.fixture
-def proxy(etcd_endpoints: str) -> Iterator[FaultProxy]:
-    """A fault proxy in front of the session's etcd."""
-    with FaultProxy(etcd_endpoints) as proxy:
-        yield proxy
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import anyio
 import pytest
@@ -33,13 +33,6 @@ WAIT = 5.0
 # How long a held request is left to settle before it counts as complete: far less than the
 # read timeout, far more than the microseconds a client takes to write one request.
 SETTLE = 0.2
-
-
-@pytest.fixture
-def proxy(etcd_endpoints: str) -> Iterator[FaultProxy]:
-    """A started proxy in front of the session's etcd."""
-    with FaultProxy(etcd_endpoints) as proxy:
-        yield proxy
 
 
 @pytest.fixture
