@@ -158,6 +158,26 @@ def _closed_during_call() -> RendezvousError:
     return RendezvousError("This rdzv object was closed while the call was in progress.")
 
 
+def _cancelled_error(owner: Portal | None, cancelled: asyncio.CancelledError) -> RendezvousError:
+    """What a call that ended with `cancelled` raises in its caller's thread.
+
+    The facade cancels a call's task when its portal closes, when its caller is interrupted,
+    and when the loop ends. A cancellation that escaped a call whose task nothing cancelled is
+    none of these, and is not reported as a close.
+    """
+    if owner is not None and owner.closed:
+        return _closed_during_call()
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)  # Python 3.11+
+    if cancelling is None or cancelling():
+        return _closed_error()
+    error = RendezvousError(
+        "The call ended with a cancellation that nothing asked for: a bug of rdzv or of a "
+        "library it uses (the chained error shows where it came from)."
+    )
+    error.__cause__ = cancelled
+    return error
+
+
 class _Runner:
     """The event-loop thread that runs every facade's calls in this process."""
 
@@ -268,9 +288,8 @@ class _Runner:
         # callback: that would cost the caller one more turn of the loop.
         try:
             call.value = await function(*args, **kwargs)
-        except asyncio.CancelledError:
-            closed = owner is not None and owner.closed
-            call.error = _closed_during_call() if closed else _closed_error()
+        except asyncio.CancelledError as cancelled:
+            call.error = _cancelled_error(owner, cancelled)
         except Exception as error:  # StopAsyncIteration too: `iterate` needs it
             call.error = error
         except BaseException as error:  # KeyboardInterrupt, SystemExit: the loop ends too

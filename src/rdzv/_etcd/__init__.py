@@ -9,6 +9,7 @@ This package replaces those pieces, one module a job:
 - `_values`: typed keys, transaction conditions and operations, watch events;
 - `_classify`: what a gRPC error means, and its translation into the `rdzv.RendezvousError` tree;
 - `_tls`: channel credentials and recognising TLS misconfiguration;
+- `_calls`: awaiting a gRPC call, so that a cancellation of the caller stays the caller's;
 - `_links`: the channel to the current endpoint, failover, authentication, suspension;
 - `_attempts`: the attempt driver, the one place that retries;
 - `_keepalive`: lease keep-alives, all of a connection's leases on one stream;

@@ -17,6 +17,7 @@ import grpc
 from aetcd import rpc
 
 from rdzv._errors import RendezvousAuthError, RendezvousError
+from rdzv._etcd import _calls
 from rdzv._etcd._attempts import Refused, drive
 from rdzv._etcd._classify import is_auth_refusal, synthetic
 from rdzv._etcd._connection import Connection, _finish
@@ -68,7 +69,8 @@ async def _call(connection: Connection, service: str, method: str, request: Any,
 
     async def send(link: Link, timeout: float) -> Any:
         stub = getattr(rpc, f"{service}Stub")(link.channel)
-        response = await getattr(stub, method)(request, timeout=timeout, metadata=links.metadata())
+        call = getattr(stub, method)(request, timeout=timeout, metadata=links.metadata())
+        response = await _calls.unary(call)
         links.verify(link, response.header)
         return response
 
@@ -145,10 +147,11 @@ async def open_watch(connection: Connection, key: bytes) -> None:
     async def send(link: Link, timeout: float) -> None:
         call = link.watch.Watch(metadata=links.metadata(require_leader=True))
         try:
-            await call.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(key=key)))
+            create = rpc.WatchCreateRequest(key=key)
+            await _calls.write(call, rpc.WatchRequest(create_request=create))
             try:
                 with anyio.fail_after(timeout):  # not wait_for: see _keepalive._open_stream
-                    response = await call.read()
+                    response = await _calls.read(call)
             except TimeoutError:
                 raise synthetic(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer to a watch") from None
             if response is grpc.aio.EOF:

@@ -23,6 +23,7 @@ from rdzv._errors import (
     RendezvousLeaseNotFoundError,
     RendezvousWatchCompactedError,
 )
+from rdzv._etcd import _calls
 from rdzv._etcd._attempts import Refused, despite_cancellation, drive, task_cancelling
 from rdzv._etcd._classify import (
     Kind,
@@ -261,7 +262,9 @@ class Connection:
 
         async def send(link: Link, timeout: float) -> Any:
             call = getattr(getattr(link, stub), method)
-            response = await call(request, timeout=timeout, metadata=self._links.metadata())
+            response = await _calls.unary(
+                call(request, timeout=timeout, metadata=self._links.metadata())
+            )
             self._links.verify(link, response.header)
             self._saw(response.header.revision)
             return response
@@ -406,7 +409,9 @@ class Connection:
         keys = [op.key for op in success if isinstance(op, Put)]
 
         async def send(link: Link, timeout: float) -> Any:
-            response = await link.kv.Txn(request, timeout=timeout, metadata=self._links.metadata())
+            response = await _calls.unary(
+                link.kv.Txn(request, timeout=timeout, metadata=self._links.metadata())
+            )
             self._links.verify(link, response.header)
             self._saw(response.header.revision)
             return response
@@ -493,10 +498,11 @@ class Connection:
             create = rpc.WatchCreateRequest(
                 key=key, range_end=range_end, start_revision=start_revision
             )
-            await call.write(rpc.WatchRequest(create_request=create))
+            await _calls.write(call, rpc.WatchRequest(create_request=create))
             try:
-                response = await asyncio.wait_for(call.read(), timeout)
-            except asyncio.TimeoutError:
+                with anyio.fail_after(timeout):  # not wait_for: see _keepalive._open_stream
+                    response = await _calls.read(call)
+            except TimeoutError:
                 raise synthetic(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer to a watch") from None
             if response is grpc.aio.EOF:
                 raise synthetic(grpc.StatusCode.UNAVAILABLE, "the watch stream ended")
@@ -517,7 +523,7 @@ class Connection:
         """The events of an open watch until its stream breaks (then the caller reopens it)."""
         while True:
             try:
-                response = await stream.call.read()
+                response = await _calls.read(stream.call)
             except grpc.aio.AioRpcError as error:
                 if classify(error) is Kind.FINAL:
                     raise translate(

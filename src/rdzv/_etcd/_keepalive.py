@@ -44,6 +44,7 @@ import grpc.aio
 from aetcd import rpc
 
 from rdzv._errors import RendezvousError
+from rdzv._etcd import _calls
 from rdzv._etcd._attempts import INITIAL_BACKOFF, drive, task_cancelling
 from rdzv._etcd._classify import Kind, classify, fields, synthetic
 from rdzv._etcd._links import Link, Links
@@ -452,7 +453,7 @@ class KeepAlive:
             # Recorded before the write: its answer may be read before the write returns.
             stream.in_flight.append((lease_id, sent_at))
             try:
-                await stream.call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
+                await _calls.write(stream.call, rpc.LeaseKeepAliveRequest(ID=lease_id))
             except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
                 stream.broken = True
             except asyncio.CancelledError:
@@ -506,11 +507,11 @@ class KeepAlive:
         call = link.lease.LeaseKeepAlive(metadata=metadata)
         try:
             try:
-                await call.write(rpc.LeaseKeepAliveRequest(ID=0))
+                await _calls.write(call, rpc.LeaseKeepAliveRequest(ID=0))
                 # Not asyncio.wait_for: on Python 3.11 it can swallow the task's cancellation
                 # when the read completes at the same moment, and the sender outlives `_stop`.
                 with anyio.fail_after(timeout):
-                    response = await call.read()
+                    response = await _calls.read(call)
             except TimeoutError:
                 raise synthetic(
                     grpc.StatusCode.DEADLINE_EXCEEDED, "no answer to a lease keep-alive"
@@ -533,7 +534,7 @@ class KeepAlive:
         """The reader task of `stream`: hand each answer to its keepers, until the stream ends."""
         try:
             while True:
-                response = await stream.call.read()
+                response = await _calls.read(stream.call)
                 if response is grpc.aio.EOF:
                     break
                 self._answered(stream, int(response.ID), int(response.TTL))

@@ -28,6 +28,7 @@ from rdzv._errors import (
     RendezvousError,
     RendezvousTLSError,
 )
+from rdzv._etcd import _calls
 from rdzv._etcd._classify import fields
 from rdzv._etcd._endpoints import Endpoint
 from rdzv._etcd._tls import handshake_failure, plain_client_met_tls, speaks_tls
@@ -301,7 +302,7 @@ class Links:
                 return self._token
             request = rpc.AuthenticateRequest(name=self.username, password=self._password)
             try:
-                response = await link.auth.Authenticate(request, timeout=timeout)
+                response = await _calls.unary(link.auth.Authenticate(request, timeout=timeout))
             except grpc.aio.AioRpcError as error:
                 if error.code() in _AUTH_REFUSED:
                     raise RendezvousAuthError(
