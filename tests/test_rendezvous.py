@@ -14,8 +14,10 @@ import pytest
 
 import rdzv
 from conftest import Participants
+from rdzv._demo import etcd_requests
 from rdzv._rendezvous._control import round_control
-from support import LoseAnswers, closed_port, poll_until
+from rdzv.testing import EtcdServer
+from support import LoseAnswers, closed_port, poll_until, present
 
 pytestmark = pytest.mark.anyio
 
@@ -435,3 +437,36 @@ async def test_a_coordinator_on_a_connection_already_watching_its_round_complete
             await node.leave()
         assert membership.world_size == 1
         control = f"{etcd_key_prefix}/job/round/{membership.round + 1}/c/".encode()
+
+
+async def test_a_join_on_a_connection_of_its_own_costs_etcd_three_requests(
+    etcd_key_prefix: str,
+) -> None:
+    """A node on its own connection joins with a LeaseGrant, one Txn and one Watch: no Range."""
+    with EtcdServer() as server:
+        async with rdzv.connect(server.endpoint) as first, rdzv.connect(server.endpoint) as own:
+            options = {"min_nodes": 2, "max_nodes": 2, "key_prefix": etcd_key_prefix}
+            coordinator = rdzv.AsyncRendezvous(first, "job", **options)
+            node = rdzv.AsyncRendezvous(own, "job", **options)
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as group:
+                    group.start_soon(coordinator.join)
+                    await poll_until(lambda: _has_keys(first, etcd_key_prefix, 1))
+                    before = present(await etcd_requests(server.endpoint))
+                    membership = await node.join()
+                    after = present(await etcd_requests(server.endpoint))
+            await coordinator.leave()
+            await node.leave()
+    sent = {method: after.get(method, 0) - before.get(method, 0) for method in after}
+    assert membership.world_size == 2
+    # The node's LeaseGrant, Txn and Watch; the coordinator's one Txn that completes the round.
+    assert {method: count for method, count in sent.items() if count} == {
+        "LeaseGrant": 1,
+        "Txn": 2,
+        "Watch": 1,
+    }
+
+
+async def _has_keys(connection: rdzv.Connection, prefix: str, count: int) -> bool:
+    kvs, _ = await connection.range(f"{prefix}/job/round/1/m/".encode(), prefix=True)
+    return len(kvs) >= count

@@ -357,15 +357,19 @@ class Connection:
             )
         self._keepalive.revoked(lease_id)
 
-    def keep_alive(self, lease_id: int, ttl: int) -> LeaseKeeper:
+    def keep_alive(
+        self, lease_id: int, ttl: int, *, granted_at: float | None = None
+    ) -> LeaseKeeper:
         """Keep lease `lease_id` (granted with `ttl` s) alive in the background until released.
 
         Every lease of the connection is refreshed on one shared LeaseKeepAlive stream, every
-        `ttl / 3` seconds (the first time at once). The keeper reports when the lease expired,
-        or must be presumed expired (see `LeaseKeeper`). Raises `ValueError` for an id or ttl
-        that is not a positive int.
+        `ttl / 3` seconds. The first refresh is at once, or, given `granted_at` (the
+        `time.monotonic()` time the grant was asked for), `ttl / 3` seconds after it: a lease
+        just granted needs none sooner. The keeper reports when the lease expired, or must be
+        presumed expired (see `LeaseKeeper`). Raises `ValueError` for an id or ttl that is not
+        a positive int.
         """
-        return self._keepalive.keep(lease_id, ttl, refreshing=True)
+        return self._keepalive.keep(lease_id, ttl, refreshing=True, since=granted_at)
 
     def follow_lease(
         self, lease_id: int, ttl: int, *, granted_at: float | None = None

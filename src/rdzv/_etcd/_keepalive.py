@@ -107,7 +107,14 @@ class LeaseKeeper:
     )
 
     def __init__(
-        self, owner: KeepAlive, lease_id: int, ttl: int, *, refreshing: bool, since: float
+        self,
+        owner: KeepAlive,
+        lease_id: int,
+        ttl: int,
+        *,
+        refreshing: bool,
+        since: float,
+        known: bool = False,
     ) -> None:
         self.lease_id = lease_id
         """The etcd lease id."""
@@ -115,9 +122,10 @@ class LeaseKeeper:
         """The lease's TTL in seconds, as it was granted."""
         self._owner = owner
         self._refreshing = refreshing
-        # Presumed granted (or refreshed) at `since`.
+        # Presumed granted (or refreshed) at `since`: refreshed next a third of its TTL later
+        # when that is known (granted then), at once when it is a guess (now).
         self._alive_until = since + ttl
-        self._next_refresh = since
+        self._next_refresh = since + ttl / REFRESHES_PER_TTL if known else since
         self._due = 0.0  # the due time of this keeper's one live entry in the heap
         self._expired = False
         self._released = False
@@ -252,13 +260,20 @@ class KeepAlive:
     def keep(
         self, lease_id: int, ttl: int, *, refreshing: bool, since: float | None = None
     ) -> LeaseKeeper:
-        """A keeper of `lease_id`: refreshed every `ttl / 3` s if `refreshing`, else followed."""
+        """A keeper of `lease_id`: refreshed every `ttl / 3` s if `refreshing`, else followed.
+
+        `since`: when the lease was granted (by default, presumed now and refreshed at once).
+        """
         self._links.check_open()
         lease_id = _positive_int(lease_id, "lease id")
         ttl = _positive_int(ttl, "lease TTL")
-        now = time.monotonic()
         keeper = LeaseKeeper(
-            self, lease_id, ttl, refreshing=refreshing, since=now if since is None else since
+            self,
+            lease_id,
+            ttl,
+            refreshing=refreshing,
+            since=time.monotonic() if since is None else since,
+            known=since is not None,
         )
         self._keepers.setdefault(lease_id, []).append(keeper)
         self._schedule(keeper)

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import time
 from typing import Final, Literal
 
 import anyio
@@ -281,8 +282,9 @@ class AsyncRendezvous:
         if self._abandoned is not None:
             await self._connection.revoke_lease(self._abandoned)  # harmless if it is gone
             self._abandoned = None
+        asked = time.monotonic()
         lease_id = await self._connection.grant_lease(self._lease_ttl)
-        self._keeper = self._connection.keep_alive(lease_id, self._lease_ttl)
+        self._keeper = self._connection.keep_alive(lease_id, self._lease_ttl, granted_at=asked)
         return self._keeper
 
     def _drop_lease(self) -> None:
