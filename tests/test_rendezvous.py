@@ -445,9 +445,12 @@ async def test_a_join_on_a_connection_of_its_own_costs_etcd_three_requests(
     """A node on its own connection joins with a LeaseGrant, one Txn and one Watch: no Range."""
     with EtcdServer() as server:
         async with rdzv.connect(server.endpoint) as first, rdzv.connect(server.endpoint) as own:
-            options = {"min_nodes": 2, "max_nodes": 2, "key_prefix": etcd_key_prefix}
-            coordinator = rdzv.AsyncRendezvous(first, "job", **options)
-            node = rdzv.AsyncRendezvous(own, "job", **options)
+            coordinator, node = (
+                rdzv.AsyncRendezvous(
+                    each, "job", min_nodes=2, max_nodes=2, key_prefix=etcd_key_prefix
+                )
+                for each in (first, own)
+            )
             with anyio.fail_after(20):
                 async with anyio.create_task_group() as group:
                     group.start_soon(coordinator.join)
