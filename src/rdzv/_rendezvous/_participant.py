@@ -159,7 +159,8 @@ class AsyncRendezvous:
         # Our member keys: the one of the round we joined, and one whose join may have landed.
         self._keys: list[bytes] = []
         self._coordinating: dict[int, asyncio.Task[None]] = {}
-        self._coordinated: set[tuple[int, int]] = set()  # (round, coordinator key revision)
+        # (round, coordinator key revision) of the coordinations that ran to their end.
+        self._coordinated: set[tuple[int, int]] = set()
         self._waiting: int | None = None  # the round a join waits in
         self._joining = asyncio.Lock()
         self._left = False
@@ -390,13 +391,13 @@ class AsyncRendezvous:
                     return None
                 if outcome == "lease lost":
                     logger.warning(
-                        "the lease of a participant waiting in round %d of %r expired; it joins "
-                        "again with a new one (was its process stalled, or etcd unreachable?)",
+                        "the lease of a participant waiting in round %d of %r is presumed "
+                        "expired (was its process stalled, or etcd unreachable?); it joins "
+                        "again, on a new lease if etcd says the old one is gone",
                         number,
                         self._run_id,
                         extra={"rdzv_lease": keeper.lease_id},
                     )
-                    self._drop_lease()
                     return None
                 await self._elect(control, number, keeper.lease_id)
 
@@ -501,7 +502,6 @@ class AsyncRendezvous:
                 self._coordinate(number, keeper, revision)
 
     def _coordinate(self, number: int, keeper: LeaseKeeper, revision: int) -> None:
-        self._coordinated.add((number, revision))
         task = asyncio.get_running_loop().create_task(
             self._run_coordinator(number, keeper, revision)
         )
@@ -536,6 +536,8 @@ class AsyncRendezvous:
                         control=control,
                     )
                     await coordinator.run()
+                    # Done (or replaced): never again for this key, though it is still ours.
+                    self._coordinated.add((number, revision))
                     return
             except RendezvousError as error:
                 # etcd did not answer for a whole read timeout, or holds a value rdzv did not
