@@ -17,12 +17,20 @@ The samples are the fenced blocks of `docs/*.md` and `README.md`. How to write t
 - ```` ```python title="train.py" ```` is a file, not a program: it is written to a directory,
   and the page's console lines that start with `$ torchrun` are run there (torchrun as
   `python -m torch.distributed.run`). Console lines without the `$ ` prompt are not run.
-- Endpoints are written `10.0.0.1:2379` (`10.0.0.2:2379`, ...), `127.0.0.1:2379` or
-  `localhost:2379`: each is replaced by the endpoint of an etcd started for these tests. A
-  plain block (no TLS, no auth) gets an empty etcd of its own, as a reader's would be. Other
-  ports are left alone (a sample may show an unreachable endpoint such as `127.0.0.1:1`).
-- Relative links in `README.md` and in `docs/*.md` name files that exist, and `mkdocs.yml` builds
-  a site whose links work when it is opened from disk, as the README says to.
+- A program names no host but this machine (`127.0.0.1:2379` or `localhost:2379`, where the
+  reader's `rdzv serve` listens), so that pasted as it is it runs, or fails at once. Only a
+  program that needs files of the reader's cluster (under `/etc/rdzv/`, below), which cannot run
+  pasted anyway, may name cluster endpoints, written `10.0.0.1:2379` (`10.0.0.2:2379`, ...).
+  Each of these endpoints is replaced by the endpoint of an etcd started for these tests. A
+  plain block (no TLS, no auth) gets an empty etcd of its own, as a reader's would be, and runs
+  once more after all the others on one etcd, as a reader's one `rdzv serve` would hold them.
+  Other ports are left alone (a sample may show an unreachable endpoint such as `127.0.0.1:1`).
+- A program pastes into `python -m asyncio` (Python 3.11's console, which ends a block at a
+  blank line): no blank line inside an indented block, and one after each top-level block.
+- Relative links and images in `README.md` and in `docs/*.md` name files that exist, and
+  `mkdocs.yml` builds a site that works when it is opened from disk, as the README says to: its
+  links name files, and it loads no script from the network (no ```` ```mermaid ```` fence,
+  which Material draws with a script it fetches; diagrams are images under `docs/img/`).
 - Paths under `/etc/rdzv/` name files that the test provides: `ca.pem` (the CA of the test
   servers), `client.pem` and `client-key.pem` (a client certificate it signed), and
   `etcd-password` (the password of the etcd user `rdzv-job`).
@@ -33,6 +41,8 @@ The samples are the fenced blocks of `docs/*.md` and `README.md`. How to write t
 
 from __future__ import annotations
 
+import ast
+import code
 import dataclasses
 import os
 import re
@@ -41,6 +51,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import CodeType
 
 import pytest
 import trustme
@@ -121,6 +132,10 @@ def _blocks(page: Path) -> list[Block]:
 ALL_BLOCKS = [block for page in PAGES for block in _blocks(page)]
 PROGRAMS = [b for b in ALL_BLOCKS if b.language == "python" and b.title is None]
 FILES = [b for b in ALL_BLOCKS if b.language == "python" and b.title is not None]
+# The programs that run against a plain etcd (no TLS, no authentication), as a reader's would be.
+PLAIN_PROGRAMS = [
+    b for b in PROGRAMS if 'protocol="https"' not in b.text and "username=" not in b.text
+]
 
 
 def _console_commands(block: Block, program: str) -> list[str]:
@@ -321,6 +336,7 @@ def test_python_sample_runs(
     elif "username=" in block.text:
         server = request.getfixturevalue("auth_etcd")
     else:
+        assert block in PLAIN_PROGRAMS
         server = request.getfixturevalue("docs_etcd")
     runs = ("first",) if block.page.name in _RUN_ONCE else ("first", "second")
     for run in runs:
@@ -341,6 +357,102 @@ def test_torchrun_sample_runs(
     """The page's torchrun command runs its training script to success."""
     completed = _run_torchrun(block, command, docs_etcd, tmp_path, files)
     assert completed.returncode == 0, _report(command, completed)
+
+
+@pytest.mark.slow
+def test_every_sample_runs_after_all_the_others_on_one_etcd(
+    tmp_path: Path, files: Path, docs_etcd: EtcdServer
+) -> None:
+    """A reader's one `rdzv serve` holds every page's samples: none assumes an empty etcd."""
+    for block in PLAIN_PROGRAMS:
+        completed = _run_program(block, docs_etcd, tmp_path, files)
+        assert completed.returncode == 0, _report(
+            f"{block.name}, after the samples before it", completed
+        )
+
+
+class _PastingConsole(code.InteractiveConsole):
+    """`python -m asyncio`'s console (top-level await allowed), fed lines; it runs nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(filename="<console>")
+        self.compile.compiler.flags |= ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+        self.errors: list[str] = []
+
+    def runcode(self, code: CodeType) -> None:
+        """A complete statement is compiled, as the console does, but not run."""
+
+    def showsyntaxerror(self, filename: str | None = None, **kwargs: object) -> None:
+        """Keep the error that the console would print, and go on as it does."""
+        error = sys.exc_info()[1]
+        self.errors.append(f"{type(error).__name__}: {error}")
+
+
+@pytest.mark.parametrize("block", PROGRAMS, ids=[block.name for block in PROGRAMS])
+def test_sample_pastes_into_the_asyncio_console(block: Block) -> None:
+    """Pasted into `python -m asyncio` (3.11's console), the sample compiles line by line."""
+    # A blank line inside a block ends it early (IndentationError at the next line), and a
+    # top-level block that no blank line ends runs into the next statement (SyntaxError).
+    console = _PastingConsole()
+    for number, line in enumerate([*block.text.splitlines(), ""], block.line + 1):
+        console.push(line)
+        assert not console.errors, f"{block.page.name}:{number}: {console.errors[0]}\n{line}"
+
+
+_IPV4 = re.compile(r"(?<![\w.])\d{1,3}(?:\.\d{1,3}){3}(?![\w.])")
+_NAMED_ENDPOINT = re.compile(r"(?<![\w.-])(?P<host>[A-Za-z][\w.-]*):2379\b")
+
+
+def test_runnable_samples_name_no_host_but_this_machine() -> None:
+    """Pasted as it is, a program talks to the reader's `rdzv serve`, not to a missing host."""
+    # A missing host costs a pasted sample its whole read timeout. Only a sample that needs
+    # files of the reader's cluster (/etc/rdzv/...), and so cannot run pasted, names its hosts.
+    elsewhere = {
+        block.name: hosts
+        for block in PROGRAMS
+        if "/etc/rdzv/" not in block.text
+        and (
+            hosts := sorted(
+                {address for address in _IPV4.findall(block.text) if not address.startswith("127.")}
+                | {
+                    match["host"]
+                    for match in _NAMED_ENDPOINT.finditer(block.text)
+                    if match["host"] != "localhost"
+                }
+            )
+        )
+    }
+    assert not elsewhere, f"samples that name other hosts than this machine: {elsewhere}"
+
+
+def test_the_asyncio_quickstart_teaches_the_scalable_rendezvous() -> None:
+    """The quickstart's rendezvous, and the README's, is AsyncRendezvous: not N² swaps."""
+    # A compare-and-swap loop on one value costs O(N²) requests; AsyncRendezvous, one key per
+    # node, O(N). The low-level state keeps a page of its own.
+    quickstart = [block for block in PROGRAMS if block.page.name == "quickstart-asyncio.md"]
+    assert any("rdzv.AsyncRendezvous(" in block.text for block in quickstart)
+    assert not [block.name for block in quickstart if "set_state" in block.text]
+    for page in (ROOT / "README.md", ROOT / "docs" / "index.md"):
+        first = next(block for block in PROGRAMS if block.page == page)
+        assert "rdzv.AsyncRendezvous(" in first.text, first.name
+
+
+def test_the_install_docs_name_the_tested_torch_and_its_cpu_build() -> None:
+    """The install docs name the torch that the tests run, and how to get its CPU-only build."""
+    # `rdzv[torch]` alone brings the newest torch, with gigabytes of CUDA wheels.
+    [pin] = re.findall(
+        r'^TORCH = "(torch==[^"]+)"$', (ROOT / "noxfile.py").read_text(), flags=re.MULTILINE
+    )
+    for page in (
+        ROOT / "README.md",
+        ROOT / "docs" / "index.md",
+        ROOT / "docs" / "quickstart-torchrun.md",
+    ):
+        text = " ".join(page.read_text().split())
+        assert pin in text, f"{page.name} does not name {pin}"
+        assert "CPU-only wheel index" in text, (
+            f"{page.name} does not say how to install torch for CPUs"
+        )
 
 
 def test_there_is_a_torchrun_sample() -> None:
@@ -423,7 +535,8 @@ def test_the_torchrun_quickstart_runs_again_after_the_reset_it_shows(
 
 # ------------------------------------------------------------------------ links and commands
 
-_LINK = re.compile(r"(?<!!)\[[^\]]*\]\((?P<target>[^)\s]+)\)")
+# Links and images alike.
+_LINK = re.compile(r"\[[^\]]*\]\((?P<target>[^)\s]+)\)")
 
 
 def _relative_links(page: Path) -> list[str]:
@@ -474,6 +587,17 @@ def test_the_site_works_opened_from_disk() -> None:
     """mkdocs.yml builds page.html files, not folders: links work from file:// too."""
     settings = (ROOT / "mkdocs.yml").read_text().splitlines()
     assert "use_directory_urls: false" in settings
+
+
+def test_the_site_loads_no_script_from_the_network() -> None:
+    """Opened from disk, offline, the site fetches no script, stylesheet or font to show a page."""
+    # Material draws a ```mermaid fence with Mermaid, which it fetches from a CDN.
+    fences = [block.name for block in ALL_BLOCKS if block.language == "mermaid"]
+    assert not fences, f"Mermaid fences, drawn by a script from the network: {fences}"
+    settings = (ROOT / "mkdocs.yml").read_text()
+    assert not re.search(r"name: mermaid|mermaid[\w.-]*\.js", settings, flags=re.IGNORECASE)
+    assert not re.findall(r"^\s*-\s*(?:[a-z]+:)?//.*$", settings, flags=re.MULTILINE)
+    assert re.search(r"^\s*font: false\b", settings, flags=re.MULTILINE)
 
 
 def _steps(command: str) -> list[str]:
