@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
+import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,41 @@ from support import READER_PASSWORD, RawEtcd, closed_port
 
 def _check_cli(*arguments: str, env: dict[str, str | None] | None = None) -> Result:
     return CliRunner().invoke(main, ["check", *arguments], env=env, catch_exceptions=False)
+
+
+def _check_without_torch(site: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
+    """`rdzv check ARGUMENTS` in a Python whose site-packages lack torch, as on an operator's box.
+
+    `site` is a directory of links to everything in this environment's site-packages but torch;
+    `python -S` leaves the real one out, and `site.addsitedir` reads the links' .pth files
+    (rdzv's editable install among them).
+    """
+    script = (
+        "import site, sys; site.addsitedir(sys.argv[1]); from rdzv._cli import main; "
+        "main(sys.argv[2:], prog_name='rdzv')"
+    )
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    return subprocess.run(
+        [sys.executable, "-S", "-c", script, str(site), "check", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=environment,
+    )
+
+
+@pytest.fixture
+def site_without_torch(tmp_path: Path) -> Path:
+    """A directory of links to this environment's site-packages, torch's left out."""
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    for directory in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
+        for entry in Path(directory).iterdir():
+            torch = entry.name == "torch" or entry.name.startswith("torch-")
+            if not torch and not (site / entry.name).exists():
+                (site / entry.name).symlink_to(entry)
+    return site
 
 
 def _as_json(outcome: Result) -> dict[str, Any]:
@@ -182,3 +221,51 @@ def test_a_handler_entry_point_that_fails_to_load_shows_its_error(
         "'rdzv._no_such_module'"
     )
     assert handler.fix is not None
+
+
+def _scratch_prefixes(etcd_key_prefix: str) -> list[str]:
+    return [
+        "--key-prefix", etcd_key_prefix, "--rounds-prefix", f"{etcd_key_prefix}/rounds",
+        "--store-prefix", f"{etcd_key_prefix}/store/",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_without_torch_a_healthy_etcd_passes_with_torch_skipped(
+    site_without_torch: Path, etcd_endpoints: str, etcd_key_prefix: str
+) -> None:
+    """Where torch is not installed, the torch line says skipped and the exit code is 0."""
+    completed = _check_without_torch(
+        site_without_torch, "--endpoints", etcd_endpoints, *_scratch_prefixes(etcd_key_prefix)
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    torch_lines = [line for line in completed.stdout.splitlines() if "  torch  " in line]
+    assert torch_lines == ["ok    torch       installed                   not installed (skipped)"]
+
+
+@pytest.mark.slow
+def test_torch_option_requires_torch(
+    site_without_torch: Path, etcd_endpoints: str, etcd_key_prefix: str
+) -> None:
+    """With --torch, a machine without torch fails the check, saying how to install it."""
+    completed = _check_without_torch(
+        site_without_torch, "--torch", "--json", "--endpoints", etcd_endpoints,
+        *_scratch_prefixes(etcd_key_prefix),
+    )  # fmt: skip
+    assert completed.returncode == 1
+    report = json.loads(completed.stdout)
+    installed = _finding(report, "torch", "installed")
+    assert (installed["ok"], installed["detail"]) == (False, "torch is not installed")
+    assert "pip install torch" in installed["fix"]
+
+
+def test_no_torch_option_skips_the_torch_checks(etcd_endpoints: str, etcd_key_prefix: str) -> None:
+    """--no-torch checks nothing of torch, even where it is installed: one line says so."""
+    outcome = _check_cli(
+        "--no-torch", "--json", "--endpoints", etcd_endpoints, *_scratch_prefixes(etcd_key_prefix)
+    )
+    assert outcome.exit_code == 0, outcome.output
+    torch = [c for c in _as_json(outcome)["checks"] if c["topic"] == "torch"]
+    assert [(c["name"], c["ok"], c["detail"]) for c in torch] == [
+        ("installed", True, "not checked (--no-torch)")
+    ]

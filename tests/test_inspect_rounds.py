@@ -109,3 +109,35 @@ def test_nothing_at_all_is_exit_1_naming_both_places(
     outcome = _inspect(etcd_endpoints, etcd_key_prefix)
     assert outcome.exit_code == 1
     assert f"no rounds under '{etcd_key_prefix}/job/'" in outcome.stderr
+
+
+async def _one_node_round(etcd_endpoints: str, etcd_key_prefix: str, *, close: bool) -> None:
+    """Round 1 completes with one node, which then leaves (after closing the rendezvous)."""
+    async with rdzv.connect(etcd_endpoints) as connection:
+        node = rdzv.AsyncRendezvous(
+            connection, "job", min_nodes=1, max_nodes=1, key_prefix=etcd_key_prefix
+        )
+        await node.join(b"a")
+        if close:
+            await node.close()
+        await node.leave()
+
+
+async def test_a_round_of_one_member_says_member(etcd_endpoints: str, etcd_key_prefix: str) -> None:
+    """A complete round of one node reads "1 member", not "1 members"."""
+    await _one_node_round(etcd_endpoints, etcd_key_prefix, close=False)
+    outcome = await anyio.to_thread.run_sync(_inspect, etcd_endpoints, etcd_key_prefix)
+    assert outcome.exit_code == 0, outcome.output
+    assert outcome.stdout.splitlines()[1] == "round 1: complete, 1 member"
+
+
+async def test_the_next_round_of_a_closed_rendezvous_says_closed(
+    etcd_endpoints: str, etcd_key_prefix: str
+) -> None:
+    """After close, the round after the latest reads "closed", not "open": nobody can join it."""
+    await _one_node_round(etcd_endpoints, etcd_key_prefix, close=True)
+    outcome = await anyio.to_thread.run_sync(_inspect, etcd_endpoints, etcd_key_prefix)
+    assert outcome.exit_code == 0, outcome.output
+    lines = outcome.stdout.splitlines()
+    assert "closed, latest complete round 1" in lines[0]
+    assert lines[-1] == "round 2: closed, 0 waiting"

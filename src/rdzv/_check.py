@@ -5,7 +5,8 @@ round trip took, and, when it failed, what to do about it. The checks in order: 
 on its own connection (reachable, how fast, which member and version); the cluster (members,
 leader, alarms, versions); authentication (on or off, the user, its roles); a write, a read, a
 watch and a delete of a scratch key under the rendezvous prefix and under the store prefix;
-and whether torch is installed and torchrun finds the `etcd-v3` handler.
+and whether torch is installed and torchrun finds the `etcd-v3` handler. Without torch, the torch
+checks are skipped (an operator's machine) unless they are required (`rdzv check --torch`).
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ class Target:
     """Where the store's keys live (ends with `/`)."""
     username: str | None
     read_timeout: float
+    torch: bool | None = None
+    """Check torch: None if it is installed, True always (it must be), False never."""
 
 
 async def _timed(call: Awaitable[T]) -> tuple[T, float]:
@@ -326,7 +329,7 @@ async def run_checks(target: Target) -> list[Finding]:
     if not reachable:
         fix = "Make at least one endpoint reachable (see above)."
         findings.append(Finding("cluster", "members", False, "not checked: no endpoint", fix=fix))
-        return findings + torch_findings()
+        return findings + torch_findings(target.torch)
     try:
         async with target.connect(",".join(reachable)) as connection:
             findings += await _cluster(connection, statuses)
@@ -336,7 +339,7 @@ async def run_checks(target: Target) -> list[Finding]:
     except RendezvousError as error:
         why = _why(error, target.read_timeout)
         findings.append(Finding("cluster", "connection", False, why))
-    return findings + torch_findings()
+    return findings + torch_findings(target.torch)
 
 
 # ----------------------------------------------------------------------------------- torch
@@ -389,11 +392,20 @@ def _torch_loads_handlers() -> bool | None:
     return _HANDLER_GROUP in text
 
 
-def torch_findings() -> list[Finding]:
-    """Whether torch is installed, loads handler entry points, and finds `etcd-v3`."""
+def torch_findings(required: bool | None = None) -> list[Finding]:
+    """Whether torch is installed, loads handler entry points, and finds `etcd-v3`.
+
+    `required`: None checks torch if it is installed, and passes saying "skipped" if not (a
+    machine that only talks to etcd needs no torch); True fails without torch; False checks
+    nothing of torch.
+    """
+    if required is False:
+        return [Finding("torch", "installed", True, "not checked (--no-torch)")]
     try:
         version = importlib.metadata.version("torch")
     except importlib.metadata.PackageNotFoundError:
+        if not required:
+            return [Finding("torch", "installed", True, "not installed (skipped)")]
         fix = "Install torch in the environment that runs torchrun (pip install torch)."
         return [Finding("torch", "installed", False, "torch is not installed", fix=fix)]
     findings = [Finding("torch", "installed", True, f"torch {version}")]

@@ -2,7 +2,9 @@
 
 Exit codes, for every command: 0 success; 1 the operation failed (etcd unreachable, credentials
 rejected, no state, a state that cannot be read); 2 bad usage (a bad option, or no etcd binary
-for a command that runs one).
+for a command that runs one); 130 `demo` interrupted by Ctrl-C.
+
+Every error is one line on stderr that starts with the command, usage errors included.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import functools
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
 import threading
+import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
@@ -33,11 +37,14 @@ from rdzv._backend import DEFAULT_KEY_PREFIX
 from rdzv._demo import (
     DAY,
     DEFAULT_PER_CONNECTION,
+    LEASE_TTL,
     PROTOCOLS,
     DemoError,
     DemoProgress,
     DemoResult,
+    agent_keys,
     default_key_prefix,
+    delete_agent_keys,
     max_nodes,
     run_demo,
 )
@@ -46,11 +53,13 @@ from rdzv._errors import (
     RendezvousAuthError,
     RendezvousConnectionError,
     RendezvousError,
+    RendezvousStateError,
 )
-from rdzv._etcd import Connection
+from rdzv._etcd import Connection, WatchEvent
 from rdzv._etcd._endpoints import resolve_endpoints
 from rdzv._rendezvous import DEFAULT_ROUNDS_PREFIX
-from rdzv._rendezvous._view import RoundsView, view_rounds
+from rdzv._rendezvous._layout import Layout, decode_membership
+from rdzv._rendezvous._view import RoundsView, members, shown_info, view_rounds
 from rdzv._rendezvous._view import to_json as rounds_to_json
 from rdzv._rendezvous._view import to_text as rounds_to_text
 from rdzv._store import DEFAULT_STORE_PREFIX, _validate_prefix
@@ -63,6 +72,8 @@ if TYPE_CHECKING:
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+"""A command that Ctrl-C (SIGINT) stopped, as shells report it: 128 + 2."""
 
 DEFAULT_ENDPOINT = "127.0.0.1:2379"
 DEFAULT_READ_TIMEOUT = 10.0
@@ -84,9 +95,10 @@ Exit codes:
 
 _DEMO_EXIT_CODES = """\b
 Exit codes:
-  0  every agent got a distinct rank
-  1  the rendezvous failed or timed out, or etcd did not answer
-  2  bad usage, or no etcd binary to start"""
+  0    every agent got a distinct rank
+  1    the rendezvous failed or timed out, or etcd did not answer
+  2    bad usage, or no etcd binary to start
+  130  stopped by Ctrl-C (after deleting what the agents wrote)"""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -112,7 +124,56 @@ def configure_logging(level: str) -> None:
     logger.setLevel(level.upper())
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineUsageError(click.UsageError):
+    """A usage error on one line, starting with the command, as every other error of rdzv's."""
+
+    def show(self, file: Any = None) -> None:
+        path = self.ctx.command_path if self.ctx is not None else "rdzv"
+        message = " ".join(self.format_message().split())
+        if not message.endswith((".", "?", "!")):
+            message += "."
+        click.echo(f"{path}: {message} Try '{path} --help'.", file=file, err=file is None)
+
+
+# click >= 8.2 shows the help for a group called without a command by raising this.
+_SHOWS_HELP: tuple[type[click.UsageError], ...] = tuple(
+    [getattr(click.exceptions, "NoArgsIsHelpError")]  # noqa: B009 - absent before click 8.2
+    if hasattr(click.exceptions, "NoArgsIsHelpError")
+    else []
+)
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    try:
+        yield
+    except _SHOWS_HELP:
+        raise
+    except _OneLineUsageError:
+        raise
+    except click.UsageError as error:
+        raise _OneLineUsageError(error.format_message(), error.ctx) from error
+
+
+class _Commands(click.Group):
+    """rdzv's command group: click's usage errors take four lines; this one's, one."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        with _one_line_usage_errors():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="rdzv")
 @click.option(
     "--log-level",
@@ -144,10 +205,10 @@ def embedded_etcd(name: str, **options: Any) -> EtcdServer:
 
 
 @contextlib.contextmanager
-def _etcd_endpoints(endpoints: str | None) -> Iterator[str]:
-    """The given endpoints, or those of an embedded etcd started for the duration."""
+def _etcd_endpoints(endpoints: str | None) -> Iterator[tuple[str, EtcdServer | None]]:
+    """The given endpoints, or those of an embedded etcd started for the duration (and it)."""
     if endpoints:
-        yield endpoints
+        yield endpoints, None
         return
     from rdzv._server import EtcdBinaryNotFoundError
 
@@ -160,11 +221,46 @@ def _etcd_endpoints(endpoints: str | None) -> Iterator[str]:
     except RuntimeError as error:
         server.stop()
         _fail("demo", f"etcd did not start: {error}")
+    except BaseException:  # Ctrl-C while it starts
+        server.stop()
+        raise
     try:
         click.echo(f"Started an embedded etcd at {server.endpoint}.", err=True)
-        yield server.endpoint
+        yield server.endpoint, server
     finally:
         server.stop()
+
+
+_NOT_A_SEPARATOR = re.compile(r"[;\s]+")
+
+
+def _endpoints_protocol(endpoints: str, protocol: str | None = None) -> str:
+    """The protocol of `--endpoints` (and `--protocol`); `click.BadParameter` for bad ones."""
+    found = _NOT_A_SEPARATOR.search(endpoints.strip())
+    if found is not None:
+        separator = "a space" if found[0].isspace() else repr(found[0][0])
+        fixed = _NOT_A_SEPARATOR.sub(",", endpoints.strip())
+        raise click.BadParameter(
+            f"{endpoints!r} separates endpoints with {separator}: endpoints are separated by "
+            f"commas, as in --endpoints {fixed}",
+            param_hint="'--endpoints'",
+        )
+    try:
+        return resolve_endpoints(endpoints, protocol)[1]
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="'--endpoints'") from None
+
+
+def _run_id(context: click.Context, parameter: click.Parameter, value: str | None) -> str | None:
+    """A run id that can name a rendezvous, and is not blank (a quoting mistake, surely)."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise click.BadParameter(f"{value!r} is blank: give the job's run id.")
+    try:
+        return validate_run_id(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 def _seconds(context: click.Context, parameter: click.Parameter, value: float) -> float:
@@ -226,7 +322,12 @@ def _requests_line(result: DemoResult, nodes: int) -> str | None:
     envvar="ETCDCTL_ENDPOINTS",
     help="etcd endpoints (host:port,...); default: start an embedded etcd.",
 )
-@click.option("--run-id", default=None, help="Rendezvous run id; default: a fresh one per run.")
+@click.option(
+    "--run-id",
+    default=None,
+    callback=_run_id,
+    help="Rendezvous run id; default: a fresh one per run.",
+)
 @click.option(
     "--key-prefix",
     default=None,
@@ -274,10 +375,7 @@ def demo(
     if per_connection is not None and protocol != "rounds":
         raise click.UsageError("--per-connection applies to --protocol rounds only.")
     if endpoints:
-        try:
-            resolve_endpoints(endpoints)
-        except ValueError as error:
-            raise click.BadParameter(str(error), param_hint="'--endpoints'") from None
+        _endpoints_protocol(endpoints)
     try:
         prefix = validate_key_prefix(key_prefix or default_key_prefix(protocol))
     except ValueError as error:
@@ -295,43 +393,142 @@ def demo(
         else:
             click.echo(line)
 
-    with _etcd_endpoints(endpoints) as resolved:
-        connections = ""
-        if protocol == "rounds":
-            share = per_connection or DEFAULT_PER_CONNECTION
-            count = -(-nodes // share)
-            connections = f" on {count} connection{'s' if count > 1 else ''}"
-        click.echo(
-            f"Rendezvous of {nodes} agents ({protocol}{connections}), run id {run_id!r}, "
-            f"etcd {resolved}."
-        )
+    try:
+        with _etcd_endpoints(endpoints) as (resolved, server):
+            connections = ""
+            if protocol == "rounds":
+                share = per_connection or DEFAULT_PER_CONNECTION
+                count = -(-nodes // share)
+                connections = f" on {count} connection{'s' if count > 1 else ''}"
+            click.echo(
+                f"Rendezvous of {_plural(nodes, 'agent')} ({protocol}{connections}), "
+                f"run id {run_id!r}, etcd {resolved}."
+            )
+            started = time.monotonic()
+
+            def abandon() -> NoReturn:
+                # Ctrl-C. This runs on the agents' event loop and holds it, so that no agent
+                # sends anything more; then the process exits. Letting every agent leave on
+                # its own (a cancelled join deletes its key, a leave revokes its lease) took
+                # 5-7 s for 10,000 agents; here their keys go in a few requests.
+                line = f"interrupted after {time.monotonic() - started:.1f} s; "
+                if server is not None:
+                    server.stop()
+                    line += "stopped the embedded etcd and deleted its data: nothing is left."
+                else:
+                    line += _deleted_agent_keys(resolved, protocol, prefix, run_id, read_timeout)
+                _interrupted(live, line, at_once=True)
+
+            async def rendezvous() -> DemoResult:
+                loop = asyncio.get_running_loop()
+                loop.add_signal_handler(signal.SIGINT, abandon)
+                try:
+                    return await run_demo(
+                        nodes,
+                        resolved,
+                        run_id=run_id,
+                        key_prefix=prefix,
+                        timeout=timeout,
+                        read_timeout=read_timeout,
+                        protocol=protocol,
+                        per_connection=per_connection or DEFAULT_PER_CONNECTION,
+                        on_progress=show,
+                        progress_interval=0.2 if live else 1.0,
+                    )
+                finally:
+                    loop.remove_signal_handler(signal.SIGINT)
+
+            try:
+                result = anyio.run(rendezvous, backend="asyncio")
+            except Exception as error:
+                reach = _Reach(resolved, read_timeout)
+                message = _demo_failure(error, protocol, run_id, timeout, reach)
+                if message is None:
+                    raise  # a bug, not an operational failure: the traceback says where
+                if live:
+                    click.echo()  # end the progress line
+                _fail("demo", message)
+        if live:
+            click.echo()
+        _print_result(result, nodes)
+    except KeyboardInterrupt:
+        # Ctrl-C outside the rendezvous (etcd starting or stopping, the ranks printing): the
+        # agents had written nothing yet, or had left.
+        _interrupted(live, "interrupted; nothing is left.")
+
+
+_CLEAN_UP_TIMEOUT = 5.0
+"""Seconds that deleting the keys of agents stopped by Ctrl-C may take."""
+
+
+def _deleted_agent_keys(
+    endpoints: str, protocol: DemoProtocol, key_prefix: str, run_id: str, read_timeout: float
+) -> str:
+    """Delete the keys of a demo's agents, from another thread; what that left, in words."""
+    where = agent_keys(protocol, key_prefix, run_id)
+    timeout = min(read_timeout, _CLEAN_UP_TIMEOUT)
+    outcome: list[int | BaseException] = []
+
+    def delete() -> None:
+        # A thread and an event loop of its own: the agents' loop is held (see `abandon`).
         try:
-            result = anyio.run(
-                lambda: run_demo(
-                    nodes,
-                    resolved,
-                    run_id=run_id,
-                    key_prefix=prefix,
-                    timeout=timeout,
-                    read_timeout=read_timeout,
-                    protocol=protocol,
-                    per_connection=per_connection or DEFAULT_PER_CONNECTION,
-                    on_progress=show,
-                    progress_interval=0.2 if live else 1.0,
-                ),
-                backend="asyncio",
+            outcome.append(
+                anyio.run(
+                    functools.partial(
+                        delete_agent_keys,
+                        endpoints,
+                        protocol,
+                        key_prefix,
+                        run_id,
+                        read_timeout=timeout,
+                    ),
+                    backend="asyncio",
+                )
             )
         except Exception as error:
-            reach = _Reach(resolved, read_timeout)
-            message = _demo_failure(error, protocol, run_id, timeout, reach)
-            if message is None:
-                raise  # a bug, not an operational failure: the traceback says where
-            if live:
-                click.echo()  # end the progress line
-            _fail("demo", message)
+            outcome.append(error)
+
+    thread = threading.Thread(target=delete, name="rdzv-demo-clean-up", daemon=True)
+    thread.start()
+    thread.join(timeout + 1)
+    deleted = outcome[0] if outcome else TimeoutError(f"no answer within {timeout:g} s")
+    if isinstance(deleted, BaseException):
+        why = " ".join(str(deleted).split()) or type(deleted).__name__
+        if protocol == "cas":
+            return (
+                f"could not delete the agents' list at {where} ({why}); rdzv reset --run-id "
+                f"{run_id} --key-prefix {key_prefix} --yes deletes it."
+            )
+        return (
+            f"could not delete the keys its agents had written under {where} ({why}); they "
+            f"go with the agents' leases within {LEASE_TTL} s."
+        )
+    if protocol == "cas":
+        return (
+            f"deleted the agents' list at {where} ({_plural(deleted, 'key')}): nothing of "
+            "theirs is left."
+        )
+    return (
+        f"deleted the {_plural(deleted, 'key')} its agents had written under {where}: nothing "
+        f"of theirs is left (their leases, which hold nothing now, lapse within {LEASE_TTL} s)."
+    )
+
+
+def _interrupted(live: bool, message: str, *, at_once: bool = False) -> NoReturn:
+    """Say what Ctrl-C left, and exit 130; `at_once`: without unwinding (the agents' tasks)."""
     if live:
-        click.echo()
-    _print_result(result, nodes)
+        click.echo()  # end the progress line
+    click.echo(f"rdzv demo: {message}", err=True)
+    if at_once:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+    sys.exit(EXIT_INTERRUPTED)
+
+
+def _plural(count: int, noun: str) -> str:
+    """`1 key`, `2 keys`."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _leaves(error: BaseException) -> list[BaseException]:
@@ -382,12 +579,12 @@ def _print_result(result: DemoResult, nodes: int) -> None:
         _fail("demo", "the ranks are not a permutation of 0..N-1: the rendezvous failed.")
     if result.protocol == "rounds":
         click.echo(
-            f"{nodes} agents took ranks 0..{nodes - 1} in round {result.round} in "
+            f"{_plural(nodes, 'agent')} took ranks 0..{nodes - 1} in round {result.round} in "
             f"{result.seconds:.3f} s, then left in {result.leave_seconds or 0:.3f} s."
         )
     else:
         click.echo(
-            f"{nodes} agents took ranks 0..{nodes - 1} in {result.seconds:.3f} s "
+            f"{_plural(nodes, 'agent')} took ranks 0..{nodes - 1} in {result.seconds:.3f} s "
             f"with {result.conflicts} CAS conflicts."
         )
     requests = _requests_line(result, nodes)
@@ -439,6 +636,15 @@ class EtcdOptions:
 
 _FILE = click.Path(exists=True, dir_okay=False)
 
+_RUN_ID_OPTION = click.option(
+    "--run-id",
+    required=True,
+    envvar="RDZV_RUN_ID",
+    show_envvar=True,
+    callback=_run_id,
+    help="The job.",
+)
+
 _CONNECTION_OPTIONS = (
     click.option(
         "--endpoints",
@@ -459,7 +665,8 @@ _CONNECTION_OPTIONS = (
     click.option(
         "--read-timeout",
         envvar="RDZV_READ_TIMEOUT",
-        type=click.FloatRange(min=0, min_open=True),
+        type=float,
+        callback=_seconds,
         default=DEFAULT_READ_TIMEOUT,
         show_default=True,
         show_envvar=True,
@@ -570,10 +777,7 @@ def connection_options(command: F) -> F:
         state_key_file: str | None,
         **kwargs: Any,
     ) -> Any:
-        try:
-            _, protocol = resolve_endpoints(endpoints, protocol)
-        except ValueError as error:
-            raise click.BadParameter(str(error), param_hint="'--endpoints'") from None
+        protocol = _endpoints_protocol(endpoints, protocol)
         try:
             prefix = validate_key_prefix(key_prefix)
         except ValueError as error:
@@ -672,7 +876,7 @@ def _rounds_prefix(value: str) -> str:
 
 
 @main.command(epilog=_EXIT_CODES)
-@click.option("--run-id", required=True, envvar="RDZV_RUN_ID", show_envvar=True, help="The job.")
+@_RUN_ID_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_ROUNDS_PREFIX_OPTION
 @connection_options
@@ -747,54 +951,228 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now().astimezone()
 
 
+def _stamped(record: dict[str, object], text: str, as_json: bool) -> str:
+    """One line of `watch`: the local time, then `text`; or `record` with its time, as JSON."""
+    at = _now()
+    if as_json:
+        return json.dumps({"time": at.isoformat(timespec="milliseconds"), **record})
+    return f"{at.strftime('%H:%M:%S.%f')[:-3]}  {text}"
+
+
 def _watch_line(
     inspection: _inspect.Inspection | None, key: str, revision: int, as_json: bool
 ) -> str:
-    at = _now()
-    if as_json:
-        if inspection is None:
-            record: dict[str, object] = {"key": key, "revision": revision, "deleted": True}
-        else:
-            record = {**_inspect.to_json(inspection), "deleted": False}
-        return json.dumps({"time": at.isoformat(timespec="milliseconds"), **record})
-    stamp = at.strftime("%H:%M:%S.%f")[:-3]
     if inspection is None:
-        return f"{stamp}  revision {revision}  deleted (or expired)"
-    return f"{stamp}  {_inspect.summary(inspection)}"
+        record: dict[str, object] = {"key": key, "revision": revision, "deleted": True}
+        return _stamped(record, f"revision {revision}  deleted (or expired)", as_json)
+    record = {**_inspect.to_json(inspection), "deleted": False}
+    return _stamped(record, _inspect.summary(inspection), as_json)
 
 
-async def _changes(
-    connection: Connection, key: str, state_key: bytes | None
-) -> AsyncIterator[tuple[_inspect.Inspection | None, int]]:
-    """The current state (if any), then every change: `(inspection or None if deleted, rev)`."""
-    kvs, revision = await connection.range(key.encode())
-    if kvs:
-        yield _inspect.examine(kvs[0], key, state_key=state_key), kvs[0].mod_revision
-    click.echo(f"Watching {key} from revision {revision + 1}; Ctrl-C to stop.", err=True)
-    changes = connection.watch(key.encode(), start_revision=revision + 1)
+def _rounds_now_line(view: RoundsView, as_json: bool) -> str:
+    """The rounds as `watch` first finds them."""
+    text = f"revision {view.revision}  rounds  {'closed' if view.closed else 'open'}"
+    if view.error is not None:
+        text += f"  not an rdzv rendezvous: {shown_info(view.error.encode())}"
+    text += f"  latest complete round {view.latest or 'none'}"
+    for round_ in view.rounds:
+        if round_.complete:
+            text += f"  {members(round_.count)}"
+        elif round_.count:
+            text += f"  round {round_.number}: {round_.count} waiting"
+    return _stamped({"rounds": {**rounds_to_json(view), "event": "current"}}, text, as_json)
+
+
+@dataclasses.dataclass(frozen=True)
+class _RoundsChange:
+    """A change of a job's rounds that `watch` shows, on one line."""
+
+    revision: int
+    event: str
+    """`opened`, `complete`, `departed`, `closed`, `deleted`, or `foreign` (not rdzv's)."""
+    round: int | None = None
+    members: int | None = None
+    """`complete`: how many members the round has (the world size)."""
+    detail: str | None = None
+    """`opened`: the first waiting node's info; `departed`: the member id of the first member
+    gone; `foreign`: what is wrong (escaped)."""
+
+    def line(self, base: str, as_json: bool) -> str:
+        what = {
+            "opened": f"round {self.round} opened: a node waits"
+            + (f" ({self.detail})" if self.detail else ""),
+            "complete": f"round {self.round} complete, {members(self.members or 0)}",
+            "departed": f"round {self.round}: member {self.detail} is gone (it left, joined "
+            "again, or its lease expired); the others rendezvous again",
+            "closed": "closed: nobody can join any more",
+            "deleted": "deleted: the latest round number is gone (rdzv reset?)",
+            "foreign": f"round {self.round}: not an rdzv rendezvous: {self.detail}",
+        }[self.event]
+        record = {"base": base, **dataclasses.asdict(self)}
+        return _stamped({"rounds": record}, f"revision {self.revision}  rounds  {what}", as_json)
+
+
+class _RoundsFollower:
+    """Turns the changes under a job's rounds into the lines that `watch` shows.
+
+    New rounds, completions, departures and the close. A node that joins an open round is not a
+    line of its own: with 10,000 nodes, that would be 10,000 lines.
+    """
+
+    def __init__(self, layout: Layout, view: RoundsView) -> None:
+        self._layout = layout
+        self._latest = view.latest
+        self._seen = {round_.number for round_ in view.rounds if round_.complete or round_.count}
+        self._departed = {round_.number for round_ in view.rounds if round_.departed}
+
+    def change(self, event: WatchEvent) -> _RoundsChange | None:
+        """The change that `event` makes, if it is one to show."""
+        kv, layout = event.kv, self._layout
+        revision = kv.mod_revision
+        if kv.key == layout.closed:
+            return None if event.deleted else _RoundsChange(revision, "closed")
+        if kv.key == layout.latest:
+            if not event.deleted:
+                return None
+            self._latest, self._seen, self._departed = 0, set(), set()
+            return _RoundsChange(revision, "deleted")
+        parts = kv.key[len(layout.base) :].split(b"/")
+        if len(parts) != 4 or parts[0] != b"round" or not parts[1].isdigit():
+            return None
+        number, kind, name = int(parts[1]), parts[2], parts[3]
+        if event.deleted:
+            # The first member of the latest round to go (not every one: a job of 10,000 nodes
+            # that ends would print 10,000 lines). The coordinator writes `departed` for it too,
+            # unless it was the one that went.
+            if kind == b"m" and number == self._latest and number not in self._departed:
+                self._departed.add(number)
+                return _RoundsChange(revision, "departed", number, detail=shown_info(name))
+            return None
+        if kind == b"m" and number > self._latest and number not in self._seen:
+            self._seen.add(number)
+            return _RoundsChange(revision, "opened", number, detail=shown_info(kv.value) or None)
+        if kind == b"c" and name == b"done":
+            self._seen.add(number)
+            self._latest = max(self._latest, number)
+            try:
+                _, round_members = decode_membership(kv.value, key=kv.key)
+            except RendezvousStateError as foreign:
+                detail = shown_info(str(foreign).encode())
+                return _RoundsChange(revision, "foreign", number, detail=detail)
+            return _RoundsChange(revision, "complete", number, members=len(round_members))
+        if kind == b"c" and name == b"departed" and number not in self._departed:
+            self._departed.add(number)
+            return _RoundsChange(revision, "departed", number, detail=shown_info(kv.value))
+        return None
+
+
+def _watch_hint(key: str, base: str, state: bool, rounds: bool) -> str | None:
+    """What `watch` found where, when it is not both: which kind of job this is, or neither."""
+    if state and not rounds:
+        return f"a state at {key}, no rounds under {base}: an etcd-v3 job; showing its state."
+    if rounds and not state:
+        return (
+            f"no state at {key}, but rounds under {base}: an etcd-v3-rounds job "
+            "(rdzv.AsyncRendezvous); showing its rounds."
+        )
+    if not state:
+        return (
+            f"nothing at {key} nor under {base} yet; waiting for either (are --run-id, "
+            "--key-prefix and --rounds-prefix the job's?)."
+        )
+    return None
+
+
+async def _follow_changes(
+    connection: Connection, etcd: EtcdOptions, run_id: str, rounds_prefix: str, as_json: bool
+) -> None:
+    """Print the state and the rounds of `run_id` as they are, then every change of them."""
+    key = etcd.key(run_id)
+    layout = Layout(rounds_prefix, run_id)
+    base = layout.base.decode()
+    refusals: list[RendezvousAuthError] = []  # a user may read one of the two places only
+    state_from = rounds_from = None
+    view: RoundsView | None = None
+    state = False
     try:
-        async for event in changes:
-            if event.deleted:
-                yield None, event.kv.mod_revision
-            else:
-                yield _inspect.examine(event.kv, key, state_key=state_key), event.kv.mod_revision
-    finally:
-        await changes.aclose()
+        kvs, revision = await connection.range(key.encode())
+        state_from, state = revision + 1, bool(kvs)
+        if kvs:
+            inspection = _inspect.examine(kvs[0], key, state_key=etcd.state_key)
+            click.echo(_watch_line(inspection, key, kvs[0].mod_revision, as_json))
+    except RendezvousAuthError as refused:
+        refusals.append(refused)
+    try:
+        view = await view_rounds(connection, rounds_prefix, run_id)
+        rounds_from = view.revision + 1
+        if view.exists:
+            click.echo(_rounds_now_line(view, as_json))
+    except RendezvousAuthError as refused:
+        refusals.append(refused)
+    if view is None and state_from is None:
+        raise refusals[0]
+    watching = []
+    if state_from is not None:
+        watching.append(f"{key} from revision {state_from}")
+    if rounds_from is not None:
+        watching.append(f"the rounds under {base} from revision {rounds_from}")
+    click.echo(f"Watching {', and '.join(watching)}; Ctrl-C to stop.", err=True)
+    for refusal in refusals:
+        click.echo(f"rdzv watch: not watched: {_one_line(refusal, etcd)}", err=True)
+    if not refusals:
+        hint = _watch_hint(key, base, state, view is not None and view.exists)
+        if hint is not None:
+            click.echo(f"rdzv watch: {hint}", err=True)
+
+    async def follow_state(start: int) -> None:
+        changes = connection.watch(key.encode(), start_revision=start)
+        try:
+            async for event in changes:
+                inspection = None
+                if not event.deleted:
+                    inspection = _inspect.examine(event.kv, key, state_key=etcd.state_key)
+                click.echo(_watch_line(inspection, key, event.kv.mod_revision, as_json))
+        finally:
+            await changes.aclose()
+
+    async def follow_rounds(follower: _RoundsFollower, start: int) -> None:
+        changes = connection.watch(layout.base, start_revision=start, prefix=True)
+        try:
+            async for event in changes:
+                change = follower.change(event)
+                if change is not None:
+                    click.echo(change.line(base, as_json))
+        finally:
+            await changes.aclose()
+
+    async with anyio.create_task_group() as following:
+        if state_from is not None:
+            following.start_soon(follow_state, state_from)
+        if view is not None and rounds_from is not None:
+            following.start_soon(follow_rounds, _RoundsFollower(layout, view), rounds_from)
 
 
 @main.command(epilog=_EXIT_CODES)
-@click.option("--run-id", required=True, envvar="RDZV_RUN_ID", show_envvar=True, help="The job.")
+@_RUN_ID_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per line.")
+@_ROUNDS_PREFIX_OPTION
 @connection_options
-def watch(etcd: EtcdOptions, run_id: str, as_json: bool) -> None:
-    """Follow the rendezvous state of a job live, one line per change.
+def watch(etcd: EtcdOptions, run_id: str, as_json: bool, rounds_prefix: str) -> None:
+    """Follow the rendezvous of a job live, one line per change.
 
     Prints the current state first, if there is one, then a line for every change: its time, the
     revision and size, and for a PyTorch rendezvous state its round, whether it is complete or
-    closed, and how many nodes take part, wait, or are redundant. Runs until Ctrl-C (or SIGTERM),
-    then exits 0.
+    closed, and how many nodes take part, wait, or are redundant.
+
+    For a job of rdzv.AsyncRendezvous (torchrun's etcd-v3-rounds), under --rounds-prefix: the
+    rounds as they are, then a line when a round opens (a node waits in it), completes (with its
+    number of members), loses a member, and when the rendezvous closes. A line on stderr says
+    which of the two it found, or that it found neither yet.
+
+    Runs until Ctrl-C (or SIGTERM), then exits 0.
     """
-    key = etcd.key(run_id)
+    etcd.key(run_id)  # validates the run id
+    prefix = _rounds_prefix(rounds_prefix)
 
     async def follow(connection: Connection) -> None:
         # Ctrl-C and SIGTERM end the watch normally: cancel this task, and take that as done.
@@ -810,8 +1188,7 @@ def watch(etcd: EtcdOptions, run_id: str, as_json: bool) -> None:
         for signum in signals:
             loop.add_signal_handler(signum, stop)
         try:
-            async for inspection, revision in _changes(connection, key, etcd.state_key):
-                click.echo(_watch_line(inspection, key, revision, as_json))
+            await _follow_changes(connection, etcd, run_id, prefix, as_json)
         except asyncio.CancelledError:
             if not stopping.is_set():
                 raise
@@ -823,8 +1200,10 @@ def watch(etcd: EtcdOptions, run_id: str, as_json: bool) -> None:
         _run_on_etcd("watch", etcd, follow)
     except KeyboardInterrupt:
         pass  # Ctrl-C before the watch started
-    except BrokenPipeError:
+    except Exception as error:
         # The reader went away (`rdzv watch ... | head -3`): that is how a pipe ends.
+        if not all(isinstance(leaf, BrokenPipeError) for leaf in _leaves(error)):
+            raise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
@@ -856,7 +1235,9 @@ _STORE_PREFIX_OPTION = click.option(
 )
 
 
-def _check_target(etcd: EtcdOptions, rounds_prefix: str, store_prefix: str) -> _check.Target:
+def _check_target(
+    etcd: EtcdOptions, rounds_prefix: str, store_prefix: str, torch: bool | None
+) -> _check.Target:
     endpoints, _ = resolve_endpoints(etcd.endpoints, etcd.protocol)
 
     def connect(some: str) -> Connection:
@@ -870,15 +1251,25 @@ def _check_target(etcd: EtcdOptions, rounds_prefix: str, store_prefix: str) -> _
         store_prefix=store_prefix,
         username=etcd.username,
         read_timeout=etcd.read_timeout,
+        torch=torch,
     )
 
 
 @main.command(epilog=_CHECK_EXIT_CODES)
 @_ROUNDS_PREFIX_OPTION
 @_STORE_PREFIX_OPTION
+@click.option(
+    "--torch/--no-torch",
+    "torch",
+    default=None,
+    help="Require torch and torchrun's handlers (--torch: no torch fails), or skip their checks "
+    "(--no-torch). Default: check them if torch is installed, else report it skipped.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @connection_options
-def check(etcd: EtcdOptions, rounds_prefix: str, store_prefix: str, as_json: bool) -> None:
+def check(
+    etcd: EtcdOptions, rounds_prefix: str, store_prefix: str, torch: bool | None, as_json: bool
+) -> None:
     """Check that etcd, the credentials and torchrun are ready for a rendezvous.
 
     For each endpoint: whether it answers, how fast, and its member and etcd version. Then
@@ -886,9 +1277,11 @@ def check(etcd: EtcdOptions, rounds_prefix: str, store_prefix: str, as_json: boo
     roles; a write, a read, a watch and a delete of a scratch key under the rendezvous, rounds
     and store prefixes (deleted at once; on a 60 s lease in case), each with its round trip;
     and whether torch is installed and torchrun finds the etcd-v3 handler (and rdzv's others).
-    A failed check says what to do, such as the etcdctl command that grants a permission.
+    Without torch (a machine that only talks to etcd), the torch checks are reported skipped,
+    unless --torch requires them. A failed check says what to do, such as the etcdctl command
+    that grants a permission.
     """
-    target = _check_target(etcd, rounds_prefix, store_prefix)
+    target = _check_target(etcd, rounds_prefix, store_prefix, torch)
     findings = anyio.run(_check.run_checks, target, backend="asyncio")
     if as_json:
         click.echo(json.dumps(_check.to_json(findings), indent=2))
@@ -919,7 +1312,7 @@ def _confirmed(count: int, yes: bool) -> bool:
 
 
 @main.command(epilog=_RESET_EXIT_CODES)
-@click.option("--run-id", required=True, envvar="RDZV_RUN_ID", show_envvar=True, help="The job.")
+@_RUN_ID_OPTION
 @_ROUNDS_PREFIX_OPTION
 @click.option("--store", "with_store", is_flag=True, help="Also delete the job's store keys.")
 @_STORE_PREFIX_OPTION
@@ -970,7 +1363,7 @@ def reset(
         return await _reset.delete(connection, groups)
 
     deleted = _run_on_etcd("reset", etcd, delete)
-    click.echo(f"Deleted {deleted} keys.")
+    click.echo(f"Deleted {_plural(deleted, 'key')}.")
 
 
 # ------------------------------------------------------------------------------------ serve
@@ -1047,6 +1440,29 @@ def _start_serving(server: EtcdServer, ports: dict[str, int]) -> None:
         _fail("serve", f"etcd did not start: {error}")
 
 
+_DEFAULT_PORTS = (2379, 2380)
+"""etcd's own client and peer ports."""
+
+_PEER_PORT_FILE = "rdzv-serve-peer-port"
+"""Where `serve` notes the peer port in a --data-dir: its etcd starts only on the same one."""
+
+
+def _peer_port(port: int, peer_port: int | None, data_dir: Path | None) -> int:
+    """The peer port to use.
+
+    Given; else the one `data_dir` last ran with; else etcd's own (2380) next to etcd's own
+    client port, and a free one (0) next to any other: a second `serve` needs only --port.
+    """
+    if peer_port is not None:
+        return peer_port
+    if data_dir is not None:
+        with contextlib.suppress(OSError, ValueError):
+            noted = int((data_dir / _PEER_PORT_FILE).read_text())
+            if 0 < noted <= 65535:
+                return noted
+    return _DEFAULT_PORTS[1] if port == _DEFAULT_PORTS[0] else 0
+
+
 @main.command(epilog=_SERVE_EXIT_CODES)
 @click.option(
     "--data-dir",
@@ -1064,11 +1480,11 @@ def _start_serving(server: EtcdServer, ports: dict[str, int]) -> None:
 @click.option(
     "--peer-port",
     type=click.IntRange(0, 65535),
-    default=2380,
-    show_default=True,
-    help="The raft peer port; 0 picks a free one. Keep it the same for one --data-dir.",
+    default=None,
+    help="The raft peer port; 0 picks a free one. Default: 2380 with --port 2379, else a free "
+    "one; with --data-dir, the one its last run used.",
 )
-def serve(data_dir: Path | None, port: int, peer_port: int) -> None:
+def serve(data_dir: Path | None, port: int, peer_port: int | None) -> None:
     """Run an etcd for local development, in the foreground, until Ctrl-C.
 
     The etcd listens on 127.0.0.1 only, speaks the v3 API only (no v2), and has no TLS and no
@@ -1080,11 +1496,15 @@ def serve(data_dir: Path | None, port: int, peer_port: int) -> None:
     """
     if data_dir is not None:
         data_dir.mkdir(parents=True, exist_ok=True)
+    peer_port = _peer_port(port, peer_port, data_dir)
     server = embedded_etcd(
         "rdzv-serve", data_dir=data_dir, client_port=port or None, peer_port=peer_port or None
     )
     with _stop_on_signals() as stop:
         _start_serving(server, {"--port": port, "--peer-port": peer_port})
+        if data_dir is not None:
+            with contextlib.suppress(OSError):
+                (data_dir / _PEER_PORT_FILE).write_text(f"{server.peer_port}\n")
         try:
             try:
                 version = str(server.status().get("version", "?"))

@@ -11,7 +11,9 @@ Two protocols, to compare:
   waits, through `watch`, until the list holds all N names; its rank is its place in the list.
   Lost compare-and-swaps grow as N², and so does the time: it is here for comparison.
 
-Either way, the agents all run in this process, as asyncio tasks.
+Either way, the agents all run in this process, as asyncio tasks. A demo stopped midway (Ctrl-C
+in `rdzv demo`) need not wait for each agent to leave: `delete_agent_keys` deletes what they
+wrote in a few requests.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from rdzv._errors import RendezvousError
 from rdzv._etcd import DEFAULT_MAX_IN_FLIGHT, Connection, connect
 from rdzv._etcd._endpoints import resolve_endpoints
 from rdzv._rendezvous import DEFAULT_ROUNDS_PREFIX, MAX_NODES, AsyncRendezvous, Membership
+from rdzv._rendezvous._layout import Layout, round_number
 from rdzv._validation import shown, validate_key_prefix, validate_read_timeout, validate_run_id
 
 Protocol = Literal["rounds", "cas"]
@@ -463,6 +466,39 @@ class _Demo:
                     if len(participants) >= nodes:
                         break
             return participants.index(name)
+
+
+# --------------------------------------------------------------------------- stopped midway
+
+
+def agent_keys(protocol: Protocol, key_prefix: str, run_id: str) -> str:
+    """Where a demo's agents write: the rounds of the run id (`rounds`), or its list (`cas`)."""
+    if protocol == "rounds":
+        return Layout(key_prefix, run_id).base.decode()
+    return f"{key_prefix}/{run_id}"
+
+
+async def delete_agent_keys(
+    endpoints: str, protocol: Protocol, key_prefix: str, run_id: str, *, read_timeout: float
+) -> int:
+    """Delete what the agents of a demo that was stopped midway wrote; how many keys that was.
+
+    `rounds`: the member and coordinator keys of the open round (after `latest`) and of the
+    latest one (the agents' own, if it completed); the rounds' records (`latest`, a round's
+    `done` and `size`) stay, as after a demo that ends normally. `cas`: the shared list.
+    Raises `RendezvousError` if etcd does not answer within `read_timeout`.
+    """
+    async with connect(endpoints, read_timeout=read_timeout) as connection:
+        if protocol == "cas":
+            return await connection.delete(agent_keys(protocol, key_prefix, run_id).encode())
+        layout = Layout(key_prefix, run_id)
+        found = await connection.get(layout.latest)
+        latest = round_number(found.value if found is not None else None, key=layout.latest)
+        deleted = await connection.delete(layout.round(latest + 1), prefix=True)
+        if latest > 0:
+            deleted += await connection.delete(layout.members(latest), prefix=True)
+            deleted += await connection.delete(layout.coordinator(latest))
+        return deleted
 
 
 # --------------------------------------------------------------------------- etcd's counts

@@ -144,6 +144,11 @@ def _text(value: bytes, limit: int = _INFO_SHOWN) -> str:
     return text + ("..." if len(value) > limit else "")
 
 
+def shown_info(info: bytes) -> str:
+    """A node info (or any value from etcd) as `inspect` shows it: escaped, cut at 120 bytes."""
+    return _text(info)
+
+
 def to_text(view: RoundsView) -> list[str]:
     """The lines `rdzv inspect` prints for the rounds."""
     lines = [
@@ -151,7 +156,7 @@ def to_text(view: RoundsView) -> list[str]:
         f"{'closed' if view.closed else 'open'}, latest complete round {view.latest or 'none'}"
     ]
     for round_ in view.rounds:
-        lines.append(_round_line(round_))
+        lines.append(_round_line(round_, closed=view.closed))
         for rank, member in enumerate(round_.members):
             who = f"rank {rank:<5}" if round_.complete else "waiting   "
             lines.append(f"  {who} member {member.id:016x}  {_text(member.info)}")
@@ -162,12 +167,19 @@ def to_text(view: RoundsView) -> list[str]:
     return lines
 
 
-def _round_line(round_: RoundView) -> str:
+def members(count: int) -> str:
+    """`1 member`, `2 members`."""
+    return f"{count} member{'' if count == 1 else 's'}"
+
+
+def _round_line(round_: RoundView, *, closed: bool) -> str:
     coordinator = f", coordinator {round_.coordinator}" if round_.coordinator else ""
     if round_.complete:
         departed = ", a member has left" if round_.departed else ""
-        return f"round {round_.number}: complete, {round_.count} members{coordinator}{departed}"
-    return f"round {round_.number}: open, {round_.count} waiting{coordinator}"
+        return f"round {round_.number}: complete, {members(round_.count)}{coordinator}{departed}"
+    # The round after the latest is open to joins, unless the rendezvous is closed.
+    state = "closed" if closed else "open"
+    return f"round {round_.number}: {state}, {round_.count} waiting{coordinator}"
 
 
 def to_json(view: RoundsView) -> dict[str, object]:

@@ -1,0 +1,254 @@
+"""`rdzv watch` on a rendezvous of rounds (`AsyncRendezvous`, torchrun's `etcd-v3-rounds`).
+
+Each test runs `python -m rdzv watch` as a user does, with `--rounds-prefix` set to the test's
+own key prefix (and `--key-prefix` next to it), and drives real participants through rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import IO
+
+import anyio
+import pytest
+
+import rdzv
+from conftest import Participants
+
+pytestmark = pytest.mark.anyio
+
+LINE_TIMEOUT = 20.0
+"""Seconds to wait for a line that the watch should print."""
+
+
+class _Stream:
+    """The lines of one output stream of a subprocess, read by a thread of its own."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._stream = stream
+        self.seen: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """After the process exited: let the reader reach the end, then close the stream."""
+        self._thread.join(timeout=10)
+        self._stream.close()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def _next(self) -> str:
+        try:
+            line = self._lines.get(timeout=LINE_TIMEOUT)
+        except queue.Empty:
+            pytest.fail(f"no line within {LINE_TIMEOUT:g} s; seen so far: {self.seen}")
+        if line is None:
+            pytest.fail(f"the stream ended; seen: {self.seen}")
+        self.seen.append(line)
+        return line
+
+    async def next(self) -> str:
+        """The next line, awaited without holding the event loop (the participants run on it)."""
+        return await anyio.to_thread.run_sync(self._next)
+
+    async def until(self, pattern: str) -> str:
+        """The first line from now on that `pattern` matches."""
+        while True:
+            line = await self.next()
+            if re.search(pattern, line):
+                return line
+
+
+class _Watch:
+    """`python -m rdzv watch ...` as a subprocess."""
+
+    def __init__(self, *arguments: str) -> None:
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "rdzv", "watch", *arguments],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        assert self.popen.stdout is not None
+        assert self.popen.stderr is not None
+        self.stdout, self.stderr = _Stream(self.popen.stdout), _Stream(self.popen.stderr)
+
+    async def started(self) -> None:
+        """Wait until the watch runs (it said what it watches, and from which revision)."""
+        await self.stderr.until("^Watching ")
+
+    def stop(self) -> int:
+        """End the watch with SIGTERM; its exit code."""
+        self.popen.send_signal(signal.SIGTERM)
+        return self.popen.wait(timeout=30)
+
+    def close(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait(timeout=30)
+        for stream in (self.stdout, self.stderr):
+            stream.close()
+
+
+@pytest.fixture
+def watch(etcd_endpoints: str, etcd_key_prefix: str) -> Iterator[Callable[..., _Watch]]:
+    """Start `rdzv watch --run-id job` on the test's rounds prefix; killed at teardown."""
+    started: list[_Watch] = []
+
+    def start(*options: str) -> _Watch:
+        connection = ["--endpoints", etcd_endpoints, "--key-prefix", f"{etcd_key_prefix}-torch"]
+        rounds = ["--run-id", "job", "--rounds-prefix", etcd_key_prefix]
+        started.append(_Watch(*connection, *rounds, *options))
+        return started[-1]
+
+    yield start
+    for each in started:
+        each.close()
+
+
+async def _one_round(participants: Participants, *infos: bytes) -> list[rdzv.AsyncRendezvous]:
+    """Nodes with `infos` complete one round together; the nodes."""
+    nodes = [participants(min_nodes=len(infos), max_nodes=len(infos)) for _ in infos]
+    async with anyio.create_task_group() as joining:
+        for node, info in zip(nodes, infos, strict=True):
+            joining.start_soon(node.join, info)
+    return nodes
+
+
+async def test_watch_shows_a_round_open_then_complete_with_its_size(
+    watch: Callable[..., _Watch], participants: Participants
+) -> None:
+    """A new round is a line when its first node waits, and another when it completes."""
+    process = watch()
+    await process.started()
+    await _one_round(participants, b"a", b"b")
+    opened = await process.stdout.next()
+    assert re.fullmatch(
+        r"[\d:.]+  revision \d+  rounds  round 1 opened: a node waits \([ab]\)", opened
+    )
+    complete = await process.stdout.next()
+    assert re.fullmatch(r"[\d:.]+  revision \d+  rounds  round 1 complete, 2 members", complete)
+    assert process.stop() == 0
+
+
+async def test_watch_shows_a_member_leaving(
+    watch: Callable[..., _Watch], participants: Participants
+) -> None:
+    """A member of the latest round that leaves is a line naming it, coordinator or not."""
+    nodes = await _one_round(participants, b"a", b"b")
+    process = watch()
+    await process.started()
+    for node in nodes:
+        await node.leave()
+    line = await process.stdout.until("is gone")
+    assert re.fullmatch(
+        r"[\d:.]+  revision \d+  rounds  round 1: member [0-9a-f]{16} is gone \(it left, joined "
+        r"again, or its lease expired\); the others rendezvous again",
+        line,
+    )
+    assert process.stop() == 0
+    assert process.stop() == 0
+
+
+async def test_watch_shows_the_rendezvous_closing(
+    watch: Callable[..., _Watch], participants: Participants
+) -> None:
+    """Closing the rendezvous is a line."""
+    [node] = await _one_round(participants, b"a")
+    process = watch()
+    await process.started()
+    await node.close()
+    line = await process.stdout.until("closed")
+    assert line.endswith("rounds  closed: nobody can join any more")
+    assert process.stop() == 0
+
+
+async def test_watch_first_shows_the_rounds_as_they_are(
+    watch: Callable[..., _Watch], participants: Participants
+) -> None:
+    """Started on a running job, the first line is its rounds now: latest round and size."""
+    await _one_round(participants, b"a", b"b")
+    process = watch()
+    first = await process.stdout.next()
+    assert re.fullmatch(
+        r"[\d:.]+  revision \d+  rounds  open  latest complete round 1  2 members", first
+    )
+    assert process.stop() == 0
+
+
+async def test_watch_says_it_found_rounds_and_no_state(
+    watch: Callable[..., _Watch], participants: Participants, etcd_key_prefix: str
+) -> None:
+    """With rounds and no torch state, a line on stderr says it is a rounds job."""
+    await _one_round(participants, b"a")
+    process = watch()
+    await process.started()
+    hint = await process.stderr.next()
+    assert hint == (
+        f"rdzv watch: no state at {etcd_key_prefix}-torch/job, but rounds under "
+        f"{etcd_key_prefix}/job/: an etcd-v3-rounds job (rdzv.AsyncRendezvous); showing its rounds."
+    )
+    assert process.stop() == 0
+
+
+async def test_watch_says_it_found_a_state_and_no_rounds(
+    watch: Callable[..., _Watch], etcd_endpoints: str, etcd_key_prefix: str
+) -> None:
+    """With a torch state and no rounds, a line on stderr says it is an etcd-v3 job."""
+    async with rdzv.connect(etcd_endpoints) as connection:
+        backend = rdzv.AsyncEtcdBackend(connection, "job", key_prefix=f"{etcd_key_prefix}-torch")
+        await backend.set_state(b"a state")
+    process = watch()
+    await process.started()
+    hint = await process.stderr.next()
+    assert hint == (
+        f"rdzv watch: a state at {etcd_key_prefix}-torch/job, no rounds under "
+        f"{etcd_key_prefix}/job/: an etcd-v3 job; showing its state."
+    )
+    assert process.stop() == 0
+
+
+async def test_watch_says_it_found_neither_and_which_options_to_check(
+    watch: Callable[..., _Watch], etcd_key_prefix: str
+) -> None:
+    """With nothing in either place, a line on stderr names both and the options that set them."""
+    process = watch()
+    watching = await process.stderr.until("^Watching ")
+    assert f"the rounds under {etcd_key_prefix}/job/ from revision" in watching
+    hint = await process.stderr.next()
+    assert hint == (
+        f"rdzv watch: nothing at {etcd_key_prefix}-torch/job nor under {etcd_key_prefix}/job/ "
+        "yet; waiting for either (are --run-id, --key-prefix and --rounds-prefix the job's?)."
+    )
+    assert process.stop() == 0
+
+
+async def test_watch_json_has_the_round_events(
+    watch: Callable[..., _Watch], participants: Participants, etcd_key_prefix: str
+) -> None:
+    """--json: one object per change, under "rounds", with the event, round and member count."""
+    process = watch("--json")
+    await process.started()
+    await _one_round(participants, b"a", b"b")
+    opened = json.loads(await process.stdout.next())["rounds"]
+    complete = json.loads(await process.stdout.next())["rounds"]
+    assert (opened["event"], opened["round"], opened["base"]) == (
+        "opened",
+        1,
+        f"{etcd_key_prefix}/job/",
+    )
+    assert (complete["event"], complete["round"], complete["members"]) == ("complete", 1, 2)
+    assert complete["revision"] > opened["revision"]
+    assert process.stop() == 0
