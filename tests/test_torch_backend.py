@@ -528,7 +528,7 @@ def test_known_conf_keys_include_every_rdzv_option() -> None:
     }
     aliases = {"cacert", "cert", "key"}
     assert documented | aliases <= _KNOWN_CONF_KEYS
-    assert len(documented) == 11
+    assert len(documented) == 12
 
 
 # ---------------------------------------------------------------------- torch's errors

@@ -23,7 +23,7 @@ import anyio
 from torch.distributed.elastic.rendezvous import api as torch_api
 
 from rdzv._backend import DEFAULT_TTL
-from rdzv._errors import RendezvousError
+from rdzv._errors import RendezvousClosedError, RendezvousError
 from rdzv._etcd import Connection
 from rdzv._rendezvous import DEFAULT_ROUNDS_PREFIX, AsyncRendezvous, Membership
 from rdzv._store import DEFAULT_STORE_PREFIX, AsyncEtcdStore, _validate_prefix
@@ -88,6 +88,8 @@ class RoundsRendezvousHandler(torch_api.RendezvousHandler):
 
     `loop` runs coroutines for the calling thread (`loop.call(function, *args)`) on the
     rendezvous's connection; `release`, if given, is called once by `shutdown()` to let both go.
+    `closed_hint`, if given, ends the message of the `RendezvousClosedError` of a join: what to
+    do about a closed rendezvous.
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class RoundsRendezvousHandler(torch_api.RendezvousHandler):
         local_addr: str | None = None,
         close_timeout: float = 30,
         release: Callable[[], None] | None = None,
+        closed_hint: str = "",
     ) -> None:
         self._rendezvous = rendezvous
         self._loop = loop
@@ -108,6 +111,7 @@ class RoundsRendezvousHandler(torch_api.RendezvousHandler):
         self._local_addr = local_addr
         self._close_timeout = close_timeout
         self._release = release
+        self._closed_hint = closed_hint
         self._membership: Membership | None = None
         self._waiting: tuple[float, int] | None = None  # (when asked, answer)
         self._shut_down = False
@@ -146,7 +150,12 @@ class RoundsRendezvousHandler(torch_api.RendezvousHandler):
         """
         with as_torch_errors():
             info = _node_info(self._local_addr, self._rendezvous.max_node_info)
-            membership = self._loop.call(self._rendezvous.join, info)
+            try:
+                membership = self._loop.call(self._rendezvous.join, info)
+            except RendezvousClosedError as error:
+                if not self._closed_hint:
+                    raise
+                raise torch_api.RendezvousClosedError(f"{error} {self._closed_hint}") from error
             self._membership, self._waiting = membership, None
             store = self._round_store(membership.round)
             if membership.rank == 0 and membership.round > 1:
@@ -226,6 +235,16 @@ class RoundsRendezvousHandler(torch_api.RendezvousHandler):
             if self._release is not None:
                 self._release()
         return closed
+
+    def _release_connection(self) -> None:
+        """Release the connection, neither closing nor leaving the rendezvous.
+
+        For a handler that torchrun's entry point refused before anybody used it.
+        """
+        if not self._shut_down:
+            self._shut_down = True
+            if self._release is not None:
+                self._release()
 
     async def _close_and_leave(self) -> None:
         try:
@@ -345,4 +364,5 @@ def create_rounds_handler(params: torch_api.RendezvousParameters) -> RoundsRende
         local_addr=params.local_addr,
         close_timeout=close_timeout,
         release=portal.close,
+        closed_hint=rdzv_torch._reset_hint(params, "--rounds-prefix"),
     )

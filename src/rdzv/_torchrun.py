@@ -14,10 +14,13 @@ if TYPE_CHECKING:
 
 
 def create_etcd_v3_handler(params: RendezvousParameters) -> RendezvousHandler:
-    """Create the `etcd-v3` rendezvous handler (see `rdzv.torch.create_handler`)."""
-    from rdzv.torch import create_handler
+    """Create the `etcd-v3` rendezvous handler (see `rdzv.torch.create_handler`).
 
-    return create_handler(params)
+    Under torchrun, an error comes out as one line (see `rdzv.torch._create_for_torchrun`).
+    """
+    from rdzv.torch import _create_for_torchrun
+
+    return _create_for_torchrun("etcd-v3", params)
 
 
 def handler_creator() -> object:
@@ -26,10 +29,13 @@ def handler_creator() -> object:
 
 
 def create_etcd_v3_rounds_handler(params: RendezvousParameters) -> RendezvousHandler:
-    """Create the `etcd-v3-rounds` handler (see `rdzv.torch.create_rounds_handler`)."""
-    from rdzv._torch_rounds import create_rounds_handler
+    """Create the `etcd-v3-rounds` handler (see `rdzv.torch.create_rounds_handler`).
 
-    return create_rounds_handler(params)
+    Under torchrun, an error comes out as one line (see `rdzv.torch._create_for_torchrun`).
+    """
+    from rdzv.torch import _create_for_torchrun
+
+    return _create_for_torchrun("etcd-v3-rounds", params)
 
 
 def rounds_handler_creator() -> object:

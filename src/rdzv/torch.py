@@ -26,11 +26,14 @@ except ImportError as error:  # pragma: no cover - exercised without torch insta
     ) from error
 
 import contextlib
+import dataclasses
 import datetime
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+import shlex
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,7 @@ from rdzv._errors import (
     StoreTimeoutError,
 )
 from rdzv._etcd import Connection
+from rdzv._etcd._connection import DEFAULT_CONNECT_TIMEOUT, validate_connect_timeout
 from rdzv._etcd._endpoints import resolve_endpoints
 from rdzv._store import DEFAULT_STORE_PREFIX, AsyncEtcdStore
 from rdzv._sync import ConnectionOptions, EtcdBackend, Portal, open_shared
@@ -76,6 +80,7 @@ _RDZV_CONF_KEYS: frozenset[str] = frozenset(
         "ca_cert",
         "cacert",
         "cert",
+        "connect_timeout",
         "key",
         "key_prefix",
         "password",
@@ -409,19 +414,54 @@ def _read_timeout(params: torch_api.RendezvousParameters) -> float:
     return parse_read_timeout(params.get("read_timeout", 60))
 
 
+def _connect_timeout(params: torch_api.RendezvousParameters) -> float:
+    """`connect_timeout` in seconds: a positive number up to a day (default 5)."""
+    value = params.get("connect_timeout")
+    if value is None:
+        return DEFAULT_CONNECT_TIMEOUT
+    try:
+        return validate_connect_timeout(float(str(value).strip()))
+    except ValueError:
+        return validate_connect_timeout(str(value))  # refused, with the text in the message
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options(ConnectionOptions):
+    """`ConnectionOptions` with the connect timeout of `--rdzv-conf`."""
+
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+
+    def connect(self) -> Connection:
+        """A new, unopened `Connection` with these options (`ValueError` for bad ones)."""
+        return Connection(
+            self.endpoints,
+            protocol=self.protocol,
+            read_timeout=self.read_timeout,
+            ca_cert=self.ca_cert,
+            ssl_cert=self.ssl_cert,
+            ssl_cert_key=self.ssl_cert_key,
+            username=self.username,
+            password=self.password,
+            max_in_flight=self.max_in_flight,
+            connect_timeout=self.connect_timeout,
+        )
+
+
 def _connection_options(params: torch_api.RendezvousParameters) -> ConnectionOptions:
     """The connection parameters in torchrun's `params` (`ValueError` for bad ones)."""
     read_timeout = _read_timeout(params)
+    connect_timeout = _connect_timeout(params)
     endpoints = params.endpoint.strip() or DEFAULT_ENDPOINT
     # rdzv's one rule for schemes: without a protocol option, an https:// endpoint means https,
     # and no scheme means http (torch's etcd-v2 default); an option must agree with the scheme.
     protocol = params.get("protocol")
     _, protocol = resolve_endpoints(endpoints, None if protocol is None else str(protocol).strip())
     username = _first(params, "username")
-    return ConnectionOptions(
+    return _Options(
         endpoints,
         protocol=protocol,
         read_timeout=read_timeout,
+        connect_timeout=connect_timeout,
         ca_cert=_first(params, "ca_cert", "cacert"),
         ssl_cert=_first(params, "ssl_cert", "cert"),
         ssl_cert_key=_first(params, "ssl_cert_key", "key"),
@@ -446,6 +486,7 @@ def create_backend(
     | option | default | meaning |
     |---|---|---|
     | `read_timeout` | 60 | seconds any etcd call may take, retries included (> 0, at most 86400) |
+    | `connect_timeout` | 5 | seconds to wait for a first answer from any endpoint (> 0) |
     | `protocol` | the endpoints' `http://` or `https://`, else `http` | `http` or `https` |
     | `ca_cert` (alias `cacert`) | system CAs | CA certificate for https |
     | `ssl_cert` (alias `cert`) | none | client certificate for https |
@@ -493,9 +534,123 @@ def create_handler(
     torchrun finds it through the `torchrun.handlers` entry point `etcd-v3`. The handler's own
     options (`join_timeout`, `last_call_timeout`, `close_timeout`, `heartbeat_timeout`,
     `keep_alive_interval`, `keep_alive_max_attempt`) come from `--rdzv-conf` too.
+
+    Through the entry point, torchrun also gets a refusal, as one line, of a rendezvous that is
+    closed already and of a run id it made up for a job of several nodes (see
+    `_create_for_torchrun`).
     """
+    return _dynamic_handler(params)[0]
+
+
+def _dynamic_handler(
+    params: torch_api.RendezvousParameters,
+) -> tuple[dynamic_rendezvous.DynamicRendezvousHandler, Callable[[], None]]:
+    """torch's handler over the `etcd-v3` backend, and what releases its connection."""
     backend, store = create_backend(params)
-    return dynamic_rendezvous.create_handler(store, backend, params)
+    try:
+        handler = dynamic_rendezvous.create_handler(store, backend, params)
+    except BaseException:
+        backend.facade.close()  # a bad option of torch's own: the connection is nobody's
+        raise
+    return handler, backend.facade.close
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+
+def _generated_by_torchrun(run_id: str) -> bool:
+    """Whether `run_id` is one that torchrun made up because `--rdzv-id` was empty.
+
+    torch's launcher (`launch_agent` in `torch.distributed.launcher.api`) replaces an empty run
+    id with `str(uuid.uuid4().int)`, a different one on every agent: the decimal digits of a
+    random version-4 UUID, which no run id a person picks looks like.
+    """
+    if not (run_id.isascii() and run_id.isdigit()) or run_id != str(int(run_id)):
+        return False
+    value = int(run_id)
+    if value >= 1 << 128:
+        return False
+    made_up = uuid.UUID(int=value)
+    return made_up.version == 4 and made_up.variant == uuid.RFC_4122
+
+
+def _refuse_generated_run_id(params: torch_api.RendezvousParameters) -> None:
+    """Refuse a run id torchrun made up, when the job wants more than one node to meet."""
+    if params.max_nodes > 1 and _generated_by_torchrun(params.run_id):
+        nnodes = (
+            str(params.max_nodes)
+            if params.min_nodes == params.max_nodes
+            else f"{params.min_nodes}:{params.max_nodes}"
+        )
+        raise ValueError(
+            f"--rdzv-id is empty, so torchrun made up a random run id for this node alone "
+            f"({params.run_id}): with --nnodes={nnodes}, every node would wait in a rendezvous "
+            "of its own until join_timeout. Give every node of the job the same --rdzv-id, "
+            "such as --rdzv-id=job-42."
+        )
+
+
+def _reset_hint(params: torch_api.RendezvousParameters, prefix_option: str) -> str:
+    """What to do about a closed rendezvous: a new `--rdzv-id`, or the `rdzv reset` command.
+
+    `prefix_option` is the `rdzv reset` option that takes the `key_prefix` of `--rdzv-conf`.
+    """
+    command = ["rdzv", "reset"]
+    if params.endpoint.strip():
+        command += ["--endpoints", params.endpoint.strip()]
+    key_prefix = _first(params, "key_prefix")
+    if key_prefix:
+        command += [prefix_option, key_prefix]
+    command += ["--run-id", params.run_id]
+    return (
+        "To run the job again, give it a new --rdzv-id, or delete this one's state first: "
+        f"{shlex.join(command)}"
+    )
+
+
+def _closed_error(
+    params: torch_api.RendezvousParameters, prefix_option: str
+) -> torch_api.RendezvousClosedError:
+    return torch_api.RendezvousClosedError(
+        f"The rendezvous {params.run_id!r} is closed: a job with this --rdzv-id ran and ended, "
+        f"and nobody can join it any more. {_reset_hint(params, prefix_option)}"
+    )
+
+
+def _create_for_torchrun(
+    backend_name: str, params: torch_api.RendezvousParameters
+) -> torch_api.RendezvousHandler:
+    """The handler torchrun asked for, refused early when it cannot work, in one line.
+
+    Refused: a run id that torchrun made up (see `_generated_by_torchrun`) for a job of more
+    than one node, and a rendezvous that is closed already (a job re-run with the same
+    `--rdzv-id`): torch's handler would end with a bare `RendezvousClosedError`. Any error
+    (bad options, etcd unreachable, TLS) is logged as one line on the "rdzv.torch" logger,
+    which torchrun shows first, and raised without the chain of rdzv's and gRPC's errors
+    behind it, which repeated it.
+    """
+    try:
+        _refuse_generated_run_id(params)
+        handler: torch_api.RendezvousHandler
+        if backend_name == "etcd-v3":
+            handler, release = _dynamic_handler(params)
+            prefix_option = "--key-prefix"
+        else:
+            rounds = create_rounds_handler(params)
+            handler, release = rounds, rounds._release_connection
+            prefix_option = "--rounds-prefix"
+        try:
+            closed = handler.is_closed()
+        except BaseException:
+            release()
+            raise
+        if closed:
+            release()
+            raise _closed_error(params, prefix_option)
+        return handler
+    except (ValueError, torch_api.RendezvousError) as error:
+        _logger.error("torchrun --rdzv-backend=%s cannot start: %s", backend_name, error)
+        raise error.with_traceback(None) from None
 
 
 # torchrun's `etcd-v3-rounds` handler; last, as it builds on what this module defines.

@@ -1,13 +1,14 @@
 """The attempt driver: the only place that knows how to retry a request to etcd.
 
 `drive(links, send, ...)` runs `send(link, timeout)` until it answers, within one deadline for
-the whole public call: it authenticates (again, once, when etcd rejects the token), waits
-with jittered exponential backoff, fails over to the next endpoint after a transient failure,
-recognises TLS misconfiguration, bounds the requests in flight, and never uses a channel that
-was closed under a waiting call. Each kind of call keeps only what is its own: a request that
-may be sent twice (`may_resend=True`: reads, idempotent writes, opening a watch) is retried; a
-transaction is retried only while it cannot have left, and otherwise ends with
-`RendezvousOutcomeUnknownError` for its caller to resolve.
+the whole public call (or, until any endpoint has answered, within the connect timeout): it
+authenticates (again, once, when etcd rejects the token), waits with jittered exponential
+backoff, fails over to the next endpoint after a transient failure, recognises TLS
+misconfiguration, bounds the requests in flight, and never uses a channel that was closed under
+a waiting call. Each kind of call keeps only what is its own: a request that may be sent twice
+(`may_resend=True`: reads, idempotent writes, opening a watch) is retried; a transaction is
+retried only while it cannot have left, and otherwise ends with `RendezvousOutcomeUnknownError`
+for its caller to resolve.
 """
 
 from __future__ import annotations
@@ -91,16 +92,17 @@ async def drive(
 ) -> T:
     """Run `send(link, attempt_timeout)` until it succeeds or `deadline` passes.
 
-    `what` completes "etcd refused to ..." in error messages; `key` names the key of a write
-    in `RendezvousOutcomeUnknownError`.
+    While no endpoint has answered yet (`Links.reached`), the call gives up sooner, after the
+    connect timeout. `what` completes "etcd refused to ..." in error messages; `key` names the
+    key of a write in `RendezvousOutcomeUnknownError`.
     """
     attempts = _Attempts(links, what=what, deadline=deadline, may_resend=may_resend, key=key)
     link: Link | None = None
-    while deadline > time.monotonic():
+    while attempts.limit() > time.monotonic():
         # Holding a retired link while waiting (a suspended connection) would keep its channel,
         # and gRPC's poller thread, alive across a fork.
         link = None
-        link = await links.acquire(deadline)
+        link = await links.acquire(attempts.limit())
         try:
             result = await attempts.send(link, send)
         except _Again as again:
@@ -149,7 +151,21 @@ class _Attempts:
         self._last_error: BaseException | None = None
         self._last_fields = Fields(endpoint=None, code=None, details=None)
         self._started = time.monotonic()
-        self._tried: dict[Endpoint, None] = {}  # the endpoints that failed, in order
+        self._connect_deadline = self._started + links.connect_timeout
+        # The endpoints that failed, in order, each with its last failure.
+        self._tried: dict[Endpoint, str] = {}
+
+    def limit(self) -> float:
+        """When the call gives up: its deadline, or sooner while no endpoint has answered."""
+        if self._links.reached:
+            return self._deadline
+        return min(self._deadline, self._connect_deadline)
+
+    def _note(self, link: Link, known: Fields) -> None:
+        """Remember the failure of an attempt on `link`, for the error when time runs out."""
+        self._last_fields = known
+        why = known["details"] if known["code"] is None else f"{known['code']}: {known['details']}"
+        self._tried[link.endpoint] = str(why)
 
     async def send(self, link: Link, send: Callable[[Link, float], Awaitable[T]]) -> T:
         """One attempt on `link`; `_Again` if it cannot be sent there."""
@@ -158,7 +174,7 @@ class _Attempts:
             if _replaced(link):
                 raise _Again(pause=False)  # replaced while this call waited for a slot
             # The wait for a slot counts against the deadline.
-            timeout = self._links.attempt_timeout(self._deadline - time.monotonic())
+            timeout = self._links.attempt_timeout(self.limit() - time.monotonic())
             if timeout <= 0:
                 raise _Again(pause=False)
             self._token = await self._links.authenticate(link, timeout)
@@ -168,8 +184,7 @@ class _Attempts:
                 # Nothing was sent: safe to try again, elsewhere.
                 why = f"did not connect within {timeout:g} s"
                 self._failed(TimeoutError(f"{link.endpoint} {why}"))
-                self._tried[link.endpoint] = None
-                self._last_fields = Fields(endpoint=str(link.endpoint), code=None, details=why)
+                self._note(link, Fields(endpoint=str(link.endpoint), code=None, details=why))
                 self._links.fail_over(link, why)
                 raise _Again(pause=True)
             self._sent = True
@@ -179,11 +194,11 @@ class _Attempts:
 
     async def after(self, link: Link, error: Exception) -> bool:
         """Raise if `error` ends the call; else whether to back off before the next attempt."""
-        self._tried[link.endpoint] = None
+        self._tried.setdefault(link.endpoint, "")
         if isinstance(error, ForeignCluster):
             # Whatever it did there, it did not do here: try the next endpoint.
             self._failed(error)
-            self._last_fields = Fields(endpoint=str(link.endpoint), code=None, details=str(error))
+            self._note(link, Fields(endpoint=str(link.endpoint), code=None, details=str(error)))
             self._links.fail_over(link, str(error))
             return True
         if isinstance(error, grpc.aio.UsageError):
@@ -203,7 +218,7 @@ class _Attempts:
 
     async def _after_rpc_error(self, link: Link, error: grpc.aio.AioRpcError) -> bool:
         self._failed(error)
-        self._last_fields = fields(error, link.endpoint)
+        self._note(link, fields(error, link.endpoint))
         kind = classify(error)
         if kind is Kind.AUTH_EXPIRED and self._reauthenticate(
             link, f"{self._last_fields['code']}: {self._last_fields['details']}"
@@ -214,8 +229,10 @@ class _Attempts:
                 error, what=self._what, endpoint=link.endpoint, username=self._links.username
             ) from error
         why = f"{self._last_fields['code']}: {self._last_fields['details']}"
+        if kind is Kind.BUSY:
+            self._links.answered(link)  # etcd itself refused: it was reached
         if kind is Kind.TRANSIENT:
-            await self._links.diagnose(link, error, self._deadline)
+            await self._links.diagnose(link, error, self.limit())
             self._links.fail_over(link, why)
             if self._sent and not self._may_resend:
                 raise lost_answer(self._what, self._key, self._last_fields) from error
@@ -238,9 +255,11 @@ class _Attempts:
     def after_closed_channel(self, link: Link) -> None:
         """After gRPC ended the call on a channel that rdzv closed (failover, suspend, close)."""
         self._links.check_open()
-        self._tried[link.endpoint] = None
-        self._last_fields = Fields(
-            endpoint=str(link.endpoint), code="CANCELLED", details="rdzv closed the channel"
+        self._note(
+            link,
+            Fields(
+                endpoint=str(link.endpoint), code="CANCELLED", details="rdzv closed the channel"
+            ),
         )
         if self._sent and not self._may_resend:
             raise lost_answer(self._what, self._key, self._last_fields) from None
@@ -266,7 +285,7 @@ class _Attempts:
 
     async def back_off(self) -> None:
         """Sleep a jittered, growing delay, never past the deadline."""
-        self._delay = await _backoff(self._delay, self._deadline)
+        self._delay = await _backoff(self._delay, self.limit())
 
     @property
     def last_error(self) -> BaseException | None:
@@ -274,12 +293,13 @@ class _Attempts:
         return self._last_error
 
     def exhausted(self) -> RendezvousConnectionError:
-        """The error when the deadline passed."""
-        return timed_out(
-            tried=tuple(self._tried),
-            waited=time.monotonic() - self._started,
-            last=self._last_fields,
-        )
+        """The error when the deadline (or, before any answer, the connect timeout) passed."""
+        waited = time.monotonic() - self._started
+        if not self._links.reached and self._connect_deadline < self._deadline:
+            return never_reached(
+                self._links.endpoints, self._tried, waited=waited, last=self._last_fields
+            )
+        return timed_out(tried=tuple(self._tried), waited=waited, last=self._last_fields)
 
 
 def timed_out(
@@ -310,6 +330,36 @@ def timed_out(
         extra={"rdzv_endpoints": endpoints, "rdzv_code": last["code"]},
     )
     return RendezvousConnectionError(message, endpoints=endpoints, waited=waited, **last)
+
+
+def never_reached(
+    endpoints: tuple[Endpoint, ...], tried: dict[Endpoint, str], *, waited: float, last: Fields
+) -> RendezvousConnectionError:
+    """The error of a call that gave up after the connect timeout: no endpoint ever answered.
+
+    It names every endpoint and why it did not answer (or that there was no time to try it).
+    """
+    whys = {endpoint: tried.get(endpoint) or "not tried in time" for endpoint in endpoints}
+    message = (
+        f"{CONNECTION_FAILED_MESSAGE}: no answer within {waited:.1f} s (connect_timeout) from "
+        f"{' or '.join(map(str, endpoints))}"
+    )
+    if len(endpoints) == 1:
+        message += f": {whys[endpoints[0]]}."
+    else:
+        message += "." + "".join(f" {endpoint}: {why}." for endpoint, why in whys.items())
+    message += (
+        " Check that etcd runs and that this host reaches it at these endpoints, or raise "
+        "connect_timeout."
+    )
+    shown = tuple(map(str, tried))
+    logger.debug(
+        "Giving up after %.1f s: %s",
+        waited,
+        message,
+        extra={"rdzv_endpoints": shown, "rdzv_code": last["code"]},
+    )
+    return RendezvousConnectionError(message, endpoints=shown, waited=waited, **last)
 
 
 async def _ready(link: Link, timeout: float) -> bool:

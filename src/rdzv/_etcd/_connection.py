@@ -51,13 +51,20 @@ from rdzv._etcd._values import (
     prefix_end,
     txn_request,
 )
-from rdzv._validation import validate_read_timeout
+from rdzv._validation import MAX_READ_TIMEOUT, shown, validate_read_timeout
 
 DEFAULT_MAX_IN_FLIGHT: Final = 1000
 """Requests one `Connection` has in flight at most, by default.
 
 Firing thousands of requests at once makes etcd answer "too many requests"; about a thousand in
 flight keep a single etcd busy without that.
+"""
+
+DEFAULT_CONNECT_TIMEOUT: Final = 5.0
+"""Seconds a `Connection` that no endpoint has answered yet waits for one, by default.
+
+Like the `DialTimeout` of etcd's Go client: a mistyped or refused endpoint fails within seconds,
+while a connection that has reached etcd rides out a restart within its `read_timeout`.
 """
 
 _FINISH_TIMEOUT: Final = 1.0
@@ -90,6 +97,20 @@ def _reads_only(operations: Sequence[Operation]) -> bool:
         or (isinstance(op, Nested) and _reads_only(op.success) and _reads_only(op.failure))
         for op in operations
     )
+
+
+def validate_connect_timeout(connect_timeout: object) -> float:
+    """Return `connect_timeout` as seconds; raise `ValueError` naming it if it is not one."""
+    if (
+        isinstance(connect_timeout, bool)
+        or not isinstance(connect_timeout, int | float)
+        or not 0 < connect_timeout <= MAX_READ_TIMEOUT  # false for NaN too
+    ):
+        raise ValueError(
+            "The connect_timeout must be a positive number of seconds, at most "
+            f"{MAX_READ_TIMEOUT} (one day), not {shown(connect_timeout)}."
+        )
+    return float(connect_timeout)
 
 
 def _validate_max_in_flight(max_in_flight: object) -> int:
@@ -139,7 +160,8 @@ class Connection:
     It holds one gRPC channel, to one endpoint at a time; when that endpoint stops answering, it
     moves to the next one. Create it with `rdzv.connect` and use it as an async context manager.
     Every call is bounded by `read_timeout`, inside which transient failures (a leader election,
-    a restarting member) are retried.
+    a restarting member) are retried; until some endpoint has answered once, by the shorter
+    `connect_timeout`.
     """
 
     def __init__(
@@ -154,9 +176,11 @@ class Connection:
         username: str | None = None,
         password: str | None = None,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
         self._endpoints, self._protocol = resolve_endpoints(endpoints, protocol)
         self._read_timeout = validate_read_timeout(read_timeout)
+        self._connect_timeout = validate_connect_timeout(connect_timeout)
         self._credentials = channel_credentials(self._protocol, ca_cert, ssl_cert, ssl_cert_key)
         if (username is None) != (password is None):
             raise ValueError("etcd authentication needs both a username and a password.")
@@ -170,6 +194,7 @@ class Connection:
             username=username,
             password=password,
             read_timeout=self._read_timeout,
+            connect_timeout=self._connect_timeout,
             max_in_flight=_validate_max_in_flight(max_in_flight),
         )
         self._keepalive = KeepAlive(self._links, read_timeout=self._read_timeout, finish=_finish)
@@ -189,6 +214,11 @@ class Connection:
         """The bound, in seconds, on every call, retries included."""
         return self._read_timeout
 
+    @property
+    def connect_timeout(self) -> float:
+        """The bound, in seconds, on every call made before any endpoint has answered once."""
+        return self._connect_timeout
+
     async def __aenter__(self) -> Connection:
         await self.open()
         return self
@@ -197,7 +227,11 @@ class Connection:
         await self.aclose()
 
     async def open(self) -> None:
-        """Check that etcd answers (and accepts the credentials) within the read timeout."""
+        """Check that etcd answers (and accepts the credentials).
+
+        On a connection that no endpoint has answered yet, within `connect_timeout` (or
+        `read_timeout`, if shorter); the error names every endpoint and why it did not answer.
+        """
         status = await self.status()
         endpoint = self._links.current_endpoint
         logger.info(
@@ -592,6 +626,7 @@ def connect(
     username: str | None = None,
     password: str | None = None,
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
 ) -> Connection:
     """Make a `Connection` to etcd; use it as `async with rdzv.connect(...) as connection:`.
 
@@ -612,10 +647,14 @@ def connect(
         password: that user's password.
         max_in_flight: requests the connection has in flight at most; more wait for a free
             slot. etcd answers "too many requests" to thousands at once.
+        connect_timeout: seconds that a call may take while no endpoint has answered yet
+            (default 5, at most a day): a refused or mistyped endpoint fails this soon, naming
+            each endpoint and why. Once etcd has answered, calls ride out restarts and failovers
+            within `read_timeout` (the shorter of the two applies before).
 
     Bad arguments raise `ValueError` here, before anything is sent. Entering the connection
-    checks that etcd answers, and raises `RendezvousConnectionError` within `read_timeout` if
-    it does not (`RendezvousAuthError` if it rejects the credentials).
+    checks that etcd answers, and raises `RendezvousConnectionError` within `connect_timeout`
+    if it does not (`RendezvousAuthError` if it rejects the credentials).
     """
     return Connection(
         endpoints,
@@ -627,4 +666,5 @@ def connect(
         username=username,
         password=password,
         max_in_flight=max_in_flight,
+        connect_timeout=connect_timeout,
     )

@@ -106,6 +106,7 @@ class Links:
         username: str | None,
         password: str | None,
         read_timeout: float,
+        connect_timeout: float,
         max_in_flight: int,
     ) -> None:
         self.endpoints = endpoints
@@ -113,6 +114,8 @@ class Links:
         self.username = username
         self._password = password
         self._read_timeout = read_timeout
+        # Until an endpoint first answers, a call gives up after this (see `reached`).
+        self.connect_timeout = min(connect_timeout, read_timeout)
         self._token: str | None = None
         self._auth_lock = asyncio.Lock()
         self._link: Link | None = None
@@ -129,6 +132,8 @@ class Links:
         self._answered = False
         self._cluster_id: int | None = None
         self._probed: set[Endpoint] = set()
+        # The endpoints whose failure was logged as a warning before any endpoint answered.
+        self._warned: set[Endpoint] = set()
         self._misconfigured: dict[Endpoint, RendezvousTLSError] = {}
 
     # ------------------------------------------------------------------------------ the link
@@ -191,7 +196,12 @@ class Links:
         self._link = None
         self._index = (self._index + 1) % len(self.endpoints)
         following = self.endpoints[self._index]
-        logger.warning(
+        # Until an endpoint answers, each one's failure is a warning once: the attempts cycle
+        # through them every few hundred milliseconds, and the connection's error names them all.
+        repeated = not self._answered and link.endpoint in self._warned
+        self._warned.add(link.endpoint)
+        logger.log(
+            logging.DEBUG if repeated else logging.WARNING,
             "etcd at %s failed (%s); failing over to %s",
             link.endpoint,
             why,
@@ -242,11 +252,25 @@ class Links:
 
     # --------------------------------------------------------------------------- attempts
 
+    @property
+    def reached(self) -> bool:
+        """Whether any endpoint has answered since the connection was made.
+
+        Until one has, calls give up after `connect_timeout` rather than `read_timeout`: an
+        endpoint that was never reached is more likely mistyped or down than restarting (the
+        Go client's DialTimeout).
+        """
+        return self._answered
+
     def attempt_timeout(self, remaining: float) -> float:
         """How long one attempt may take when `remaining` seconds are left."""
         if len(self.endpoints) == 1:
             return remaining
-        share = max(_MIN_ATTEMPT_TIMEOUT, self._read_timeout / _ATTEMPT_SHARE)
+        if self._answered:
+            share = max(_MIN_ATTEMPT_TIMEOUT, self._read_timeout / _ATTEMPT_SHARE)
+        else:
+            # Before any answer, every endpoint gets its turn within the connect timeout.
+            share = max(_MIN_ATTEMPT_TIMEOUT, self.connect_timeout / len(self.endpoints))
         return min(remaining, share)
 
     def answered(self, link: Link) -> None:
