@@ -19,13 +19,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import queue
+import re
 import socket
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import aetcd
 import anyio
+import pytest
 from anyio.from_thread import start_blocking_portal
 
 import rdzv
@@ -187,3 +192,52 @@ async def poll_until(check: Callable[[], Awaitable[bool]], *, interval: float = 
     """
     while not await check():  # noqa: ASYNC110 - nothing announces these conditions
         await anyio.sleep(interval)
+
+
+class Lines:
+    """The lines of a subprocess's output stream, read by a thread, to wait for with a timeout."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._stream = stream
+        self.seen: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """After the process exited: let the reader reach the end, then close the stream."""
+        self._thread.join(timeout=10)
+        self._stream.close()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def next(self, timeout: float = 30) -> str:
+        """The next line; fails the test if none comes within `timeout` seconds."""
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            pytest.fail(f"no line within {timeout:g} s; seen so far: {self.seen}")
+        if line is None:
+            pytest.fail(f"the stream ended; seen: {self.seen}")
+        self.seen.append(line)
+        return line
+
+    def until(self, pattern: str, timeout: float = 30) -> re.Match[str]:
+        """Read lines until one matches `pattern`; return the match."""
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(pattern, self.next(max(0.1, deadline - time.monotonic())))
+            if match:
+                return match
+
+    async def next_async(self, timeout: float = 30) -> str:
+        """`next`, awaited without holding the event loop."""
+        return await anyio.to_thread.run_sync(self.next, timeout)
+
+    async def until_async(self, pattern: str, timeout: float = 30) -> str:
+        """`until`, awaited without holding the event loop; the whole line that matched."""
+        match = await anyio.to_thread.run_sync(self.until, pattern, timeout)
+        return match.string

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import pickle
-import queue
 import re
 import signal
 import socket
@@ -20,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import anyio
 import pytest
@@ -38,7 +37,7 @@ from rdzv._cli import EMBEDDED_COMPACTION_RETENTION, embedded_etcd, main
 from rdzv._inspect import NotATorchStateError, load_torch_state
 from rdzv.testing import EtcdServer, EtcdTLS
 from rdzv.torch import create_handler
-from support import RawEtcd, closed_port, torch_backend_of
+from support import Lines, RawEtcd, closed_port, torch_backend_of
 
 STATE_KEY = b"a-shared-state-key-of-32-bytes!!"
 
@@ -84,46 +83,6 @@ class _Hostile:
         return (os.system, (self.command,))
 
 
-class _Lines:
-    """The lines of a subprocess's stream, read by a thread, to wait for with a timeout."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self._stream = stream
-        self.seen: list[str] = []
-        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        """After the process exited: let the reader reach the end, then close the stream."""
-        self._thread.join(timeout=10)
-        self._stream.close()
-
-    def _read(self, stream: IO[str]) -> None:
-        for line in stream:
-            self._lines.put(line.rstrip("\n"))
-        self._lines.put(None)
-
-    def next(self, timeout: float = 30) -> str:
-        """The next line; fails the test if none comes within `timeout` seconds."""
-        try:
-            line = self._lines.get(timeout=timeout)
-        except queue.Empty:
-            pytest.fail(f"no line within {timeout} s; seen so far: {self.seen}")
-        if line is None:
-            pytest.fail(f"the stream ended; seen: {self.seen}")
-        self.seen.append(line)
-        return line
-
-    def until(self, pattern: str, timeout: float = 30) -> re.Match[str]:
-        """Read lines until one matches `pattern`; return the match."""
-        deadline = time.monotonic() + timeout
-        while True:
-            match = re.search(pattern, self.next(max(0.1, deadline - time.monotonic())))
-            if match:
-                return match
-
-
 class _Process:
     """`python -m rdzv ARGUMENTS` as a subprocess, with both output streams read by threads."""
 
@@ -137,7 +96,7 @@ class _Process:
         )
         assert self.popen.stdout is not None
         assert self.popen.stderr is not None
-        self.stdout, self.stderr = _Lines(self.popen.stdout), _Lines(self.popen.stderr)
+        self.stdout, self.stderr = Lines(self.popen.stdout), Lines(self.popen.stderr)
 
     def stop(self, signum: signal.Signals) -> int:
         """Send `signum`; the exit code."""

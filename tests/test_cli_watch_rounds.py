@@ -7,67 +7,23 @@ own key prefix (and `--key-prefix` next to it), and drives real participants thr
 from __future__ import annotations
 
 import json
-import queue
 import re
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
-from typing import IO
 
 import anyio
 import pytest
 
 import rdzv
 from conftest import Participants
+from support import Lines
 
 pytestmark = pytest.mark.anyio
 
 LINE_TIMEOUT = 20.0
 """Seconds to wait for a line that the watch should print."""
-
-
-class _Stream:
-    """The lines of one output stream of a subprocess, read by a thread of its own."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self._stream = stream
-        self.seen: list[str] = []
-        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        """After the process exited: let the reader reach the end, then close the stream."""
-        self._thread.join(timeout=10)
-        self._stream.close()
-
-    def _read(self, stream: IO[str]) -> None:
-        for line in stream:
-            self._lines.put(line.rstrip("\n"))
-        self._lines.put(None)
-
-    def _next(self) -> str:
-        try:
-            line = self._lines.get(timeout=LINE_TIMEOUT)
-        except queue.Empty:
-            pytest.fail(f"no line within {LINE_TIMEOUT:g} s; seen so far: {self.seen}")
-        if line is None:
-            pytest.fail(f"the stream ended; seen: {self.seen}")
-        self.seen.append(line)
-        return line
-
-    async def next(self) -> str:
-        """The next line, awaited without holding the event loop (the participants run on it)."""
-        return await anyio.to_thread.run_sync(self._next)
-
-    async def until(self, pattern: str) -> str:
-        """The first line from now on that `pattern` matches."""
-        while True:
-            line = await self.next()
-            if re.search(pattern, line):
-                return line
 
 
 class _Watch:
@@ -83,11 +39,11 @@ class _Watch:
         )
         assert self.popen.stdout is not None
         assert self.popen.stderr is not None
-        self.stdout, self.stderr = _Stream(self.popen.stdout), _Stream(self.popen.stderr)
+        self.stdout, self.stderr = Lines(self.popen.stdout), Lines(self.popen.stderr)
 
     async def started(self) -> None:
         """Wait until the watch runs (it said what it watches, and from which revision)."""
-        await self.stderr.until("^Watching ")
+        await self.stderr.until_async("^Watching ", LINE_TIMEOUT)
 
     def stop(self) -> int:
         """End the watch with SIGTERM; its exit code."""
@@ -134,11 +90,11 @@ async def test_watch_shows_a_round_open_then_complete_with_its_size(
     process = watch()
     await process.started()
     await _one_round(participants, b"a", b"b")
-    opened = await process.stdout.next()
+    opened = await process.stdout.next_async(LINE_TIMEOUT)
     assert re.fullmatch(
         r"[\d:.]+  revision \d+  rounds  round 1 opened: a node waits \([ab]\)", opened
     )
-    complete = await process.stdout.next()
+    complete = await process.stdout.next_async(LINE_TIMEOUT)
     assert re.fullmatch(r"[\d:.]+  revision \d+  rounds  round 1 complete, 2 members", complete)
     assert process.stop() == 0
 
@@ -152,7 +108,7 @@ async def test_watch_shows_a_member_leaving(
     await process.started()
     for node in nodes:
         await node.leave()
-    line = await process.stdout.until("is gone")
+    line = await process.stdout.until_async("is gone", LINE_TIMEOUT)
     assert re.fullmatch(
         r"[\d:.]+  revision \d+  rounds  round 1: member [0-9a-f]{16} is gone \(it left, joined "
         r"again, or its lease expired\); the others rendezvous again",
@@ -170,7 +126,7 @@ async def test_watch_shows_the_rendezvous_closing(
     process = watch()
     await process.started()
     await node.close()
-    line = await process.stdout.until("closed")
+    line = await process.stdout.until_async("closed", LINE_TIMEOUT)
     assert line.endswith("rounds  closed: nobody can join any more")
     assert process.stop() == 0
 
@@ -181,7 +137,7 @@ async def test_watch_first_shows_the_rounds_as_they_are(
     """Started on a running job, the first line is its rounds now: latest round and size."""
     await _one_round(participants, b"a", b"b")
     process = watch()
-    first = await process.stdout.next()
+    first = await process.stdout.next_async(LINE_TIMEOUT)
     assert re.fullmatch(
         r"[\d:.]+  revision \d+  rounds  open  latest complete round 1  2 members", first
     )
@@ -195,7 +151,7 @@ async def test_watch_says_it_found_rounds_and_no_state(
     await _one_round(participants, b"a")
     process = watch()
     await process.started()
-    hint = await process.stderr.next()
+    hint = await process.stderr.next_async(LINE_TIMEOUT)
     assert hint == (
         f"rdzv watch: no state at {etcd_key_prefix}-torch/job, but rounds under "
         f"{etcd_key_prefix}/job/: an etcd-v3-rounds job (rdzv.AsyncRendezvous); showing its rounds."
@@ -212,7 +168,7 @@ async def test_watch_says_it_found_a_state_and_no_rounds(
         await backend.set_state(b"a state")
     process = watch()
     await process.started()
-    hint = await process.stderr.next()
+    hint = await process.stderr.next_async(LINE_TIMEOUT)
     assert hint == (
         f"rdzv watch: a state at {etcd_key_prefix}-torch/job, no rounds under "
         f"{etcd_key_prefix}/job/: an etcd-v3 job; showing its state."
@@ -225,9 +181,9 @@ async def test_watch_says_it_found_neither_and_which_options_to_check(
 ) -> None:
     """With nothing in either place, a line on stderr names both and the options that set them."""
     process = watch()
-    watching = await process.stderr.until("^Watching ")
+    watching = await process.stderr.until_async("^Watching ", LINE_TIMEOUT)
     assert f"the rounds under {etcd_key_prefix}/job/ from revision" in watching
-    hint = await process.stderr.next()
+    hint = await process.stderr.next_async(LINE_TIMEOUT)
     assert hint == (
         f"rdzv watch: nothing at {etcd_key_prefix}-torch/job nor under {etcd_key_prefix}/job/ "
         "yet; waiting for either (are --run-id, --key-prefix and --rounds-prefix the job's?)."
@@ -242,8 +198,8 @@ async def test_watch_json_has_the_round_events(
     process = watch("--json")
     await process.started()
     await _one_round(participants, b"a", b"b")
-    opened = json.loads(await process.stdout.next())["rounds"]
-    complete = json.loads(await process.stdout.next())["rounds"]
+    opened = json.loads(await process.stdout.next_async(LINE_TIMEOUT))["rounds"]
+    complete = json.loads(await process.stdout.next_async(LINE_TIMEOUT))["rounds"]
     assert (opened["event"], opened["round"], opened["base"]) == (
         "opened",
         1,

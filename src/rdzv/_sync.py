@@ -34,6 +34,7 @@ from rdzv._backend import (
 )
 from rdzv._errors import RendezvousError
 from rdzv._etcd import DEFAULT_MAX_IN_FLIGHT, Connection
+from rdzv._etcd._connection import DEFAULT_CONNECT_TIMEOUT
 from rdzv._etcd._endpoints import resolve_endpoints
 from rdzv._rendezvous import DEFAULT_LEASE_TTL, DEFAULT_ROUNDS_PREFIX, AsyncRendezvous, Membership
 
@@ -69,6 +70,7 @@ class ConnectionOptions:
     username: str | None = None
     password: str | None = dataclasses.field(default=None, repr=False)
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
 
     def connect(self) -> Connection:
         """A new, unopened `Connection` with these options (`ValueError` for bad ones)."""
@@ -82,6 +84,7 @@ class ConnectionOptions:
             username=self.username,
             password=self.password,
             max_in_flight=self.max_in_flight,
+            connect_timeout=self.connect_timeout,
         )
 
 

@@ -26,7 +26,6 @@ except ImportError as error:  # pragma: no cover - exercised without torch insta
     ) from error
 
 import contextlib
-import dataclasses
 import datetime
 import logging
 import math
@@ -425,28 +424,6 @@ def _connect_timeout(params: torch_api.RendezvousParameters) -> float:
         return validate_connect_timeout(str(value))  # refused, with the text in the message
 
 
-@dataclasses.dataclass(frozen=True)
-class _Options(ConnectionOptions):
-    """`ConnectionOptions` with the connect timeout of `--rdzv-conf`."""
-
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-
-    def connect(self) -> Connection:
-        """A new, unopened `Connection` with these options (`ValueError` for bad ones)."""
-        return Connection(
-            self.endpoints,
-            protocol=self.protocol,
-            read_timeout=self.read_timeout,
-            ca_cert=self.ca_cert,
-            ssl_cert=self.ssl_cert,
-            ssl_cert_key=self.ssl_cert_key,
-            username=self.username,
-            password=self.password,
-            max_in_flight=self.max_in_flight,
-            connect_timeout=self.connect_timeout,
-        )
-
-
 def _connection_options(params: torch_api.RendezvousParameters) -> ConnectionOptions:
     """The connection parameters in torchrun's `params` (`ValueError` for bad ones)."""
     read_timeout = _read_timeout(params)
@@ -457,7 +434,7 @@ def _connection_options(params: torch_api.RendezvousParameters) -> ConnectionOpt
     protocol = params.get("protocol")
     _, protocol = resolve_endpoints(endpoints, None if protocol is None else str(protocol).strip())
     username = _first(params, "username")
-    return _Options(
+    return ConnectionOptions(
         endpoints,
         protocol=protocol,
         read_timeout=read_timeout,
