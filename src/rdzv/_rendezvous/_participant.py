@@ -566,7 +566,8 @@ class AsyncRendezvous:
     async def _withdraw(self) -> None:
         """After a failed join: resign, delete our keys, or let our lease lapse if we cannot."""
         number, self._waiting = self._waiting, None
-        keys, self._keys = self._keys, []
+        # Still ours to delete in the next join: a copy of a lost join may land after this.
+        keys = list(self._keys)
         with anyio.CancelScope(shield=True):
             try:
                 if number is not None:
