@@ -50,10 +50,10 @@ LAST_CALL = 0.2
 LEASE_TTL = 2
 HOLD = LEASE_TTL + 0.3  # seconds that a held node's answers wait: past its lease's TTL
 ALONE_READ_TIMEOUT = 3 * LEASE_TTL  # a node alone: its held calls are answered late, not failed
-HOLDS = 1  # holds per example at most: each costs HOLD seconds, and more to settle after
+HOLDS = 1  # holds per example at most: each costs HOLD seconds
 LANDED = 2  # seconds that a node's join may take to put its key
 LATE_WAIT = 2  # seconds that a join whose answer is lost may take to send its next transaction
-STALL = 10  # seconds within which a round completes once enough nodes wait and nobody holds one
+STALL = 10  # seconds within which a round completes once every node alive waits, and enough do
 SLOTS = 6  # participants alive at once, at most
 QUIET = 0.8  # seconds without a step or a completed join after which nothing moves
 # Which node a rule picks: drawn whatever the nodes are, since which nodes qualify depends on
@@ -130,7 +130,7 @@ class RendezvousMachine(RuleBasedStateMachine):
         self.endpoint = endpoint  # of etcd, for the proxies of nodes alone
         self.patches = pytest.MonkeyPatch()
         self.holds = 0
-        self.settled_after = 0.0  # before then, keys of leases presumed lost may linger
+        self.lingering_until = 0.0  # until then, the key of a lease presumed lost may linger
         self.run_id = uuid.uuid4().hex
         self.nodes: list[Node] = []
         self.rounds: dict[int, list[tuple[int, rdzv.Membership]]] = collections.defaultdict(list)
@@ -189,12 +189,13 @@ class RendezvousMachine(RuleBasedStateMachine):
 
     def _landed(self, node: Node) -> None:
         """Wait until a joining node's key is in a round it has not completed (LANDED s at most)."""
+        # The keys as docs/rendezvous.md lays them out: round/{n}/m/{member}, valued its info.
         info, base = _info(node.index), f"{self.key_prefix}/{self.run_id}/round/".encode()
         completed = [
             number for number, seen in self.rounds.items() for i, _ in seen if i == node.index
         ]
         deadline = time.monotonic() + LANDED
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and node.joining is not None and not node.joining.done():
             for kv in self.raw.under(base):
                 number, kind = bytes(kv.key)[len(base) :].split(b"/")[:2]
                 if kind == b"m" and kv.value == info and int(number) > max(completed, default=0):
@@ -313,6 +314,7 @@ class RendezvousMachine(RuleBasedStateMachine):
     @rule(choice=CHOICE)
     def hold_answers(self, choice: int) -> None:
         """etcd's answers to a node alone wait past its lease's TTL; its requests still arrive."""
+        self._collect()
         alone = self._alone()
         if not alone:
             return
@@ -331,7 +333,7 @@ class RendezvousMachine(RuleBasedStateMachine):
             node.alone.proxy.release("responses")
         # The node presumes its lease lost within a TTL, and stops keeping it alive; etcd drops
         # it (and its key) a TTL after the last keep-alive, and checks every half second.
-        self.settled_after = held + 2 * LEASE_TTL + 0.5
+        self.lingering_until = held + 2 * LEASE_TTL + 0.5
         self.last_change = time.monotonic()
 
     @rule(choice=CHOICE)
@@ -363,7 +365,7 @@ class RendezvousMachine(RuleBasedStateMachine):
     def close(self) -> None:
         """The rendezvous closes: waiting joins fail, and so does every later one."""
         self.closed = True
-        self.call(self._participant(self.connection).close())  # the first node may be gone
+        self.call(self._participant(self.connection).close())  # the first node's may be closed
 
     @rule()
     def settle(self) -> None:
@@ -390,6 +392,8 @@ class RendezvousMachine(RuleBasedStateMachine):
         members = {membership.member_id for _, membership in self.rounds.get(latest, [])}
         if latest and len(holding) < len(members):
             return  # some members of the latest round left: the count is a moving target
+        if time.monotonic() < self.lingering_until:
+            return  # so is it while the key of a lease presumed lost may linger
         waiting = self.call(self._alive()[0].participant.num_nodes_waiting())
         assert waiting == len(pending), (waiting, len(pending))
 
@@ -399,7 +403,7 @@ class RendezvousMachine(RuleBasedStateMachine):
         while True:
             self._collect()
             now = time.monotonic()
-            if now - self.last_change > QUIET and now > self.settled_after:
+            if now - self.last_change > QUIET:
                 return
             assert now < deadline, "joins kept completing for 30 s"
             time.sleep(0.1)
