@@ -21,7 +21,10 @@ import contextlib
 import functools
 import queue
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -241,3 +244,32 @@ class Lines:
         """`until`, awaited without holding the event loop; the whole line that matched."""
         match = await anyio.to_thread.run_sync(self.until, pattern, timeout)
         return match.string
+
+
+class RdzvProcess:
+    """`python -m rdzv ARGUMENTS` as a subprocess, with both output streams read by threads."""
+
+    def __init__(self, *arguments: str) -> None:
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "rdzv", *arguments],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        assert self.popen.stdout is not None
+        assert self.popen.stderr is not None
+        self.stdout, self.stderr = Lines(self.popen.stdout), Lines(self.popen.stderr)
+
+    def stop(self, signum: signal.Signals = signal.SIGTERM) -> int:
+        """Send `signum`; the exit code."""
+        self.popen.send_signal(signum)
+        return self.popen.wait(timeout=30)
+
+    def close(self) -> None:
+        """Kill the process if it still runs, and close its pipes."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait(timeout=10)
+        for lines in (self.stdout, self.stderr):
+            lines.close()

@@ -37,7 +37,7 @@ from rdzv._cli import EMBEDDED_COMPACTION_RETENTION, embedded_etcd, main
 from rdzv._inspect import NotATorchStateError, load_torch_state
 from rdzv.testing import EtcdServer, EtcdTLS
 from rdzv.torch import create_handler
-from support import Lines, RawEtcd, closed_port, torch_backend_of
+from support import RawEtcd, RdzvProcess, closed_port, torch_backend_of
 
 STATE_KEY = b"a-shared-state-key-of-32-bytes!!"
 
@@ -83,42 +83,13 @@ class _Hostile:
         return (os.system, (self.command,))
 
 
-class _Process:
-    """`python -m rdzv ARGUMENTS` as a subprocess, with both output streams read by threads."""
-
-    def __init__(self, *arguments: str) -> None:
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "rdzv", *arguments],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-        )
-        assert self.popen.stdout is not None
-        assert self.popen.stderr is not None
-        self.stdout, self.stderr = Lines(self.popen.stdout), Lines(self.popen.stderr)
-
-    def stop(self, signum: signal.Signals) -> int:
-        """Send `signum`; the exit code."""
-        self.popen.send_signal(signum)
-        return self.popen.wait(timeout=30)
-
-    def close(self) -> None:
-        """Kill the process if it still runs, and close its pipes."""
-        if self.popen.poll() is None:
-            self.popen.kill()
-        self.popen.wait(timeout=10)
-        for lines in (self.stdout, self.stderr):
-            lines.close()
-
-
 @pytest.fixture
-def rdzv_process() -> Iterator[Callable[..., _Process]]:
+def rdzv_process() -> Iterator[Callable[..., RdzvProcess]]:
     """Start `python -m rdzv ...` subprocesses; each is killed and closed at teardown."""
-    started: list[_Process] = []
+    started: list[RdzvProcess] = []
 
-    def start(*arguments: str) -> _Process:
-        started.append(_Process(*arguments))
+    def start(*arguments: str) -> RdzvProcess:
+        started.append(RdzvProcess(*arguments))
         return started[-1]
 
     yield start
@@ -608,7 +579,7 @@ def test_watch_prints_one_line_per_change(
     etcd_endpoints: str,
     etcd_key_prefix: str,
     raw_etcd_sync: RawEtcd,
-    rdzv_process: Callable[..., _Process],
+    rdzv_process: Callable[..., RdzvProcess],
 ) -> None:
     """Three changes make three lines; SIGTERM ends the watch with exit code 0."""
     key = f"{etcd_key_prefix}/job"
@@ -634,7 +605,7 @@ def test_watch_prints_one_line_per_change(
 
 @pytest.mark.slow
 def test_watch_json_starts_with_the_current_state(
-    etcd_endpoints: str, etcd_key_prefix: str, rdzv_process: Callable[..., _Process]
+    etcd_endpoints: str, etcd_key_prefix: str, rdzv_process: Callable[..., RdzvProcess]
 ) -> None:
     """--json prints JSON lines, the current state first; SIGINT ends it with exit code 0."""
     token = _set_state(etcd_endpoints, etcd_key_prefix, b"before")
@@ -657,7 +628,7 @@ def test_watch_json_starts_with_the_current_state(
 
 
 @pytest.mark.slow
-def test_watch_exits_1_when_etcd_goes_away(rdzv_process: Callable[..., _Process]) -> None:
+def test_watch_exits_1_when_etcd_goes_away(rdzv_process: Callable[..., RdzvProcess]) -> None:
     """A watch whose etcd dies says so on one line and exits 1 after the read timeout."""
     with EtcdServer() as server:
         process = rdzv_process(
@@ -679,7 +650,7 @@ def test_watch_exits_1_when_etcd_goes_away(rdzv_process: Callable[..., _Process]
 
 
 @pytest.mark.slow
-def test_serve_runs_etcd_until_ctrl_c(rdzv_process: Callable[..., _Process]) -> None:
+def test_serve_runs_etcd_until_ctrl_c(rdzv_process: Callable[..., RdzvProcess]) -> None:
     """serve prints an endpoint that works, and SIGINT stops etcd and exits 0."""
     process = rdzv_process("serve", "--port", "0", "--peer-port", "0")
     match = process.stdout.until(r"Serving etcd [\d.]+ at (127\.0\.0\.1:\d+) \(pid (\d+)\)")
@@ -700,7 +671,7 @@ def test_serve_runs_etcd_until_ctrl_c(rdzv_process: Callable[..., _Process]) -> 
 
 
 @pytest.mark.slow
-def test_serve_runs_etcd_with_auto_compaction(rdzv_process: Callable[..., _Process]) -> None:
+def test_serve_runs_etcd_with_auto_compaction(rdzv_process: Callable[..., RdzvProcess]) -> None:
     """serve's etcd keeps a bounded history: it runs with revision auto-compaction."""
     process = rdzv_process("serve", "--port", "0", "--peer-port", "0")
     match = process.stdout.until(r"Serving etcd [\d.]+ at 127\.0\.0\.1:\d+ \(pid (\d+)\)")
@@ -712,7 +683,7 @@ def test_serve_runs_etcd_with_auto_compaction(rdzv_process: Callable[..., _Proce
 
 @pytest.mark.slow
 def test_serve_keeps_data_across_runs(
-    tmp_path: Path, rdzv_process: Callable[..., _Process]
+    tmp_path: Path, rdzv_process: Callable[..., RdzvProcess]
 ) -> None:
     """With --data-dir, a second run on the same ports finds what the first one stored."""
     port, peer_port = closed_port(), closed_port()

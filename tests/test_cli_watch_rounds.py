@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 
 import anyio
@@ -18,7 +15,7 @@ import pytest
 
 import rdzv
 from conftest import Participants
-from support import Lines
+from support import RdzvProcess
 
 pytestmark = pytest.mark.anyio
 
@@ -26,47 +23,15 @@ LINE_TIMEOUT = 20.0
 """Seconds to wait for a line that the watch should print."""
 
 
-class _Watch:
-    """`python -m rdzv watch ...` as a subprocess."""
-
-    def __init__(self, *arguments: str) -> None:
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "rdzv", "watch", *arguments],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-        )
-        assert self.popen.stdout is not None
-        assert self.popen.stderr is not None
-        self.stdout, self.stderr = Lines(self.popen.stdout), Lines(self.popen.stderr)
-
-    async def started(self) -> None:
-        """Wait until the watch runs (it said what it watches, and from which revision)."""
-        await self.stderr.until_async("^Watching ", LINE_TIMEOUT)
-
-    def stop(self) -> int:
-        """End the watch with SIGTERM; its exit code."""
-        self.popen.send_signal(signal.SIGTERM)
-        return self.popen.wait(timeout=30)
-
-    def close(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-        self.popen.wait(timeout=30)
-        for stream in (self.stdout, self.stderr):
-            stream.close()
-
-
 @pytest.fixture
-def watch(etcd_endpoints: str, etcd_key_prefix: str) -> Iterator[Callable[..., _Watch]]:
+def watch(etcd_endpoints: str, etcd_key_prefix: str) -> Iterator[Callable[..., RdzvProcess]]:
     """Start `rdzv watch --run-id job` on the test's rounds prefix; killed at teardown."""
-    started: list[_Watch] = []
+    started: list[RdzvProcess] = []
 
-    def start(*options: str) -> _Watch:
+    def start(*options: str) -> RdzvProcess:
         connection = ["--endpoints", etcd_endpoints, "--key-prefix", f"{etcd_key_prefix}-torch"]
         rounds = ["--run-id", "job", "--rounds-prefix", etcd_key_prefix]
-        started.append(_Watch(*connection, *rounds, *options))
+        started.append(RdzvProcess("watch", *connection, *rounds, *options))
         return started[-1]
 
     yield start
@@ -84,11 +49,11 @@ async def _one_round(participants: Participants, *infos: bytes) -> list[rdzv.Asy
 
 
 async def test_watch_shows_a_round_open_then_complete_with_its_size(
-    watch: Callable[..., _Watch], participants: Participants
+    watch: Callable[..., RdzvProcess], participants: Participants
 ) -> None:
     """A new round is a line when its first node waits, and another when it completes."""
     process = watch()
-    await process.started()
+    await process.stderr.until_async("^Watching ", LINE_TIMEOUT)
     await _one_round(participants, b"a", b"b")
     opened = await process.stdout.next_async(LINE_TIMEOUT)
     assert re.fullmatch(
@@ -100,12 +65,12 @@ async def test_watch_shows_a_round_open_then_complete_with_its_size(
 
 
 async def test_watch_shows_a_member_leaving(
-    watch: Callable[..., _Watch], participants: Participants
+    watch: Callable[..., RdzvProcess], participants: Participants
 ) -> None:
     """A member of the latest round that leaves is a line naming it, coordinator or not."""
     nodes = await _one_round(participants, b"a", b"b")
     process = watch()
-    await process.started()
+    await process.stderr.until_async("^Watching ", LINE_TIMEOUT)
     for node in nodes:
         await node.leave()
     line = await process.stdout.until_async("is gone", LINE_TIMEOUT)
@@ -119,12 +84,12 @@ async def test_watch_shows_a_member_leaving(
 
 
 async def test_watch_shows_the_rendezvous_closing(
-    watch: Callable[..., _Watch], participants: Participants
+    watch: Callable[..., RdzvProcess], participants: Participants
 ) -> None:
     """Closing the rendezvous is a line."""
     [node] = await _one_round(participants, b"a")
     process = watch()
-    await process.started()
+    await process.stderr.until_async("^Watching ", LINE_TIMEOUT)
     await node.close()
     line = await process.stdout.until_async("closed", LINE_TIMEOUT)
     assert line.endswith("rounds  closed: nobody can join any more")
@@ -132,7 +97,7 @@ async def test_watch_shows_the_rendezvous_closing(
 
 
 async def test_watch_first_shows_the_rounds_as_they_are(
-    watch: Callable[..., _Watch], participants: Participants
+    watch: Callable[..., RdzvProcess], participants: Participants
 ) -> None:
     """Started on a running job, the first line is its rounds now: latest round and size."""
     await _one_round(participants, b"a", b"b")
@@ -145,12 +110,12 @@ async def test_watch_first_shows_the_rounds_as_they_are(
 
 
 async def test_watch_says_it_found_rounds_and_no_state(
-    watch: Callable[..., _Watch], participants: Participants, etcd_key_prefix: str
+    watch: Callable[..., RdzvProcess], participants: Participants, etcd_key_prefix: str
 ) -> None:
     """With rounds and no torch state, a line on stderr says it is a rounds job."""
     await _one_round(participants, b"a")
     process = watch()
-    await process.started()
+    await process.stderr.until_async("^Watching ", LINE_TIMEOUT)
     hint = await process.stderr.next_async(LINE_TIMEOUT)
     assert hint == (
         f"rdzv watch: no state at {etcd_key_prefix}-torch/job, but rounds under "
@@ -160,14 +125,14 @@ async def test_watch_says_it_found_rounds_and_no_state(
 
 
 async def test_watch_says_it_found_a_state_and_no_rounds(
-    watch: Callable[..., _Watch], etcd_endpoints: str, etcd_key_prefix: str
+    watch: Callable[..., RdzvProcess], etcd_endpoints: str, etcd_key_prefix: str
 ) -> None:
     """With a torch state and no rounds, a line on stderr says it is an etcd-v3 job."""
     async with rdzv.connect(etcd_endpoints) as connection:
         backend = rdzv.AsyncEtcdBackend(connection, "job", key_prefix=f"{etcd_key_prefix}-torch")
         await backend.set_state(b"a state")
     process = watch()
-    await process.started()
+    await process.stderr.until_async("^Watching ", LINE_TIMEOUT)
     hint = await process.stderr.next_async(LINE_TIMEOUT)
     assert hint == (
         f"rdzv watch: a state at {etcd_key_prefix}-torch/job, no rounds under "
@@ -177,7 +142,7 @@ async def test_watch_says_it_found_a_state_and_no_rounds(
 
 
 async def test_watch_says_it_found_neither_and_which_options_to_check(
-    watch: Callable[..., _Watch], etcd_key_prefix: str
+    watch: Callable[..., RdzvProcess], etcd_key_prefix: str
 ) -> None:
     """With nothing in either place, a line on stderr names both and the options that set them."""
     process = watch()
@@ -192,11 +157,11 @@ async def test_watch_says_it_found_neither_and_which_options_to_check(
 
 
 async def test_watch_json_has_the_round_events(
-    watch: Callable[..., _Watch], participants: Participants, etcd_key_prefix: str
+    watch: Callable[..., RdzvProcess], participants: Participants, etcd_key_prefix: str
 ) -> None:
     """--json: one object per change, under "rounds", with the event, round and member count."""
     process = watch("--json")
-    await process.started()
+    await process.stderr.until_async("^Watching ", LINE_TIMEOUT)
     await _one_round(participants, b"a", b"b")
     opened = json.loads(await process.stdout.next_async(LINE_TIMEOUT))["rounds"]
     complete = json.loads(await process.stdout.next_async(LINE_TIMEOUT))["rounds"]
