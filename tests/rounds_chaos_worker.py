@@ -8,7 +8,8 @@ when its parent (the test) is gone or its deadline has passed, so a lost worker 
 
 Every join carries the node info `s{slot}.i{incarnation}.j{join}`: the identity of the process
 (its slot and incarnation, which survive its own re-leases) and the number of the join, so that
-the test can tell whose every member of a round is, even members that never reported.
+the test can tell whose every member of a round is, even members that never reported: after
+each join the worker reads the round's members back (`read_members`), unless etcd is down.
 """
 
 from __future__ import annotations
@@ -115,6 +116,12 @@ async def _participate(
             )
             await asyncio.sleep(_ERROR_PAUSE)
             continue
+        ended = time.time()
+        try:
+            members: tuple[rdzv.Member, ...] | None = await node.read_members(membership)
+        except rdzv.RendezvousError:
+            members = None  # etcd is down: the round's other members read it
+        decision = membership.decision
         record(
             "joined",
             join=join,
@@ -122,10 +129,11 @@ async def _participate(
             round=membership.round,
             rank=membership.rank,
             world_size=membership.world_size,
-            members=[member.id for member in membership.members],
-            infos=[member.info.decode(errors="replace") for member in membership.members],
+            decision=[decision.view_revision, decision.size, decision.gaps, decision.ids],
+            members=None if members is None else [member.id for member in members],
+            infos=None if members is None else [m.info.decode(errors="replace") for m in members],
             started=started,
-            ended=time.time(),
+            ended=ended,
         )
         if chooser.random() < config.wait_share:
             try:

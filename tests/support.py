@@ -188,6 +188,22 @@ class LoseAnswers:
         raise rdzv.RendezvousOutcomeUnknownError("lost")
 
 
+async def agreed_members(
+    node: rdzv.AsyncRendezvous, memberships: list[rdzv.Membership]
+) -> tuple[rdzv.Member, ...]:
+    """The members of one round, read once, after asserting that its memberships agree.
+
+    Agree: one decision, one world size, distinct ranks, and each rank indexes its own member.
+    """
+    assert len({m.decision for m in memberships}) == 1, "the members disagree about the round"
+    members = await node.read_members(memberships[0])
+    assert len(members) == memberships[0].world_size
+    assert len({m.rank for m in memberships}) == len(memberships)
+    for membership in memberships:
+        assert members[membership.rank].id == membership.member_id
+    return members
+
+
 async def poll_until(check: Callable[[], Awaitable[bool]], *, interval: float = 0.01) -> None:
     """Return once `check()` is true; the caller bounds the wait (`anyio.fail_after`).
 

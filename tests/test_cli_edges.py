@@ -77,7 +77,7 @@ def _first_progress_line(process: subprocess.Popen[str]) -> None:
         (
             ["demo", "--nodes", "0"],
             "rdzv demo: Invalid value for '--nodes' / '-n': 0 is not in the range "
-            "1<=x<=16384. Try 'rdzv demo --help'.",
+            "1<=x<=131072. Try 'rdzv demo --help'.",
         ),
         (["nosuch"], "rdzv: No such command 'nosuch'. Try 'rdzv --help'."),
     ],

@@ -137,7 +137,7 @@ async def test_an_incomplete_round_times_out(etcd_endpoints: str, etcd_key_prefi
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"nodes": 0}, "nodes must be an int from 1 to 16384"),
+        ({"nodes": 0}, "nodes must be an int from 1 to 131072"),
         ({"nodes": 5000, "protocol": "cas"}, "nodes must be an int from 1 to 4096"),
         ({"per_connection": 0}, "per_connection must be a positive int"),
         ({"timeout": float("nan")}, "timeout must be a positive number of seconds"),
@@ -272,7 +272,7 @@ def test_cli_demo_prints_a_progress_line_a_second(
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (["--nodes", "0"], "is not in the range 1<=x<=16384"),
+        (["--nodes", "0"], "is not in the range 1<=x<=131072"),
         (["--nodes", "5000", "--protocol", "cas"], "more than --protocol cas takes (4096)"),
         (["--protocol", "paxos"], "'paxos' is not one of 'rounds', 'cas'"),
         (["--per-connection", "0"], "is not in the range x>=1"),

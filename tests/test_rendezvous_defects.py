@@ -20,9 +20,9 @@ import pytest
 
 import rdzv
 from conftest import Participants
-from rdzv._rendezvous._layout import Member, encode_membership
+from rdzv._rendezvous._layout import Decision, encode_decision
 from rdzv.testing import FaultProxy
-from support import LoseAnswers, poll_until
+from support import LoseAnswers, agreed_members, poll_until
 
 pytestmark = pytest.mark.anyio
 
@@ -92,11 +92,13 @@ def memberships(outcomes: list[Outcome]) -> list[rdzv.Membership]:
     return [outcome for outcome in outcomes if isinstance(outcome, rdzv.Membership)]
 
 
-def assert_one_member_per_process(got: list[rdzv.Membership]) -> None:
-    """Each completed round of `got` lists exactly the processes that got it, once each."""
+async def assert_one_member_per_process(
+    reader: rdzv.AsyncRendezvous, got: list[rdzv.Membership]
+) -> None:
+    """Each completed round of `got` has exactly the processes that got it, once each."""
     for number in {m.round for m in got}:
         in_round = [m for m in got if m.round == number]
-        ids = {member.id for member in in_round[0].members}
+        ids = {member.id for member in await agreed_members(reader, in_round)}
         returned = {m.member_id for m in in_round}
         assert ids == returned, (
             f"round {number} has members {sorted(ids)}, but its joins returned "
@@ -171,7 +173,7 @@ async def test_a_participant_whose_answers_stop_past_its_ttl_holds_one_rank(
         await anyio.sleep(2 + 0.3)
         proxy.release("responses")
     got = memberships(await settle(tasks, timeout=20))
-    assert_one_member_per_process(got)
+    await assert_one_member_per_process(first, got)
 
 
 # ------------------------------------------------- 2. a late copy of a join, or of an election
@@ -223,7 +225,7 @@ async def test_an_election_that_landed_late_still_completes_the_round(
         late = [asyncio.ensure_future(node.join(b"latecomer")) for node in latecomers]
         got = memberships(await settle([waiting, *late], timeout=12))
     assert {m.world_size for m in got} == {3}
-    assert_one_member_per_process(got)
+    await assert_one_member_per_process(waiter, got)
 
 
 async def test_an_election_that_landed_late_still_reports_a_departure(
@@ -297,7 +299,17 @@ async def test_a_foreign_membership_of_round_one_without_latest_is_a_state_error
     etcd_key_prefix: str,
 ) -> None:
     """A `done` for round 1 with no `latest` raises RendezvousStateError, after few requests."""
-    foreign = encode_membership(1, [Member(0xABC, b"someone else")])
+    foreign = encode_decision(
+        Decision(
+            1,
+            1,
+            view_revision=1,
+            first_revision=1,
+            coordinator=0xABC,
+            coordinator_is_member=True,
+            ids=(0xABC,),
+        )
+    )
     await raw_etcd.put(f"{etcd_key_prefix}/job/round/1/c/done".encode(), foreign)
     node = participants(join_timeout=3)
     txns = count_txns(node.connection, monkeypatch)
@@ -406,7 +418,7 @@ async def test_a_stray_key_among_the_member_keys_is_skipped_with_a_warning(
     with caplog.at_level(logging.WARNING, logger="rdzv.rendezvous"):
         got = memberships(await join_outcomes(nodes))
     assert {m.round for m in got} == {1}
-    assert_one_member_per_process(got)
+    await assert_one_member_per_process(nodes[0], got)
     warned = [
         record
         for record in caplog.records
@@ -426,8 +438,8 @@ async def test_a_member_key_without_a_lease_is_no_member(
     nodes = [participants(min_nodes=2, max_nodes=2, join_timeout=10) for _ in range(2)]
     got = memberships(await join_outcomes(nodes))
     assert {m.round for m in got} == {1}
-    assert 0xFF not in {member.id for member in got[0].members}
-    assert_one_member_per_process(got)
+    assert 0xFF not in {member.id for member in await nodes[0].read_members(got[0])}
+    await assert_one_member_per_process(nodes[0], got)
 
 
 async def test_a_foreign_coordinator_value_does_not_stall_the_round(

@@ -6,7 +6,8 @@ the rendezvous closes, in any interleaving; and the network misbehaves: etcd's a
 node wait past its lease's TTL while its requests still arrive (an asymmetric partition), and a
 node's join loses its answer and lands late, just before its next transaction. After every step
 the rounds that completed so far must be sound: ranks a permutation of 0..W-1, min_nodes <= W <=
-max_nodes, every member of a round seeing the same members, no node in a round twice (under any
+max_nodes, every member of a round seeing the same decision, each rank indexing its own member
+in the members read back at the decision's revision, no node in a round twice (under any
 of its leases: a member's node info names its node); and once nothing moves, the nodes that wait
 are the ones counted as waiting, and a round completes if they all wait and are enough.
 """
@@ -134,6 +135,7 @@ class RendezvousMachine(RuleBasedStateMachine):
         self.run_id = uuid.uuid4().hex
         self.nodes: list[Node] = []
         self.rounds: dict[int, list[tuple[int, rdzv.Membership]]] = collections.defaultdict(list)
+        self.members: dict[int, tuple[rdzv.Member, ...]] = {}  # read once per completed round
         self.closed = False
         self.completions = 0  # joins that completed
         self.last_change = time.monotonic()
@@ -225,6 +227,9 @@ class RendezvousMachine(RuleBasedStateMachine):
                 assert self.closed
                 continue
             membership = future.result()
+            if membership.round not in self.members:
+                reader = self._participant(self.connection)
+                self.members[membership.round] = self.call(reader.read_members(membership))
             self.rounds[membership.round].append((node.index, membership))
             self.completions += 1
             node.round = membership.round
@@ -416,8 +421,8 @@ class RendezvousMachine(RuleBasedStateMachine):
         self._collect()
         for number, seen in self.rounds.items():
             memberships = [membership for _, membership in seen]
-            assert len({m.members for m in memberships}) == 1, f"round {number} disagrees"
-            members = memberships[0].members
+            assert len({m.decision for m in memberships}) == 1, f"round {number} disagrees"
+            members = self.members[number]
             assert MIN_NODES <= len(members) <= MAX_NODES
             assert len({member.id for member in members}) == len(members)
             # A node may hold a new lease after a loss, but it joins with the same info.

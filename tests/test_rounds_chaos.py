@@ -97,8 +97,11 @@ class Completion:
     round: int
     rank: int
     world_size: int
-    members: tuple[int, ...]
-    infos: tuple[str, ...]
+    decision: str
+    """The round's decision as the participant got it (its fields, as JSON)."""
+    members: tuple[int, ...] | None
+    """The members read back after the join (None: etcd was down then)."""
+    infos: tuple[str, ...] | None
     """Each member's node info: `s{slot}.i{incarnation}.j{join}`."""
     started: float
     ended: float
@@ -112,6 +115,11 @@ class Failure:
     error: str
     started: float
     ended: float
+
+
+def _tuple(items: list[Any] | None) -> tuple[Any, ...] | None:
+    """A JSON list as a tuple; None stays None."""
+    return None if items is None else tuple(items)
 
 
 def _owner(info: str) -> str:
@@ -158,8 +166,9 @@ class Results:
                     round=record["round"],
                     rank=record["rank"],
                     world_size=record["world_size"],
-                    members=tuple(record["members"]),
-                    infos=tuple(record["infos"]),
+                    decision=json.dumps(record["decision"]),
+                    members=_tuple(record["members"]),
+                    infos=_tuple(record["infos"]),
                     started=record["started"],
                     ended=record["ended"],
                 )
@@ -207,11 +216,14 @@ def violations(completions: Sequence[Completion]) -> list[str]:
 
 def _check_completion(done: Completion, note: Note) -> None:
     """What one completion must satisfy on its own."""
-    number, size = done.round, len(done.members)
+    number = done.round
     if not MIN_NODES <= done.world_size <= MAX_NODES:
         note(
             number, f"round {number}: world size {done.world_size} outside {MIN_NODES}..{MAX_NODES}"
         )
+    if done.members is None:
+        return
+    size = len(done.members)
     if done.world_size != size:
         note(number, f"round {number}: {done.who} got world size {done.world_size}, {size} members")
     if not 0 <= done.rank < size or done.members[done.rank] != done.member_id:
@@ -228,7 +240,10 @@ def _check_round(
     number: int, group: list[Completion], reporters: dict[int, set[str]], note: Note
 ) -> None:
     """What the completions of one round must satisfy together."""
-    seen = {done.members: done for done in group}
+    decisions = {done.decision for done in group}
+    if len(decisions) > 1:
+        note(number, f"round {number}: completers got {len(decisions)} decisions: {decisions}")
+    seen = {done.members: done for done in group if done.members is not None}
     if len(seen) > 1:
         views = "; ".join(
             f"{sorted(done.who for done in group if done.members == members)} saw {_ids(members)}"
@@ -250,6 +265,7 @@ def _check_round(
         if len(ids) > 1:
             note(number, f"round {number}: rank {rank} went to {len(ids)} members {_ids(ids)}")
     for members, done in seen.items():
+        assert done.infos is not None  # read with the members
         owners = [_owner(info) for info in done.infos]
         for who, places in collections.Counter(owners).items():
             if places > 1:

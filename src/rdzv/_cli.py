@@ -58,7 +58,7 @@ from rdzv._errors import (
 from rdzv._etcd import Connection, WatchEvent
 from rdzv._etcd._endpoints import resolve_endpoints
 from rdzv._rendezvous import DEFAULT_ROUNDS_PREFIX
-from rdzv._rendezvous._layout import Layout, decode_membership
+from rdzv._rendezvous._layout import Layout, decode_decision
 from rdzv._rendezvous._view import RoundsView, members, shown_info, view_rounds
 from rdzv._rendezvous._view import to_json as rounds_to_json
 from rdzv._rendezvous._view import to_text as rounds_to_text
@@ -1055,11 +1055,11 @@ class _RoundsFollower:
             self._seen.add(number)
             self._latest = max(self._latest, number)
             try:
-                _, round_members = decode_membership(kv.value, key=kv.key)
+                size = decode_decision(kv.value, key=kv.key).size
             except RendezvousStateError as foreign:
                 detail = shown_info(str(foreign).encode())
                 return _RoundsChange(revision, "foreign", number, detail=detail)
-            return _RoundsChange(revision, "complete", number, members=len(round_members))
+            return _RoundsChange(revision, "complete", number, members=size)
         if kind == b"c" and name == b"departed" and number not in self._departed:
             self._departed.add(number)
             return _RoundsChange(revision, "departed", number, detail=shown_info(kv.value))

@@ -375,7 +375,7 @@ class _Demo:
         self.raise_failure()
         return DemoResult(
             protocol="rounds",
-            ranks=self._check(memberships),
+            ranks=await self._check(memberships),
             seconds=seconds,
             connections=len(sizes),
             round=memberships[0].round,
@@ -383,17 +383,21 @@ class _Demo:
             leave_seconds=time.perf_counter() - leaving,
         )
 
-    def _check(self, memberships: dict[int, Membership]) -> dict[str, int]:
-        """The ranks by agent name, once it is clear that every agent saw the same round."""
-        # A connection decodes a round once, so its agents share one members tuple.
-        distinct = {id(m.members): m.members for m in memberships.values()}
-        rounds = {m.round for m in memberships.values()}
-        if len(set(distinct.values())) != 1 or len(rounds) != 1:
+    async def _check(self, memberships: dict[int, Membership]) -> dict[str, int]:
+        """The ranks by agent name, once it is clear that every agent holds its own rank.
+
+        The members, with their node info, are read once (nobody was sent them), and every
+        agent's rank must index its own key.
+        """
+        decisions = {m.decision for m in memberships.values()}
+        if len(decisions) != 1 or len(memberships) != self.nodes:
             raise DemoError(f"The agents of {self.run_id!r} disagree about their round.")
+        async with connect(self.endpoints, read_timeout=self.read_timeout) as connection:
+            members = await self.participant(connection).read_members(memberships[0])
         ranks: dict[str, int] = {}
         for index, membership in memberships.items():
             name = f"node-{index}"
-            me = membership.members[membership.rank]
+            me = members[membership.rank]
             if me.id != membership.member_id or me.info != name.encode():
                 raise DemoError(f"{name} got rank {membership.rank}, which is another member's.")
             ranks[name] = membership.rank

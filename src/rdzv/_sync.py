@@ -36,7 +36,13 @@ from rdzv._errors import RendezvousError
 from rdzv._etcd import DEFAULT_MAX_IN_FLIGHT, Connection
 from rdzv._etcd._connection import DEFAULT_CONNECT_TIMEOUT
 from rdzv._etcd._endpoints import resolve_endpoints
-from rdzv._rendezvous import DEFAULT_LEASE_TTL, DEFAULT_ROUNDS_PREFIX, AsyncRendezvous, Membership
+from rdzv._rendezvous import (
+    DEFAULT_LEASE_TTL,
+    DEFAULT_ROUNDS_PREFIX,
+    AsyncRendezvous,
+    Member,
+    Membership,
+)
 
 __all__ = [
     "ConnectionOptions",
@@ -739,6 +745,10 @@ class Rendezvous:
     def num_nodes_waiting(self) -> int:
         """How many nodes wait for the next round; see `AsyncRendezvous.num_nodes_waiting`."""
         return self._loop.call(self._rendezvous.num_nodes_waiting)
+
+    def read_members(self, membership: Membership) -> tuple[Member, ...]:
+        """The round's members in rank order; see `AsyncRendezvous.read_members`."""
+        return self._loop.call(self._rendezvous.read_members, membership)
 
     def wait_for_departure(self, membership: Membership, *, timeout: float | None = None) -> bool:
         """Wait until a member of the round is gone; see `AsyncRendezvous.wait_for_departure`."""

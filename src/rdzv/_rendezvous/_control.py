@@ -3,8 +3,7 @@
 Participants wait for changes of their round's few control keys (coordinator, done, departed,
 closed). However many participants one connection carries (the demo runs 10,000), the
 connection reads those keys once and watches them with one watch; each change wakes the
-participants, which look at the mirror. Decoding the membership, up to a megabyte, happens once
-per connection too.
+participants, which look at the mirror. A round's `done` is decoded once per connection too.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from typing import TypeVar
 
 from rdzv._errors import RendezvousError, RendezvousWatchCompactedError
 from rdzv._etcd import Connection, KeyValue
-from rdzv._rendezvous._layout import Member, decode_membership
+from rdzv._rendezvous._layout import Decision, decode_decision
 
 T = TypeVar("T")
 
@@ -44,7 +43,7 @@ class RoundControl:
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._users = 0
-        self._decoded: tuple[KeyValue, int, tuple[Member, ...], dict[int, int]] | None = None
+        self._decoded: tuple[KeyValue, Decision] | None = None
         self.version = 0
         """How many changes the mirror has applied."""
         self.revision = 0
@@ -62,13 +61,11 @@ class RoundControl:
         """The control key `name` (`b"done"`, ...) if it exists."""
         return self.keys.get(self.prefix + name)
 
-    def membership(self, done: KeyValue) -> tuple[int, tuple[Member, ...], dict[int, int]]:
-        """The round number, members and rank of each member id of `done`, decoded once."""
+    def decision(self, done: KeyValue) -> Decision:
+        """The `Decision` of `done`, decoded once."""
         if self._decoded is None or self._decoded[0] is not done:
-            number, members = decode_membership(done.value, key=done.key)
-            ranks = {member.id: rank for rank, member in enumerate(members)}
-            self._decoded = (done, number, members, ranks)
-        return self._decoded[1:]
+            self._decoded = (done, decode_decision(done.value, key=done.key))
+        return self._decoded[1]
 
     async def wait_for(self, predicate: Callable[[], T | None]) -> T:
         """Wait until `predicate()` returns something other than `None`, and return it.

@@ -1,15 +1,20 @@
 """The coordinator of a round: the one participant that decides when the round completes.
 
 Deciding needs the round's whole membership, so exactly one participant follows it: the
-coordinator watches the round's member keys (one watch, one event per join and per departure:
-O(N) events for the round, not O(N) per participant). It completes the round with one
-transaction that etcd applies at most once:
+coordinator watches the round's member keys and its arrivals counter (one watch, from the
+round's first arrival on: O(N) events for the round, not O(N) per participant). It completes
+the round with one transaction that etcd applies at most once:
 
     if  closed is absent
     and latest == round - 1                  (the round is still open)
     and the coordinator key is still ours    (we were not replaced)
     and no member key of round - 1 is left   (the previous round is over)
-    then put done = membership, put latest = round, delete round - 1's keys
+    then put done = decision, put latest = round, delete round - 1's keys
+
+The decision (`_layout.Decision`) names the members by arrival number: a few bytes whatever the
+round's size, from which every node computes its own rank. When the coordinator cannot number
+every member's arrival (etcd compacted the counter's history before it started watching, or
+another program wrote under the member prefix), it lists the member ids instead.
 
 A round can complete only when no member of the previous round is left, as in PyTorch's
 dynamic rendezvous: nodes that arrive while a round runs wait for the next one, and do not form
@@ -23,6 +28,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -32,6 +38,7 @@ import anyio
 import anyio.abc
 
 from rdzv._errors import (
+    RendezvousCompactedError,
     RendezvousError,
     RendezvousOutcomeUnknownError,
     RendezvousStateError,
@@ -39,7 +46,14 @@ from rdzv._errors import (
 )
 from rdzv._etcd import Compare, Connection, Delete, Get, KeyValue, Put
 from rdzv._rendezvous._control import RoundControl
-from rdzv._rendezvous._layout import Layout, Member, encode_membership, round_number
+from rdzv._rendezvous._layout import (
+    Decision,
+    Layout,
+    encode_decision,
+    is_member_key,
+    round_number,
+)
+from rdzv._rendezvous._members import keys_of, member_keys
 
 logger = logging.getLogger("rdzv.rendezvous")
 
@@ -63,6 +77,7 @@ class Coordinator:
         number: int,
         *,
         revision: int,
+        member_id: int,
         settings: Settings,
         control: RoundControl,
     ) -> None:
@@ -70,9 +85,14 @@ class Coordinator:
         self._layout = layout
         self._number = number
         self._revision = revision  # the mod revision of our coordinator key
+        self._member_id = member_id
         self._settings = settings
         self._control = control
         self._members: dict[bytes, KeyValue] | None = None
+        self._view = 0  # the revision `_members` is as of
+        self._first: int | None = None  # the revision of the first arrival, once followed
+        self._arrival_at: dict[int, int] = {}  # revision of a join: its arrival number
+        self._chosen: set[bytes] | None = None  # the keys of the members we chose
         self._previous_empty = number == 1
         self._wake = asyncio.Event()
         self._followers: anyio.abc.TaskGroup | None = None
@@ -133,39 +153,74 @@ class Coordinator:
         Anything else under the member prefix was written by another program (a key without a
         lease would be a member that never leaves); it is skipped, and logged once.
         """
-        if self._layout.member_id(kv.key) == kv.lease != 0:
+        if is_member_key(self._layout, kv):
             return True
+        self._ignore(kv, "its name is not the id of the lease it is on")
+        return False
+
+    def _ignore(self, kv: KeyValue, why: str) -> None:
+        """Log once that `kv` is skipped: another program wrote it."""
         if kv.key not in self._ignored:
             self._ignored.add(kv.key)
             logger.warning(
-                "ignoring %r in round %d: not a participant's key (its name is not the id of "
-                "the lease it is on); another program wrote it",
+                "ignoring %r in round %d: not a participant's key (%s); another program wrote it",
                 kv.key,
                 self._number,
+                why,
                 extra={"rdzv_key": kv.key.decode(errors="backslashreplace")},
             )
-        return False
 
     async def _follow_members(self) -> None:
-        prefix = self._layout.members(self._number)
+        """Follow the member keys, and the arrival number of each join, from the first arrival.
+
+        Replayed from the revision of the round's first arrival, the watch shows every join
+        (and its arrival number) in order. Once the round completed, or if etcd compacted that
+        history, the keys are read and followed from now: no member is numbered then.
+        """
+        counter_key = self._layout.arrivals(self._number)
+        replay = self._control.get(b"done") is None
         while True:
-            kvs, revision = await self._connection.range(prefix, prefix=True)
-            self._members = {kv.key: kv for kv in kvs if self._is_member(kv)}
+            self._members, self._arrival_at, self._first = None, {}, None
+            counter = await self._counter(counter_key) if replay else None
+            if counter is not None:
+                # The state before the first arrival: no participant's key yet.
+                self._first = start = counter.create_revision
+                self._members, self._view = {}, start - 1
+            else:
+                prefix = self._layout.members(self._number)
+                kvs, self._view = await self._connection.range(prefix, prefix=True)
+                self._members = {kv.key: kv for kv in kvs if self._is_member(kv)}
+                start = self._view + 1
             self._wake.set()
-            changes = self._connection.watch(prefix, start_revision=revision + 1, prefix=True)
+            changes = self._connection.watch(counter_key, start_revision=start, prefix=True)
             try:
                 async for event in changes:
-                    if event.deleted:
-                        self._members.pop(event.kv.key, None)
-                    elif self._is_member(event.kv):
-                        self._members[event.kv.key] = event.kv
-                    else:
-                        self._members.pop(event.kv.key, None)
+                    self._apply(event.kv, deleted=event.deleted, counter_key=counter_key)
                     self._wake.set()
             except RendezvousWatchCompactedError:
-                continue  # etcd no longer holds the changes we missed: read the members again
+                replay = False  # etcd no longer holds the changes we need: read the members
             finally:
                 await changes.aclose()
+
+    async def _counter(self, counter_key: bytes) -> KeyValue | None:
+        """The arrivals counter; the keys that no join counted (older than it) are logged."""
+        kvs, _ = await self._connection.range(counter_key, prefix=True)
+        counter = next((kv for kv in kvs if kv.key == counter_key), None)
+        for kv in kvs:
+            if counter is not None and kv.create_revision < counter.create_revision:
+                self._ignore(kv, "it is older than the round's first join")
+        return counter
+
+    def _apply(self, kv: KeyValue, *, deleted: bool, counter_key: bytes) -> None:
+        assert self._members is not None
+        self._view = kv.mod_revision
+        if kv.key == counter_key:
+            if not deleted:
+                self._arrival_at[kv.mod_revision] = kv.version
+        elif deleted or not self._is_member(kv):
+            self._members.pop(kv.key, None)
+        else:
+            self._members[kv.key] = kv
 
     async def _follow_previous(self) -> None:
         """Until no member of the previous round is left."""
@@ -237,7 +292,7 @@ class Coordinator:
         chosen = sorted(members.values(), key=lambda kv: kv.create_revision)
         chosen = chosen[: self._settings.max_nodes]
         layout, number = self._layout, self._number
-        value = encode_membership(number, [Member(kv.lease, kv.value) for kv in chosen])
+        value = encode_decision(self._decision(chosen))
         compare = [
             Compare.absent(layout.closed),
             latest_is(layout, number - 1),
@@ -267,6 +322,7 @@ class Coordinator:
             # Try again: if it landed, `latest` moved on and the next attempt is refused.
             return None
         if result.succeeded:
+            self._chosen = {kv.key for kv in chosen}
             logger.info(
                 "round %d completed with %d members",
                 number,
@@ -278,6 +334,34 @@ class Coordinator:
             )
             return True
         return self._refused(result.counts[0], *result.ranges[1:])
+
+    def _decision(self, chosen: list[KeyValue]) -> Decision:
+        """The decision that makes `chosen` (in rank order) the round's members."""
+        arrivals = [self._arrival_at.get(kv.create_revision) for kv in chosen]
+        numbered = [arrival for arrival in arrivals if arrival is not None]
+        by_arrival = (
+            self._first is not None
+            and len(numbered) == len(chosen)
+            and all(a < b for a, b in itertools.pairwise(numbered))
+        )
+        ids: tuple[int, ...] | None = None
+        gaps: tuple[int, ...] | None = None
+        if by_arrival:
+            members = set(numbered)
+            last = numbered[-1] if numbered else 0
+            gaps = tuple(arrival for arrival in range(1, last) if arrival not in members)
+        else:
+            ids = tuple(kv.lease for kv in chosen)
+        return Decision(
+            self._number,
+            len(chosen),
+            view_revision=self._view,
+            first_revision=self._first or 0,
+            coordinator=self._member_id,
+            coordinator_is_member=any(kv.lease == self._member_id for kv in chosen),
+            gaps=gaps,
+            ids=ids,
+        )
 
     def _refused(
         self,
@@ -313,11 +397,10 @@ class Coordinator:
         done = await self._control.wait_for(self._done_or_not_ours)
         if not isinstance(done, KeyValue) or self._control.get(b"departed") is not None:
             return  # replaced, closed, or reported already
-        _, members, _ = self._control.membership(done)
-        keys = {self._layout.member(self._number, member.id) for member in members}
+        keys = await self._chosen_keys(self._control.decision(done))
         while self._still_ours() and self._control.get(b"done") is done:
             current = self._members if self._members is not None else {}
-            gone = sorted(keys - current.keys())
+            gone = sorted(keys - current.keys()) if keys is not None else [b"unknown"]
             if self._members is not None and gone:
                 # Only while `done` exists: once the next round completed and deleted this
                 # round's keys, a `departed` key would be left behind for ever.
@@ -331,11 +414,29 @@ class Coordinator:
                         "a member left round %d: %d of %d are gone",
                         self._number,
                         len(gone),
-                        len(keys),
+                        len(keys) if keys is not None else self._control.decision(done).size,
                     )
                     return
                 continue  # the answer was lost: writing the same key again is harmless
             await self._sleep_until_woken(None)
+
+    async def _chosen_keys(self, decision: Decision) -> set[bytes] | None:
+        """The keys of the round's members: ours if we chose them, else listed or read.
+
+        None if they can no longer be read (etcd compacted the revision they were chosen at):
+        the departure is then reported at once (`departed` = `unknown`), and the members
+        rendezvous again rather than run on with departures that nobody would report.
+        """
+        if self._chosen is not None:
+            return self._chosen
+        listed = keys_of(self._layout, decision)
+        if listed is not None:
+            return listed
+        try:
+            kvs = await member_keys(self._connection, self._layout, decision)
+        except RendezvousCompactedError:
+            return None
+        return {kv.key for kv in kvs}
 
     def _done_or_not_ours(self) -> KeyValue | Literal[False] | None:
         if not self._still_ours():

@@ -6,32 +6,42 @@ Under `{key_prefix}/{run_id}/`:
 - `latest`: the number of the latest completed round, in decimal (absent: none yet).
 - `round/{n}/m/{member}`: one key per participant of round `n`, holding its node info, on the
   participant's own lease. `{member}` is the lease id in hex, which etcd makes unique.
+- `round/{n}/m`: the round's arrivals counter. Every join puts it in the join's transaction,
+  so its etcd `version` after the put is the join's arrival number, 1, 2, 3, ... in the order
+  etcd applied the joins (the order of the member keys' create revisions).
 - `round/{n}/c/`: the round's control keys, the only ones that participants watch:
   `coordinator` (the member id of the one participant that decides completion, on its lease),
-  `done` (the membership, written once, when the round completes), `size` (how many members
-  `done` lists, for readers who do not want the whole membership), `departed` (written when a
-  member of the completed round is gone) and `closed` (written by `close()` into the round that
-  was open when the rendezvous closed).
+  `done` (the round's `Decision`, written once, when the round completes), `size` (how many
+  members the round has), `departed` (written when a member of the completed round is gone)
+  and `closed` (written by `close()` into the round that was open when the rendezvous closed).
+
+A round's `done` is small whatever the round's size: the size, the revision at which the
+coordinator chose the members, and the arrival numbers below the last member that are not
+members (nodes that left before completion, copies of a join sent twice). From its own arrival
+number a node computes its rank; nobody receives the whole membership. Whoever wants it (`rdzv
+inspect`, `AsyncRendezvous.read_members`) reads the member keys as they were at that revision,
+and applies the same rule as the coordinator: the keys named after the lease they are on, in
+the order of their create revisions, the first `size` of them.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import Final
 
 from rdzv._errors import RendezvousStateError
+from rdzv._etcd import KeyValue
 
-_MAGIC: Final = b"rdzv-round\x01"
-_HEADER: Final = struct.Struct(">QI")  # round, member count
-_ENTRY: Final = struct.Struct(">QH")  # member id, info length
-
-MEMBERSHIP_BUDGET: Final = 1_000_000
-"""Bytes that one round's membership may take in etcd: under etcd's default request limit
-(1.5 MiB), with room for the rest of the transaction that writes it."""
-
-ENTRY_OVERHEAD: Final = _ENTRY.size
+_MAGIC: Final = b"rdzv-round\x02"
+# round, size, view revision, first revision, coordinator id, coordinator is a member, kind,
+# number of entries
+_HEADER: Final = struct.Struct(">QIQQQBBI")
+_ENTRY: Final = struct.Struct(">Q")
+_BY_ARRIVAL: Final = 0  # the entries are the arrival numbers that are not members
+_BY_ID: Final = 1  # the entries are the member ids, in rank order
 
 _MEMBER_NAME_LENGTH: Final = 16
 _HEX_DIGITS: Final = b"0123456789abcdef"
@@ -91,6 +101,10 @@ class Layout:
         """Present if the rendezvous closed while round `number` was open."""
         return self.control(number) + b"closed"
 
+    def arrivals(self, number: int) -> bytes:
+        """The arrivals counter of round `number`; as a prefix, it covers the member keys too."""
+        return self.round(number) + b"m"
+
     def member_id(self, key: bytes) -> int | None:
         """The member id of a member key; None if its name is not one that rdzv writes."""
         return parse_member_name(key.rsplit(b"/", 1)[-1])
@@ -125,41 +139,121 @@ def round_number(value: bytes | None, *, key: bytes) -> int:
     return int(value)
 
 
-def encode_membership(number: int, members: Sequence[Member]) -> bytes:
-    """The value of a round's `done` key."""
-    parts = [_MAGIC, _HEADER.pack(number, len(members))]
-    for member in members:
-        parts.append(_ENTRY.pack(member.id, len(member.info)))
-        parts.append(member.info)
-    return b"".join(parts)
+def is_member_key(layout: Layout, kv: KeyValue) -> bool:
+    """Whether `kv`, under a round's member prefix, is a participant's: named after its lease."""
+    return layout.member_id(kv.key) == kv.lease != 0
 
 
-def decode_membership(value: bytes, *, key: bytes) -> tuple[int, tuple[Member, ...]]:
-    """The round number and members (in rank order) of a `done` value.
+def choose(
+    layout: Layout, kvs: Iterable[KeyValue], size: int, *, first_revision: int = 0
+) -> list[KeyValue]:
+    """The members of a round: the first `size` participants' keys, in arrival order.
 
-    Raises `RendezvousStateError` for anything `encode_membership` did not write.
+    `first_revision`: keys created before it are not candidates.
     """
+    candidates = sorted(
+        (kv for kv in kvs if kv.create_revision >= first_revision and is_member_key(layout, kv)),
+        key=lambda kv: kv.create_revision,
+    )
+    return candidates[:size]
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What a round's `done` says: who the members are, in a few bytes for any size.
+
+    With `gaps` (arrival numbers, ascending), the members are the round's arrivals in order,
+    skipping `gaps`, the first `size` of them: a node that arrived `k`-th has rank `k - 1 -
+    (gaps below k)`. With `ids` (when the coordinator could not number every member's
+    arrival: see `Coordinator`), the members are those ids in rank order.
+    """
+
+    number: int
+    size: int
+    view_revision: int
+    """The etcd revision of the member keys the coordinator chose from."""
+    first_revision: int
+    """With `gaps`: the revision of the round's first arrival; keys created before it are
+    not participants' (no join counted them)."""
+    coordinator: int
+    """The member id of the coordinator that completed the round."""
+    coordinator_is_member: bool
+    gaps: tuple[int, ...] | None = None
+    ids: tuple[int, ...] | None = None
+
+    def rank(self, member_id: int, arrival: int | None) -> int | None:
+        """The rank of the node `member_id` whose join arrived `arrival`-th; None: not a member.
+
+        Raises `LookupError` if the rank depends on an arrival number the node does not know.
+        """
+        if self.ids is not None:
+            return self._ranks().get(member_id)
+        assert self.gaps is not None
+        if arrival is None:
+            raise LookupError("the arrival number is needed")
+        index = bisect.bisect_left(self.gaps, arrival)
+        if index < len(self.gaps) and self.gaps[index] == arrival:
+            return None
+        rank = arrival - 1 - index
+        return rank if rank < self.size else None
+
+    def _ranks(self) -> dict[int, int]:
+        ranks: dict[int, int] | None = self.__dict__.get("_rank_of")
+        if ranks is None:
+            ranks = {member_id: rank for rank, member_id in enumerate(self.ids or ())}
+            object.__setattr__(self, "_rank_of", ranks)
+        return ranks
+
+
+def encode_decision(decision: Decision) -> bytes:
+    """The value of a round's `done` key."""
+    kind, entries = (
+        (_BY_ID, decision.ids) if decision.ids is not None else (_BY_ARRIVAL, decision.gaps)
+    )
+    assert entries is not None
+    header = _HEADER.pack(
+        decision.number,
+        decision.size,
+        decision.view_revision,
+        decision.first_revision,
+        decision.coordinator,
+        decision.coordinator_is_member,
+        kind,
+        len(entries),
+    )
+    return b"".join([_MAGIC, header, *(_ENTRY.pack(entry) for entry in entries)])
+
+
+def decode_decision(value: bytes, *, key: bytes) -> Decision:
+    """The `Decision` of a `done` value; `RendezvousStateError` for anything rdzv did not write."""
     try:
         if not value.startswith(_MAGIC):
-            raise ValueError("no rdzv membership header")
+            raise ValueError("no rdzv round header")
         offset = len(_MAGIC)
-        number, count = _HEADER.unpack_from(value, offset)
+        number, size, view, first, coordinator, is_member, kind, count = _HEADER.unpack_from(
+            value, offset
+        )
         offset += _HEADER.size
-        if count * _ENTRY.size > len(value) - offset:
-            raise ValueError("more members than the value holds")
-        members = []
-        for _ in range(count):
-            member_id, length = _ENTRY.unpack_from(value, offset)
-            offset += _ENTRY.size
-            info = value[offset : offset + length]
-            if len(info) != length:
-                raise ValueError("a member's info is cut short")
-            offset += length
-            members.append(Member(member_id, info))
-        if offset != len(value):
-            raise ValueError("bytes after the last member")
+        if len(value) - offset != count * _ENTRY.size:
+            raise ValueError("its length does not match its number of entries")
+        entries = tuple(entry for (entry,) in _ENTRY.iter_unpack(value[offset:]))
+        if kind == _BY_ID and count != size:
+            raise ValueError("its size and its list of members differ")
+        if kind == _BY_ARRIVAL and list(entries) != sorted(set(entries)):
+            raise ValueError("its arrival numbers are not ascending")
+        if kind not in (_BY_ID, _BY_ARRIVAL) or is_member > 1:
+            raise ValueError("an unknown kind of entries")
     except (ValueError, struct.error) as error:
         raise RendezvousStateError(
-            f"The round membership at {key!r} is malformed ({error}): another program wrote it."
+            f"The round decision at {key!r} is malformed ({error}): another program wrote it."
         ) from error
-    return number, tuple(members)
+    return Decision(
+        number,
+        size,
+        view,
+        first,
+        coordinator,
+        bool(is_member),
+        gaps=entries if kind == _BY_ARRIVAL else None,
+        ids=entries if kind == _BY_ID else None,
+    )

@@ -3,8 +3,9 @@
 Each participant writes one key of its own, on its own lease, with one transaction, and then
 waits on a mirror of its round's few control keys that its connection shares among all of its
 participants. One participant per round, the coordinator, follows the members and completes
-the round (see `_coordinator`). Nobody rewrites a shared value to join, and nobody watches all
-members to learn that a round completed.
+the round (see `_coordinator`). Nobody rewrites a shared value to join, nobody watches all
+members to learn that a round completed, and nobody is sent the membership: a node computes
+its rank from its arrival number and the round's small decision (see `_layout`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import enum
 import logging
 import math
 import time
@@ -21,6 +23,7 @@ import anyio
 
 from rdzv._errors import (
     RendezvousClosedError,
+    RendezvousCompactedError,
     RendezvousConnectionError,
     RendezvousError,
     RendezvousLeaseNotFoundError,
@@ -33,14 +36,8 @@ from rdzv._etcd._keepalive import LeaseKeeper
 from rdzv._etcd._values import Delete
 from rdzv._rendezvous._control import RoundControl, Seen, round_control
 from rdzv._rendezvous._coordinator import Coordinator, Settings, latest_is
-from rdzv._rendezvous._layout import (
-    ENTRY_OVERHEAD,
-    MEMBERSHIP_BUDGET,
-    Layout,
-    Member,
-    member_name,
-    round_number,
-)
+from rdzv._rendezvous._layout import Decision, Layout, Member, member_name, round_number
+from rdzv._rendezvous._members import read_members
 from rdzv._validation import shown, validate_key_prefix, validate_run_id
 
 DEFAULT_ROUNDS_PREFIX: Final = "/rdzv/rounds"
@@ -51,12 +48,11 @@ DEFAULT_LEASE_TTL: Final = 15
 keep-alive interval (5 s) times its default number of missed keep-alives (3)."""
 
 MAX_NODE_INFO: Final = 1024
-"""The most bytes of node info a participant may join with (fewer when `max_nodes` is large:
-see `AsyncRendezvous.max_node_info`)."""
+"""The most bytes of node info a participant may join with."""
 
-MAX_NODES: Final = 16_384
-"""The largest `max_nodes`: the membership of a full round, each node with at least 64 bytes
-of node info, fits in one etcd value."""
+MAX_NODES: Final = 131_072
+"""The largest `max_nodes`. No value holds a round's membership, but a decision that lists
+member ids (see `_layout.Decision`) must still fit in one etcd value: 8 bytes per member."""
 
 logger = logging.getLogger("rdzv.rendezvous")
 
@@ -70,9 +66,10 @@ _RESEND_PAUSE: Final = 0.1  # before sending again a join whose answer was lost
 class Membership:
     """A completed round, as one of its members sees it.
 
-    Every member of a round sees the same `members`, in the same order: the order in which they
-    joined, as etcd serialized their join transactions (the create revision of their keys). So
-    the node that has waited longest gets rank 0, and no clock decides anything.
+    Ranks follow the order in which the members joined, as etcd serialized their join
+    transactions (the create revision of their keys): the node that has waited longest gets
+    rank 0, and no clock decides anything. Every member of a round agrees on who holds which
+    rank; `AsyncRendezvous.read_members` reads the members, with their node info, in rank order.
     """
 
     run_id: str
@@ -82,13 +79,21 @@ class Membership:
     """This member's rank, 0 .. world_size - 1: its position in `members`."""
     world_size: int
     """How many members the round has: from `min_nodes` to `max_nodes`."""
-    members: tuple[Member, ...]
-    """The members, in rank order."""
     member_id: int
     """This member's id."""
+    decision: Decision = dataclasses.field(repr=False)
+    """What the round's coordinator decided, as it wrote it: internal to rdzv."""
 
 
 _Outcome = Literal["surplus", "lease lost", "closed", "elect"]
+
+
+class _Absent(enum.Enum):
+    ABSENT = enum.auto()
+
+
+_ABSENT: Final = _Absent.ABSENT
+"""Our key is not in the round we tried to join (a join whose answer was lost never landed)."""
 
 
 def _positive_int(name: str, value: object, *, minimum: int, maximum: int) -> int:
@@ -185,12 +190,8 @@ class AsyncRendezvous:
 
     @property
     def max_node_info(self) -> int:
-        """The most bytes of node info `join` accepts.
-
-        1024, or fewer when the membership of `max_nodes` nodes would not fit in one etcd value.
-        """
-        share = MEMBERSHIP_BUDGET // self._settings.max_nodes - ENTRY_OVERHEAD
-        return min(MAX_NODE_INFO, share)
+        """The most bytes of node info `join` accepts: `MAX_NODE_INFO`, whatever `max_nodes`."""
+        return MAX_NODE_INFO
 
     async def __aenter__(self) -> AsyncRendezvous:
         return self
@@ -247,9 +248,11 @@ class AsyncRendezvous:
                 self._drop_lease()  # etcd says that it is gone, and our keys with it
                 continue
             # If we took the coordinator key, the waiter sees it in the mirror and adopts it.
-            number, seen = entered
+            number, seen, arrival = entered
+            if isinstance(arrival, _Absent):
+                continue  # no copy of our lost join landed before the round completed
             self._waiting = number
-            membership = await self._wait_in(number, keeper, seen)
+            membership = await self._wait_in(number, keeper, seen, arrival)
             self._waiting = None
             if membership is not None:
                 return membership
@@ -300,12 +303,15 @@ class AsyncRendezvous:
             self._abandoned = self._keeper.lease_id
         self._drop_lease()
 
-    async def _enter(self, keeper: LeaseKeeper, info: bytes) -> tuple[int, Seen | None]:
-        """Put our key into the open round; return its number, and its control keys after.
+    async def _enter(
+        self, keeper: LeaseKeeper, info: bytes
+    ) -> tuple[int, Seen | None, int | _Absent | None]:
+        """Put our key into the open round: its number, its control keys, our arrival number.
 
-        The control keys, read in the same transaction, save the waiter a read: its watch
-        starts there. They say whether we hold the coordinator key, so a copy of our join that
-        landed late and took it is recognised as our own. A join whose answer was lost is sent
+        The arrival number is `_ABSENT` if our key is not in the round. The control keys, read
+        in the same transaction, save the waiter a read: its watch starts there. They say
+        whether we hold the coordinator key, so a copy of our join that landed late and took it
+        is recognised as our own. A join whose answer was lost is sent
         again: the same key, value and lease, so a copy that lands late (or twice) changes
         nothing, and the key's create revision (our rank) stays that of the first to land.
         The control keys are None if we only know that a lost join may have landed.
@@ -321,9 +327,13 @@ class AsyncRendezvous:
                 Delete(old) for old in self._keys if old != key
             ]
             take = Put(coordinator, member_name(lease), lease)
+            counter = layout.arrivals(number)
             success += [
                 Put(key, info, lease),
+                Put(counter, b""),  # its version is now our arrival number
                 Nested((Compare.absent(coordinator),), (take,)),
+                Get(counter),
+                Get(key),
                 Get(layout.control(number), prefix=True),
             ]
             try:
@@ -345,14 +355,33 @@ class AsyncRendezvous:
                 raise
             if result.succeeded:
                 self._keys = [key]
-                return number, (result.ranges[-1], result.revision)
+                [arrivals], [ours], control = result.ranges[-3:]
+                if ours.create_revision == result.revision:
+                    return number, (control, result.revision), arrivals.version
+                # Put again: the arrival that counts is the first copy's.
+                return number, (control, result.revision), await self._arrival(number, ours)
             latest, closed = result.ranges
             if closed:
                 raise self._closed_error()
             self._latest = self._refused_join(number, latest)
             if unknown is not None and self._latest == number:
-                # A lost attempt may have landed before the round completed: `done` says.
-                return number, None
+                # A lost attempt may have landed before the round completed: our key says.
+                landed = await self._connection.get(key)
+                if landed is None:
+                    return number, None, _ABSENT
+                return number, None, await self._arrival(number, landed)
+
+    async def _arrival(self, number: int, ours: KeyValue) -> int | None:
+        """The arrival number of the join that created our key `ours` (None: unknown now).
+
+        The counter, read as it was at the key's creation: the join put both.
+        """
+        counter = self._layout.arrivals(number)
+        try:
+            kv = await self._connection.get(counter, revision=ours.create_revision)
+        except RendezvousCompactedError:
+            return None  # etcd no longer knows: unless the round lists ids, we are not a member
+        return kv.version if kv is not None and kv.mod_revision == ours.create_revision else None
 
     def _refused_join(self, number: int, latest: tuple[KeyValue, ...]) -> int:
         """The latest round, after etcd refused our join of round `number` with `latest`.
@@ -373,13 +402,13 @@ class AsyncRendezvous:
         return current
 
     async def _wait_in(
-        self, number: int, keeper: LeaseKeeper, seen: Seen | None
+        self, number: int, keeper: LeaseKeeper, seen: Seen | None, arrival: int | None
     ) -> Membership | None:
         """Wait until round `number` completes; None if we must join another round."""
         prefix = self._layout.control(number)
         async with round_control(self._connection, prefix, seen=seen) as control:
             while True:
-                outcome = await self._next_outcome(control, number, keeper)
+                outcome = await self._next_outcome(control, number, keeper, arrival)
                 if isinstance(outcome, Membership):
                     return outcome
                 if outcome == "closed":
@@ -402,7 +431,7 @@ class AsyncRendezvous:
                 await self._elect(control, number, keeper.lease_id)
 
     async def _next_outcome(
-        self, control: RoundControl, number: int, keeper: LeaseKeeper
+        self, control: RoundControl, number: int, keeper: LeaseKeeper, arrival: int | None
     ) -> Membership | _Outcome:
         """What happens next to a participant waiting in round `number`."""
         outcome: Membership | _Outcome | RendezvousError = "lease lost"
@@ -414,7 +443,9 @@ class AsyncRendezvous:
 
             waiting.start_soon(on_expiry)
             try:
-                outcome = await control.wait_for(lambda: self._outcome(control, number, keeper))
+                outcome = await control.wait_for(
+                    lambda: self._outcome(control, number, keeper, arrival)
+                )
             except RendezvousError as error:
                 outcome = error  # raised below, not wrapped in an exception group
             waiting.cancel_scope.cancel()
@@ -423,19 +454,28 @@ class AsyncRendezvous:
         return outcome
 
     def _outcome(
-        self, control: RoundControl, number: int, keeper: LeaseKeeper
+        self, control: RoundControl, number: int, keeper: LeaseKeeper, arrival: int | None
     ) -> Membership | _Outcome | None:
         done = control.get(b"done")
         if done is not None:
-            _, members, ranks = control.membership(done)
-            rank = ranks.get(keeper.lease_id)
+            decision = control.decision(done)
             self._latest = max(self._latest, number)
+            try:
+                rank = decision.rank(keeper.lease_id, arrival)
+            except LookupError:
+                logger.warning(
+                    "round %d of %r completed, but this node's arrival number is unknown "
+                    "(etcd compacted it): it joins the next round",
+                    number,
+                    self._run_id,
+                )
+                rank = None
             if rank is None:
                 return "surplus"
             logger.debug(
-                "joined round %d of %r as rank %d of %d", number, self._run_id, rank, len(members)
+                "joined round %d of %r as rank %d of %d", number, self._run_id, rank, decision.size
             )
-            return Membership(self._run_id, number, rank, len(members), members, keeper.lease_id)
+            return Membership(self._run_id, number, rank, decision.size, keeper.lease_id, decision)
         if keeper.expired:
             return "lease lost"
         if control.get(b"closed") is not None:
@@ -532,6 +572,7 @@ class AsyncRendezvous:
                         self._layout,
                         number,
                         revision=revision,
+                        member_id=keeper.lease_id,
                         settings=self._settings,
                         control=control,
                     )
@@ -640,28 +681,39 @@ class AsyncRendezvous:
         one key that everybody else watches.
         """
         number = membership.round
-        names = {member_name(member.id) for member in membership.members}
         with anyio.move_on_after(timeout):
             async with round_control(self._connection, self._layout.control(number)) as control:
                 while True:
-                    outcome = await control.wait_for(
-                        lambda: self._departure(control, number, names)
-                    )
+                    outcome = await control.wait_for(lambda: self._departure(control, number))
                     if outcome:
                         return True
                     await self._elect(control, number, membership.member_id)
         return False
 
-    def _departure(self, control: RoundControl, number: int, names: set[bytes]) -> bool | None:
-        if control.get(b"departed") is not None or control.get(b"done") is None:
+    def _departure(self, control: RoundControl, number: int) -> bool | None:
+        done = control.get(b"done")
+        if control.get(b"departed") is not None or done is None:
             return True  # reported, or the round's keys are gone: the next round completed
         self._adopt(control, number)
         if control.get(b"coordinator") is None:
-            if control.coordinators & names:
+            decision = control.decision(done)
+            if (
+                decision.coordinator_is_member
+                and member_name(decision.coordinator) in control.coordinators
+            ):
                 return True  # the coordinator was a member, and its key went with its lease
             if self._may_elect(control, number):
                 return False  # somebody must watch the members: try to
         return None
+
+    async def read_members(self, membership: Membership) -> tuple[Member, ...]:
+        """The members of `membership`'s round, in rank order, with their node info.
+
+        One read of the round's member keys as they were when its coordinator chose them, so
+        it costs etcd the round's size in bytes: nobody receives it unless they ask. Raises
+        `RendezvousCompactedError` once etcd has compacted that revision.
+        """
+        return await read_members(self._connection, self._layout, membership.decision)
 
     async def close(self) -> None:
         """Close the rendezvous for everybody, within the connection's read timeout.

@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Final
 
-from rdzv._errors import RendezvousStateError
+from rdzv._errors import RendezvousCompactedError, RendezvousStateError
 from rdzv._etcd import Compare, Connection, Get, KeyValue
-from rdzv._rendezvous._layout import Layout, Member, decode_membership, round_number
+from rdzv._rendezvous._layout import Decision, Layout, Member, decode_decision, round_number
+from rdzv._rendezvous._members import read_members
 
 SHOWN_MEMBERS: Final = 50
 """The most members listed for a round; the counts are always complete."""
@@ -36,6 +37,9 @@ class RoundView:
     """The member id that decides the round (16 hex digits), if one holds the key."""
     departed: bool
     """A member of the complete round is gone (its members are about to re-rendezvous)."""
+    decision: Decision | None = dataclasses.field(default=None, repr=False, compare=False)
+    unreadable: bool = False
+    """The complete round's members can no longer be read: etcd compacted their revision."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +101,10 @@ async def view_rounds(connection: Connection, key_prefix: str, run_id: str) -> R
         control = {kv.key.rsplit(b"/", 1)[-1]: kv for kv in result.ranges[1 + 2 * index]}
         waiting = result.ranges[2 + 2 * index], result.counts[2 + 2 * index]
         try:
-            rounds.append(_round(layout, number, control, waiting))
+            round_ = _round(layout, number, control, waiting)
+            if round_.decision is not None:
+                round_ = await _with_members(connection, layout, round_, round_.decision)
+            rounds.append(round_)
         except RendezvousStateError as failure:
             error = str(failure)
     closed = bool(result.ranges[0])
@@ -125,15 +132,21 @@ def _round(
                 )
             waiting_members.append(Member(member_id, kv.value))
         return RoundView(number, False, count, tuple(waiting_members), shown_coordinator, False)
-    _, members = decode_membership(done.value, key=done.key)
+    decision = decode_decision(done.value, key=done.key)
     return RoundView(
-        number,
-        True,
-        len(members),
-        members[:SHOWN_MEMBERS],
-        shown_coordinator,
-        b"departed" in control,
+        number, True, decision.size, (), shown_coordinator, b"departed" in control, decision
     )
+
+
+async def _with_members(
+    connection: Connection, layout: Layout, round_: RoundView, decision: Decision
+) -> RoundView:
+    """`round_` with its first members, read at the revision they were chosen at."""
+    try:
+        members = await read_members(connection, layout, decision)
+    except RendezvousCompactedError:
+        return dataclasses.replace(round_, unreadable=True)
+    return dataclasses.replace(round_, members=members[:SHOWN_MEMBERS])
 
 
 def _text(value: bytes, limit: int = _INFO_SHOWN) -> str:
@@ -160,7 +173,9 @@ def to_text(view: RoundsView) -> list[str]:
         for rank, member in enumerate(round_.members):
             who = f"rank {rank:<5}" if round_.complete else "waiting   "
             lines.append(f"  {who} member {member.id:016x}  {_text(member.info)}")
-        if len(round_.members) < round_.count:
+        if round_.unreadable:
+            lines.append("  (etcd has compacted the revision its members were chosen at)")
+        elif len(round_.members) < round_.count:
             lines.append(f"  ... and {round_.count - len(round_.members)} more")
     if view.error is not None:
         lines.append(f"not an rdzv rendezvous: {_text(view.error.encode(), 300)}")
