@@ -51,12 +51,20 @@ _TRANSIENT_CODES: Final = frozenset(
 )
 
 # etcd gives several errors one status code: INVALID_ARGUMENT is an oversize request, a missing
-# user name, and more; RESOURCE_EXHAUSTED is a full database, too many requests and (from gRPC
-# itself) an oversize message. Like etcd's own Go client (rpctypes.ErrorDesc), we tell them apart
-# by etcd's fixed error descriptions, here and nowhere else.
+# user name, and more; RESOURCE_EXHAUSTED is a full database and (from gRPC itself) an oversize
+# message. Like etcd's own Go client (rpctypes.ErrorDesc), we tell them apart by etcd's fixed
+# error descriptions, here and nowhere else.
 TOO_LARGE: Final = "etcdserver: request is too large"
 NO_SPACE: Final = "etcdserver: mvcc: database space exceeded"
+# etcd refuses a request when its applied index lags its committed index by over 5,000 entries
+# (etcdserver/v3_server.go, maxGapBetweenApplyAndCommitIndex). It means the code to be
+# RESOURCE_EXHAUSTED, but maps the error to rpctypes.ErrTooManyRequests, which carries no gRPC
+# status, so gRPC sends it as UNKNOWN (etcd 3.4 and later; seen from 3.5.1): only the
+# description tells it apart.
 TOO_MANY_REQUESTS: Final = "etcdserver: too many requests"
+# A proposal that etcd accepted but did not apply within its request timeout (5 s plus two
+# election timeouts): etcd is overloaded, and the request may yet be applied (UNAVAILABLE).
+TIMED_OUT: Final = "etcdserver: request timed out"
 INVALID_TOKEN: Final = "etcdserver: invalid auth token"
 USER_NAME_EMPTY: Final = "etcdserver: user name is empty"
 PERMISSION_DENIED: Final = "etcdserver: permission denied"
@@ -73,6 +81,11 @@ def classify(error: grpc.aio.AioRpcError) -> Kind:
     if code in _TRANSIENT_CODES:
         return Kind.TRANSIENT
     return Kind.FINAL
+
+
+def overloaded(error: grpc.aio.AioRpcError) -> bool:
+    """Whether etcd answered that it has more work than it can do (see TOO_MANY_REQUESTS)."""
+    return error.details() in (TOO_MANY_REQUESTS, TIMED_OUT)
 
 
 def synthetic(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
