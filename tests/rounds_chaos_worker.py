@@ -121,7 +121,7 @@ async def _participate(
             members: tuple[rdzv.Member, ...] | None = await node.read_members(membership)
         except rdzv.RendezvousError:
             members = None  # etcd is down: the round's other members read it
-        decision = membership.decision
+        decision = membership._decision
         record(
             "joined",
             join=join,

@@ -195,7 +195,7 @@ async def agreed_members(
 
     Agree: one decision, one world size, distinct ranks, and each rank indexes its own member.
     """
-    assert len({m.decision for m in memberships}) == 1, "the members disagree about the round"
+    assert len({m._decision for m in memberships}) == 1, "the members disagree about the round"
     members = await node.read_members(memberships[0])
     assert len(members) == memberships[0].world_size
     assert len({m.rank for m in memberships}) == len(memberships)

@@ -121,7 +121,7 @@ async def test_a_join_withdrawn_before_completion_is_a_gap(participants: Partici
         for node in others:
             joining.append(asyncio.ensure_future(node.join(b"other")))
         got = list(await asyncio.gather(*joining))
-    assert got[0].decision.gaps == (2,)
+    assert got[0]._decision.gaps == (2,)
     members = await agreed_members(first, got)
     assert [member.info for member in members] == [b"first", b"other", b"other"]
 
@@ -144,7 +144,7 @@ async def test_a_join_that_landed_twice_keeps_its_first_arrival(
             await poll_until(lambda: _version_at_least(raw_etcd, counter, 2))  # sent again
             got = [await later.join(b"later"), await joining]
     assert (got[1].rank, got[0].rank) == (0, 1)
-    assert got[0].decision.gaps == (2,)  # the second copy's arrival
+    assert got[0]._decision.gaps == (2,)  # the second copy's arrival
     await agreed_members(later, got)
 
 
@@ -160,7 +160,7 @@ async def test_a_key_no_join_counted_makes_the_coordinator_list_ids(
         await poll_until(lambda: _waiting(second, 1))
         await raw_etcd.put(foreign, b"foreign", lease=lease)
         got = [await second.join(b"second"), await joining]
-    decision = got[0].decision
+    decision = got[0]._decision
     assert decision.gaps is None
     assert lease.id in present(decision.ids)
     members = await agreed_members(first, got)

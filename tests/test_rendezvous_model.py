@@ -421,7 +421,7 @@ class RendezvousMachine(RuleBasedStateMachine):
         self._collect()
         for number, seen in self.rounds.items():
             memberships = [membership for _, membership in seen]
-            assert len({m.decision for m in memberships}) == 1, f"round {number} disagrees"
+            assert len({m._decision for m in memberships}) == 1, f"round {number} disagrees"
             members = self.members[number]
             assert MIN_NODES <= len(members) <= MAX_NODES
             assert len({member.id for member in members}) == len(members)

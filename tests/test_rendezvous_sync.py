@@ -24,7 +24,7 @@ def test_two_threads_complete_a_round(etcd_endpoints: str, etcd_key_prefix: str)
             joins = [pool.submit(node.join, b"node-%d" % index) for index, node in enumerate(nodes)]
             memberships = [join.result(timeout=30) for join in joins]
         assert sorted(m.rank for m in memberships) == [0, 1]
-        assert memberships[0].decision == memberships[1].decision
+        assert memberships[0]._decision == memberships[1]._decision
     finally:
         for node in nodes:
             node.leave()

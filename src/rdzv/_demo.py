@@ -389,7 +389,7 @@ class _Demo:
         The members, with their node info, are read once (nobody was sent them), and every
         agent's rank must index its own key.
         """
-        decisions = {m.decision for m in memberships.values()}
+        decisions = {m._decision for m in memberships.values()}
         if len(decisions) != 1 or len(memberships) != self.nodes:
             raise DemoError(f"The agents of {self.run_id!r} disagree about their round.")
         async with connect(self.endpoints, read_timeout=self.read_timeout) as connection:

@@ -81,8 +81,8 @@ class Membership:
     """How many members the round has: from `min_nodes` to `max_nodes`."""
     member_id: int
     """This member's id."""
-    decision: Decision = dataclasses.field(repr=False)
-    """What the round's coordinator decided, as it wrote it: internal to rdzv."""
+    _decision: Decision = dataclasses.field(repr=False)
+    # What the round's coordinator decided, as it wrote it: `read_members` reads by it.
 
 
 _Outcome = Literal["surplus", "lease lost", "closed", "elect"]
@@ -713,7 +713,7 @@ class AsyncRendezvous:
         it costs etcd the round's size in bytes: nobody receives it unless they ask. Raises
         `RendezvousCompactedError` once etcd has compacted that revision.
         """
-        return await read_members(self._connection, self._layout, membership.decision)
+        return await read_members(self._connection, self._layout, membership._decision)
 
     async def close(self) -> None:
         """Close the rendezvous for everybody, within the connection's read timeout.
