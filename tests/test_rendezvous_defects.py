@@ -345,6 +345,27 @@ async def test_a_close_that_etcd_never_answers_ends_within_the_read_timeout(
 
 
 @pytest.mark.slow
+async def test_a_leave_that_etcd_never_answers_ends_within_the_read_timeout(
+    participants: Participants, proxy: FaultProxy
+) -> None:
+    """leave() of a coordinating waiter, on a connection that gets no answers, ends in time."""
+    read_timeout = 2
+    async with rdzv.connect(proxy.endpoint, read_timeout=read_timeout) as unanswered:
+        leaver = participants(min_nodes=2, max_nodes=2, connection=unanswered)
+        joining = asyncio.ensure_future(leaver.join(b"leaver"))
+        await poll_until(lambda: _true(bool(leaver._coordinating)))
+        proxy.hold("both")
+        started = time.monotonic()
+        leaving = await outcome(leaver.leave(), timeout=30)
+        took = time.monotonic() - started
+        proxy.release("both")
+        [join_ended] = await settle([joining], timeout=10)
+    assert leaving is None, repr(leaving)
+    assert isinstance(join_ended, rdzv.RendezvousClosedError), repr(join_ended)
+    assert took < read_timeout + 1.5, f"leave() took {took:.1f} s"
+
+
+@pytest.mark.slow
 async def test_a_coordinator_stops_trying_to_complete_its_round_after_close(
     participants: Participants,
     connection: rdzv.Connection,

@@ -759,12 +759,14 @@ class AsyncRendezvous:
         """Leave for good: end a pending join, stop coordinating, delete our keys. Harmless twice.
 
         The other members of our round see a departure. A pending join, and every join of
-        this object from now on, raises `RendezvousClosedError`.
+        this object from now on, raises `RendezvousClosedError`. It takes the connection's read
+        timeout at most: a lease etcd could not be told to revoke lapses after its TTL.
         """
         self._left = True
         if self._join_scope is not None:
             self._join_scope.cancel()
-        await _stop(list(self._coordinating.values()), self._connection.read_timeout)
+        deadline = self._connection.deadline()
+        await _stop(list(self._coordinating.values()), deadline - time.monotonic())
         keeper, self._keeper, self._keys = self._keeper, None, []
         leases = [keeper.lease_id] if keeper is not None else []
         if self._abandoned is not None:
@@ -774,7 +776,7 @@ class AsyncRendezvous:
             keeper.release()
         for lease in leases:
             with contextlib.suppress(RendezvousError):
-                await self._connection.revoke_lease(lease)
+                await self._connection.revoke_lease(lease, deadline=deadline)
 
     def _left_error(self) -> RendezvousClosedError:
         return RendezvousClosedError(
@@ -802,4 +804,4 @@ async def _stop(tasks: list[asyncio.Task[None]], timeout: float) -> None:
     for task in tasks:
         task.cancel()
     if tasks:
-        await asyncio.wait(tasks, timeout=timeout)
+        await asyncio.wait(tasks, timeout=max(0.0, timeout))
