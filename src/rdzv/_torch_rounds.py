@@ -63,10 +63,10 @@ def as_torch_errors() -> Iterator[None]:
 
 
 def _node_info(local_addr: str | None, limit: int) -> bytes:
-    """What the other nodes (and `rdzv inspect`) see of this one: its address and pid.
+    """What `rdzv inspect` and `read_members` show of this node: its address and pid.
 
-    Informational only (rank 0's address reaches the workers through the round's store), so
-    with a large `max_nodes`, whose members may each publish few bytes, less is said.
+    Informational only (rank 0's address reaches the workers through the round's store, and
+    no node is sent the others' info); an address too long for `limit` is left out.
     """
     pid = os.getpid()
     for info in ({"addr": local_addr or socket.getfqdn(), "pid": pid}, {"pid": pid}):
