@@ -1,4 +1,4 @@
-"""Shared fixtures: a real etcd (from rdzv's pytest plugin), connections and backends on it.
+"""Shared fixtures: a real etcd (from rdzv's pytest plugin); connections, backends, stores on it.
 
 Plain helpers that are not fixtures (a closed port, a raw client of any endpoint, `present`)
 are in `support.py`, whose docstring says why they are apart.
@@ -9,15 +9,22 @@ from __future__ import annotations
 import collections
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aetcd
 import pytest
 
 import rdzv
 from rdzv.testing import EtcdServer, FaultProxy, find_etcd_binary
-from support import READER_PASSWORD, RawEtcd, raw_client
+from support import READER_PASSWORD, STORE_WAIT, RawEtcd, RdzvProcess, raw_client, torch_params
+
+if TYPE_CHECKING:
+    # Imported in the fixtures that need them: torch takes seconds to import.
+    from torch._C._distributed_c10d import Store
+
+    from rdzv.torch import EtcdStore
 
 
 @pytest.fixture
@@ -44,6 +51,59 @@ def proxy(etcd_endpoints: str) -> Iterator[FaultProxy]:
     """A started fault proxy in front of the session's etcd."""
     with FaultProxy(etcd_endpoints) as proxy:
         yield proxy
+
+
+@pytest.fixture
+def store_prefix(etcd_key_prefix: str) -> str:
+    """A store prefix of this test's own."""
+    return f"{etcd_key_prefix}/store/"
+
+
+@pytest.fixture
+def store(connection: rdzv.Connection, store_prefix: str) -> rdzv.AsyncEtcdStore:
+    """An async store under this test's own prefix, on the shared connection."""
+    return rdzv.AsyncEtcdStore(connection, prefix=store_prefix)
+
+
+@pytest.fixture
+def etcd_store(etcd_endpoints: str, etcd_key_prefix: str) -> Iterator[EtcdStore]:
+    """The EtcdStore of a fresh create_backend pair under this test's prefix, closed afterwards.
+
+    Its timeout is `STORE_WAIT`; its prefix is `store_prefix`.
+    """
+    from rdzv.torch import create_backend
+
+    backend, store = create_backend(torch_params(etcd_endpoints, etcd_key_prefix))
+    try:
+        store.set_timeout(STORE_WAIT)
+        yield store
+    finally:
+        backend.facade.close()
+
+
+@pytest.fixture(params=["python", "prefix_store"])
+def torch_store(request: pytest.FixtureRequest, etcd_store: EtcdStore) -> Store:
+    """`etcd_store` called from Python, or through C++ as a PrefixStore's underlying store."""
+    from torch._C._distributed_c10d import PrefixStore
+
+    if request.param == "python":
+        return etcd_store
+    # etcd_store stays referenced by its fixture: C++ does not keep the Python object alive.
+    return PrefixStore("view", etcd_store)
+
+
+@pytest.fixture
+def rdzv_process() -> Iterator[Callable[..., RdzvProcess]]:
+    """Start `python -m rdzv ...` subprocesses; each is killed and closed at teardown."""
+    started: list[RdzvProcess] = []
+
+    def start(*arguments: str) -> RdzvProcess:
+        started.append(RdzvProcess(*arguments))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.close()
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ test writes under its own key prefix (the `etcd_key_prefix` fixture) or on a ser
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import queue
 import re
@@ -35,12 +36,14 @@ import aetcd
 import anyio
 import pytest
 from anyio.from_thread import start_blocking_portal
+from click.testing import CliRunner, Result
 
 import rdzv
 
 if TYPE_CHECKING:
     # Not imported at run time: torch takes seconds to import, and spawned workers import this.
-    from torch.distributed.elastic.rendezvous import RendezvousHandler
+    from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousParameters
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import _RendezvousState
 
     from rdzv.torch import TorchEtcdBackend
 
@@ -51,6 +54,10 @@ RAW_TIMEOUT = 10
 
 READER_PASSWORD = "reader-Passw0rd"
 """The password of the users "reader" and "nobody" of the `reader_server` fixture."""
+
+# The timeout of torch stores (the `etcd_store` fixture): long enough never to fire on a slow
+# machine, short enough that a broken wait fails the test.
+STORE_WAIT = datetime.timedelta(seconds=20)
 
 
 def closed_port() -> int:
@@ -81,6 +88,91 @@ def torch_backend_of(handler: RendezvousHandler) -> TorchEtcdBackend:
     backend = holder._backend
     assert isinstance(backend, TorchEtcdBackend)
     return backend
+
+
+def torch_params(
+    endpoint: str,
+    prefix: str,
+    /,
+    *,
+    backend: str = "etcd-v3",
+    run_id: str = "job",
+    nodes: int | str = 1,
+    local_addr: str | None = None,
+    **conf: object,
+) -> RendezvousParameters:
+    """torchrun's parameters for `run_id` at `endpoint`, under the test's own `prefix`.
+
+    `nodes` is torchrun's --nnodes: 2, "2" or "1:2". `conf` is its --rdzv-conf, each value as
+    its str; it overrides the defaults: key_prefix `{prefix}/rdzv`, store_prefix
+    `{prefix}/store/` and read_timeout "10".
+    """
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+
+    low, _, high = str(nodes).partition(":")
+    options = {
+        "key_prefix": f"{prefix}/rdzv",
+        "store_prefix": f"{prefix}/store/",
+        "read_timeout": "10",
+        **{name: str(value) for name, value in conf.items()},
+    }
+    return RendezvousParameters(
+        backend, endpoint, run_id, int(low), int(high or low), local_addr, **options
+    )
+
+
+def torch_state(**fields: Any) -> _RendezvousState:
+    """A torch state: round 2, complete, one participant and one waiting node, then `fields`."""
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
+        _NodeDesc,
+        _RendezvousState,
+    )
+
+    state = _RendezvousState()
+    state.round = 2
+    state.complete = True
+    participant, waiting = _NodeDesc("10.1.2.3", 4242, 0), _NodeDesc("10.1.2.4", 99, 1)
+    state.participants[participant] = 0
+    state.wait_list.add(waiting)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    state.last_heartbeats[participant] = now - datetime.timedelta(seconds=3)
+    state.last_heartbeats[waiting] = now
+    for name, value in fields.items():
+        setattr(state, name, value)
+    return state
+
+
+def run_cli(*arguments: str, env: dict[str, str | None] | None = None) -> Result:
+    """Run `rdzv ARGUMENTS` in this process; `env` sets variables (None unsets one)."""
+    from rdzv._cli import main
+
+    return CliRunner().invoke(main, list(arguments), env=env, catch_exceptions=False)
+
+
+def overwrite_state(endpoint: str, key_prefix: str, state: bytes, **options: Any) -> int:
+    """Write `state` for run id "job" over whatever is there; its token (the write's revision).
+
+    `options` go to `rdzv.EtcdBackend`.
+    """
+    with rdzv.EtcdBackend(endpoint, "job", key_prefix=key_prefix, **options) as backend:
+        current = backend.get_state()
+        result = backend.set_state(state, None if current is None else current[1])
+    assert result is not None
+    assert result[2]
+    return int(result[1])
+
+
+def new_threads_end(before: set[threading.Thread], timeout: float = 10) -> bool:
+    """Whether every thread started since `before` ends within `timeout` seconds.
+
+    Threads of earlier tests may end meanwhile; only new ones count.
+    """
+    deadline = time.monotonic() + timeout
+    while set(threading.enumerate()) - before:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _client(endpoint: str) -> Any:

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import os
@@ -24,7 +23,6 @@ from typing import Any
 import anyio
 import pytest
 import trustme
-from click.testing import CliRunner, Result
 from torch.distributed.elastic.rendezvous import RendezvousInfo, RendezvousParameters
 from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
     DynamicRendezvousHandler,
@@ -33,44 +31,23 @@ from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
 )
 
 import rdzv
-from rdzv._cli import EMBEDDED_COMPACTION_RETENTION, embedded_etcd, main
+from rdzv._cli import EMBEDDED_COMPACTION_RETENTION, embedded_etcd
 from rdzv._inspect import NotATorchStateError, load_torch_state
 from rdzv.testing import EtcdServer, EtcdTLS
 from rdzv.torch import create_handler
-from support import RawEtcd, RdzvProcess, closed_port, torch_backend_of
+from support import (
+    RawEtcd,
+    RdzvProcess,
+    closed_port,
+    overwrite_state,
+    run_cli,
+    torch_backend_of,
+    torch_state,
+)
 
 STATE_KEY = b"a-shared-state-key-of-32-bytes!!"
 
 # ----------------------------------------------------------------------------------- helpers
-
-
-def _invoke(*arguments: str, env: dict[str, str | None] | None = None) -> Result:
-    """Run `rdzv ARGUMENTS` in this process."""
-    return CliRunner().invoke(main, list(arguments), env=env, catch_exceptions=False)
-
-
-def _set_state(endpoint: str, key_prefix: str, state: bytes, **options: Any) -> int:
-    """Write `state` for run id "job" (whatever is there); return its token."""
-    with rdzv.EtcdBackend(endpoint, "job", key_prefix=key_prefix, **options) as backend:
-        current = backend.get_state()
-        result = backend.set_state(state, None if current is None else current[1])
-    assert result is not None
-    assert result[2]
-    return int(result[1])
-
-
-def _torch_state_bytes() -> bytes:
-    """A pickled torch `_RendezvousState`: round 2, complete, one participant, one waiting."""
-    state = _RendezvousState()
-    state.round = 2
-    state.complete = True
-    participant, waiting = _NodeDesc("10.1.2.3", 4242, 0), _NodeDesc("10.1.2.4", 99, 1)
-    state.participants[participant] = 0
-    state.wait_list.add(waiting)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    state.last_heartbeats[participant] = now - datetime.timedelta(seconds=3)
-    state.last_heartbeats[waiting] = now
-    return pickle.dumps(state)
 
 
 class _Hostile:
@@ -81,20 +58,6 @@ class _Hostile:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (os.system, (self.command,))
-
-
-@pytest.fixture
-def rdzv_process() -> Iterator[Callable[..., RdzvProcess]]:
-    """Start `python -m rdzv ...` subprocesses; each is killed and closed at teardown."""
-    started: list[RdzvProcess] = []
-
-    def start(*arguments: str) -> RdzvProcess:
-        started.append(RdzvProcess(*arguments))
-        return started[-1]
-
-    yield start
-    for process in started:
-        process.close()
 
 
 def _pid_exists(pid: int) -> bool:
@@ -113,7 +76,7 @@ def _pid_exists(pid: int) -> bool:
 )
 def test_every_command_has_help_with_exit_codes(command: list[str]) -> None:
     """`--help` works everywhere and states the exit codes."""
-    outcome = _invoke(*command, "--help")
+    outcome = run_cli(*command, "--help")
     assert outcome.exit_code == 0
     assert "Exit codes" in outcome.output
 
@@ -121,7 +84,7 @@ def test_every_command_has_help_with_exit_codes(command: list[str]) -> None:
 @pytest.mark.parametrize("command", ["inspect", "watch", "check", "reset"])
 def test_connection_options_are_the_same_for_inspect_and_watch(command: str) -> None:
     """Both commands take rdzv.connect's options, and no --password."""
-    text = _invoke(command, "--help").output
+    text = run_cli(command, "--help").output
     for option in (
         "--endpoints",
         "--protocol",
@@ -147,8 +110,8 @@ def test_inspect_plain_state_shows_revision_size_and_lease(
     etcd_endpoints: str, etcd_key_prefix: str
 ) -> None:
     """A state that is not a pickle shows its revision, size and lease time left; exit 0."""
-    token = _set_state(etcd_endpoints, etcd_key_prefix, b"hello", ttl=600)
-    outcome = _invoke(
+    token = overwrite_state(etcd_endpoints, etcd_key_prefix, b"hello", ttl=600)
+    outcome = run_cli(
         "inspect", "--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix, "--run-id", "job"
     )
     assert outcome.exit_code == 0, outcome.output
@@ -160,8 +123,8 @@ def test_inspect_plain_state_shows_revision_size_and_lease(
 
 def test_inspect_json_of_a_plain_state(etcd_endpoints: str, etcd_key_prefix: str) -> None:
     """--json prints one object with the revision, the sizes and the lease."""
-    token = _set_state(etcd_endpoints, etcd_key_prefix, b"hello", ttl=600)
-    outcome = _invoke(
+    token = overwrite_state(etcd_endpoints, etcd_key_prefix, b"hello", ttl=600)
+    outcome = run_cli(
         "inspect",
         "--json",
         "--endpoints",
@@ -219,13 +182,13 @@ def test_inspect_a_state_of_torchs_dynamic_rendezvous(
         assert errors == []
         assert sorted(info.rank for info in infos) == [0, 1]
 
-        text = _invoke("inspect", *arguments, "--run-id", "job")
-        report = json.loads(_invoke("inspect", "--json", *arguments, "--run-id", "job").stdout)
+        text = run_cli("inspect", *arguments, "--run-id", "job")
+        report = json.loads(run_cli("inspect", "--json", *arguments, "--run-id", "job").stdout)
     finally:
         for handler in handlers:
             handler.shutdown()
             torch_backend_of(handler).facade.close()
-    closed = json.loads(_invoke("inspect", "--json", *arguments, "--run-id", "job").stdout)
+    closed = json.loads(run_cli("inspect", "--json", *arguments, "--run-id", "job").stdout)
 
     assert text.exit_code == 0, text.output
     assert "PyTorch dynamic rendezvous, round 0, complete, open" in text.stdout
@@ -252,8 +215,8 @@ def test_inspect_shows_wait_list_and_heartbeat_ages(
     etcd_endpoints: str, etcd_key_prefix: str
 ) -> None:
     """Waiting nodes are listed, and heartbeat ages are measured from the read."""
-    _set_state(etcd_endpoints, etcd_key_prefix, _torch_state_bytes())
-    outcome = _invoke(
+    overwrite_state(etcd_endpoints, etcd_key_prefix, pickle.dumps(torch_state()))
+    outcome = run_cli(
         "inspect", "--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix, "--run-id", "job"
     )
     assert outcome.exit_code == 0, outcome.output
@@ -269,9 +232,9 @@ def test_inspect_refuses_a_hostile_pickle_without_running_it(
 ) -> None:
     """A pickle that would run a command is refused by name; the command never runs."""
     witness = tmp_path / "pwned"
-    _set_state(etcd_endpoints, etcd_key_prefix, pickle.dumps(_Hostile(f"touch {witness}")))
+    overwrite_state(etcd_endpoints, etcd_key_prefix, pickle.dumps(_Hostile(f"touch {witness}")))
     for arguments in ([], ["--json"]):
-        outcome = _invoke(
+        outcome = run_cli(
             "inspect",
             *arguments,
             "--endpoints",
@@ -320,8 +283,8 @@ def test_inspect_escapes_control_characters_from_the_state(
     """A node name with terminal escapes is printed escaped, not sent to the terminal."""
     state = _RendezvousState()
     state.participants[_NodeDesc("\x1b[2Jevil\nhost", 1, 0)] = 0
-    _set_state(etcd_endpoints, etcd_key_prefix, pickle.dumps(state))
-    outcome = _invoke(
+    overwrite_state(etcd_endpoints, etcd_key_prefix, pickle.dumps(state))
+    outcome = run_cli(
         "inspect", "--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix, "--run-id", "job"
     )
     assert outcome.exit_code == 0, outcome.output
@@ -340,7 +303,7 @@ def test_restricted_unpickler_checks_field_types() -> None:
 @pytest.mark.slow
 def test_inspect_works_without_torch(etcd_endpoints: str, etcd_key_prefix: str) -> None:
     """inspect decodes a torch state in a process where torch cannot be imported."""
-    _set_state(etcd_endpoints, etcd_key_prefix, _torch_state_bytes())
+    overwrite_state(etcd_endpoints, etcd_key_prefix, pickle.dumps(torch_state()))
     script = (
         "import sys; sys.modules['torch'] = None\n"
         "from rdzv._cli import main\n"
@@ -363,7 +326,7 @@ def test_inspect_corrupt_value_shows_what_it_can_and_exits_1(
 ) -> None:
     """A value without rdzv's envelope: the revision and size, then "not an rdzv state", exit 1."""
     raw_etcd_sync.put(f"{etcd_key_prefix}/job", b"not an envelope at all, no")
-    outcome = _invoke(
+    outcome = run_cli(
         "inspect", "--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix, "--run-id", "job"
     )
     assert outcome.exit_code == 1
@@ -374,7 +337,7 @@ def test_inspect_corrupt_value_shows_what_it_can_and_exits_1(
 
 def test_inspect_missing_state_exits_1(etcd_endpoints: str, etcd_key_prefix: str) -> None:
     """No state for the run id is an error naming the key."""
-    outcome = _invoke(
+    outcome = run_cli(
         "inspect", "--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix, "--run-id", "job"
     )
     assert outcome.exit_code == 1
@@ -385,14 +348,14 @@ def test_inspect_signed_state_needs_the_state_key(
     etcd_endpoints: str, etcd_key_prefix: str, tmp_path: Path
 ) -> None:
     """A signed state is read with --state-key-file, and refused without it."""
-    _set_state(etcd_endpoints, etcd_key_prefix, b"signed", state_key=STATE_KEY)
+    overwrite_state(etcd_endpoints, etcd_key_prefix, b"signed", state_key=STATE_KEY)
     key_file = tmp_path / "state-key"
     key_file.write_bytes(STATE_KEY + b"\n")
     base = ["inspect", "--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix]
-    signed = _invoke(*base, "--run-id", "job", "--state-key-file", str(key_file))
+    signed = run_cli(*base, "--run-id", "job", "--state-key-file", str(key_file))
     assert signed.exit_code == 0, signed.output
     assert "(6-byte state, signed)" in signed.stdout
-    unsigned = _invoke(*base, "--run-id", "job")
+    unsigned = run_cli(*base, "--run-id", "job")
     assert unsigned.exit_code == 1
     assert "signed with a state key" in unsigned.stderr
 
@@ -401,8 +364,8 @@ def test_environment_variables_configure_the_connection(
     etcd_endpoints: str, etcd_key_prefix: str
 ) -> None:
     """ETCDCTL_ENDPOINTS, RDZV_KEY_PREFIX and RDZV_RUN_ID stand in for the options."""
-    token = _set_state(etcd_endpoints, etcd_key_prefix, b"env")
-    outcome = _invoke(
+    token = overwrite_state(etcd_endpoints, etcd_key_prefix, b"env")
+    outcome = run_cli(
         "inspect",
         "--json",
         env={
@@ -414,7 +377,7 @@ def test_environment_variables_configure_the_connection(
     assert outcome.exit_code == 0, outcome.output
     assert json.loads(outcome.stdout)["revision"] == token
     # RDZV_ENDPOINTS wins over ETCDCTL_ENDPOINTS.
-    outcome = _invoke(
+    outcome = run_cli(
         "inspect",
         env={
             "RDZV_ENDPOINTS": etcd_endpoints,
@@ -435,7 +398,7 @@ def test_unreachable_endpoint_is_a_clear_error(command: str) -> None:
     """An etcd that does not answer: one line naming the endpoint and the timeout, exit 1."""
     endpoint = f"127.0.0.1:{closed_port()}"
     started = time.monotonic()
-    outcome = _invoke(command, "--endpoints", endpoint, "--read-timeout", "1", "--run-id", "job")
+    outcome = run_cli(command, "--endpoints", endpoint, "--read-timeout", "1", "--run-id", "job")
     assert time.monotonic() - started < 10
     assert outcome.exit_code == 1
     assert outcome.stdout == ""
@@ -460,7 +423,7 @@ def test_bad_options_are_usage_errors(arguments: list[str], message: str) -> Non
     """Bad options exit 2 with a message, before any connection is tried."""
     if "--run-id" not in arguments:
         arguments = [*arguments, "--run-id", "job"]
-    outcome = _invoke("inspect", *arguments, env={"RDZV_ETCD_PASSWORD": None})
+    outcome = run_cli("inspect", *arguments, env={"RDZV_ETCD_PASSWORD": None})
     assert outcome.exit_code == 2
     assert message in outcome.stderr
 
@@ -469,7 +432,7 @@ def test_short_state_key_is_a_usage_error(tmp_path: Path) -> None:
     """A state key file of fewer than 16 bytes is refused before connecting."""
     key_file = tmp_path / "state-key"
     key_file.write_bytes(b"too short\n")
-    outcome = _invoke("inspect", "--run-id", "job", "--state-key-file", str(key_file))
+    outcome = run_cli("inspect", "--run-id", "job", "--state-key-file", str(key_file))
     assert outcome.exit_code == 2
     assert "The state key must be at least 16 bytes." in outcome.stderr
 
@@ -480,15 +443,15 @@ def test_credentials_from_a_file_or_the_environment(
     """The password comes from --password-file or RDZV_ETCD_PASSWORD."""
     # The auth server is shared by the session: this test's keys go under its own prefix.
     prefix = f"/allowed{etcd_key_prefix}"
-    _set_state(auth_server.endpoint, prefix, b"x", username="alice", password=auth_password)
+    overwrite_state(auth_server.endpoint, prefix, b"x", username="alice", password=auth_password)
     password_file = tmp_path / "password"
     password_file.write_text(auth_password + "\n")
     base = ["inspect", "--endpoints", auth_server.endpoint, "--key-prefix", prefix]
-    from_file = _invoke(
+    from_file = run_cli(
         *base, "--run-id", "job", "--username", "alice", "--password-file", str(password_file)
     )
     assert from_file.exit_code == 0, from_file.output
-    from_env = _invoke(
+    from_env = run_cli(
         *base,
         "--run-id",
         "job",
@@ -501,7 +464,7 @@ def test_wrong_password_is_a_clear_error(auth_server: EtcdServer, tmp_path: Path
     """Rejected credentials: one line naming the user, exit 1, the password nowhere."""
     password_file = tmp_path / "password"
     password_file.write_text("wrong-password")
-    outcome = _invoke(
+    outcome = run_cli(
         "inspect",
         "--endpoints",
         auth_server.endpoint,
@@ -523,7 +486,7 @@ def test_wrong_password_is_a_clear_error(auth_server: EtcdServer, tmp_path: Path
 
 def test_missing_credentials_are_a_clear_error(auth_server: EtcdServer) -> None:
     """No credentials against an etcd with auth on says that a username is needed."""
-    outcome = _invoke("inspect", "--endpoints", auth_server.endpoint, "--run-id", "job")
+    outcome = run_cli("inspect", "--endpoints", auth_server.endpoint, "--run-id", "job")
     assert outcome.exit_code == 1
     assert "requires authentication" in outcome.stderr
 
@@ -540,7 +503,7 @@ def test_mutual_tls_options(tmp_path: Path, etcd_key_prefix: str) -> None:
     client_cert.private_key_pem.write_to_path(files["ck"])
     tls = EtcdTLS(files["sc"], files["sk"], files["ca"], True, files["cc"], files["ck"])
     with EtcdServer(tls=tls) as server:
-        _set_state(
+        overwrite_state(
             server.endpoint,
             etcd_key_prefix,
             b"tls",
@@ -550,7 +513,7 @@ def test_mutual_tls_options(tmp_path: Path, etcd_key_prefix: str) -> None:
             ssl_cert_key=files["ck"],
         )
         base = ["inspect", "--endpoints", server.endpoint, "--key-prefix", etcd_key_prefix]
-        secure = _invoke(
+        secure = run_cli(
             *base,
             "--run-id",
             "job",
@@ -564,7 +527,7 @@ def test_mutual_tls_options(tmp_path: Path, etcd_key_prefix: str) -> None:
             str(files["ck"]),
         )
         assert secure.exit_code == 0, secure.output
-        no_client_cert = _invoke(
+        no_client_cert = run_cli(
             *base, "--run-id", "job", "--protocol", "https", "--ca-cert", str(files["ca"])
         )
         assert no_client_cert.exit_code == 1
@@ -588,8 +551,8 @@ def test_watch_prints_one_line_per_change(
     )
     process.stderr.until(f"Watching {key} from revision")
 
-    first = _set_state(etcd_endpoints, etcd_key_prefix, b"plain")
-    second = _set_state(etcd_endpoints, etcd_key_prefix, _torch_state_bytes())
+    first = overwrite_state(etcd_endpoints, etcd_key_prefix, b"plain")
+    second = overwrite_state(etcd_endpoints, etcd_key_prefix, pickle.dumps(torch_state()))
     raw_etcd_sync.delete(key)
     lines = [process.stdout.next() for _ in range(3)]
 
@@ -608,7 +571,7 @@ def test_watch_json_starts_with_the_current_state(
     etcd_endpoints: str, etcd_key_prefix: str, rdzv_process: Callable[..., RdzvProcess]
 ) -> None:
     """--json prints JSON lines, the current state first; SIGINT ends it with exit code 0."""
-    token = _set_state(etcd_endpoints, etcd_key_prefix, b"before")
+    token = overwrite_state(etcd_endpoints, etcd_key_prefix, b"before")
     process = rdzv_process(
         "watch",
         "--json",
@@ -621,7 +584,7 @@ def test_watch_json_starts_with_the_current_state(
     )
     current = json.loads(process.stdout.next())
     assert (current["revision"], current["deleted"], current["kind"]) == (token, False, "opaque")
-    after = _set_state(etcd_endpoints, etcd_key_prefix, b"after")
+    after = overwrite_state(etcd_endpoints, etcd_key_prefix, b"after")
     change = json.loads(process.stdout.next())
     assert (change["revision"], change["state_size"]) == (after, 5)
     assert process.stop(signal.SIGINT) == 0
@@ -636,7 +599,7 @@ def test_watch_exits_1_when_etcd_goes_away(rdzv_process: Callable[..., RdzvProce
         )
         process.stderr.until("Watching")
         # A change delivered: the watch stream is established before etcd dies.
-        _set_state(server.endpoint, rdzv.DEFAULT_KEY_PREFIX, b"x")
+        overwrite_state(server.endpoint, rdzv.DEFAULT_KEY_PREFIX, b"x")
         process.stdout.next()
         server.kill()
         assert process.popen.wait(timeout=60) == 1
@@ -775,9 +738,9 @@ def test_log_level_sends_rdzv_records_to_stderr(
     rdzv_logger: logging.Logger, etcd_endpoints: str, etcd_key_prefix: str
 ) -> None:
     """`rdzv --log-level debug CMD` sets the rdzv loggers' level and logs to stderr."""
-    _set_state(etcd_endpoints, etcd_key_prefix, b"x")
+    overwrite_state(etcd_endpoints, etcd_key_prefix, b"x")
     arguments = ["inspect", "--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix]
-    outcome = _invoke("--log-level", "DEBUG", *arguments, "--run-id", "job")
+    outcome = run_cli("--log-level", "DEBUG", *arguments, "--run-id", "job")
     assert outcome.exit_code == 0, outcome.output
     assert rdzv_logger.level == logging.DEBUG
     (handler,) = [h for h in rdzv_logger.handlers if isinstance(h, logging.StreamHandler)]
@@ -788,14 +751,14 @@ def test_log_level_given_twice_keeps_one_handler(rdzv_logger: logging.Logger) ->
     """Configuring logging again replaces rdzv's handler rather than adding one."""
     before = len(rdzv_logger.handlers)
     for level in ("info", "warning"):
-        assert _invoke("--log-level", level, "demo", "--help").exit_code == 0
+        assert run_cli("--log-level", level, "demo", "--help").exit_code == 0
     assert len(rdzv_logger.handlers) == before + 1
     assert rdzv_logger.level == logging.WARNING
 
 
 def test_an_invalid_log_level_is_a_usage_error() -> None:
     """An unknown level exits 2 naming the choices."""
-    outcome = _invoke("--log-level", "loud", "inspect", "--run-id", "job")
+    outcome = run_cli("--log-level", "loud", "inspect", "--run-id", "job")
     assert outcome.exit_code == 2
     assert "'loud' is not one of" in outcome.stderr
 
@@ -807,7 +770,7 @@ def test_an_invalid_log_level_is_a_usage_error() -> None:
 def test_demo_on_a_closed_port_fails_with_one_line() -> None:
     """An unreachable etcd: one line on stderr naming the endpoint, exit 1."""
     endpoint = f"127.0.0.1:{closed_port()}"
-    outcome = _invoke("demo", "-n", "2", "--endpoints", endpoint, "--read-timeout", "1")
+    outcome = run_cli("demo", "-n", "2", "--endpoints", endpoint, "--read-timeout", "1")
     assert outcome.exit_code == 1
     assert re.fullmatch(
         rf"rdzv demo: The connection to etcd has failed: etcd at {endpoint} did not answer "
@@ -816,13 +779,13 @@ def test_demo_on_a_closed_port_fails_with_one_line() -> None:
     )
 
 
-@pytest.mark.parametrize("state", [b"not json", b"5", _torch_state_bytes()])
+@pytest.mark.parametrize("state", [b"not json", b"5", pickle.dumps(torch_state())])
 def test_demo_cas_on_a_foreign_state_fails_with_one_line(
     etcd_endpoints: str, etcd_key_prefix: str, state: bytes
 ) -> None:
     """A run id holding a state that the cas demo did not write: one line, exit 1."""
-    _set_state(etcd_endpoints, etcd_key_prefix, state)
-    outcome = _invoke(
+    overwrite_state(etcd_endpoints, etcd_key_prefix, state)
+    outcome = run_cli(
         "demo", "-n", "2", "--protocol", "cas", "--run-id", "job", "--endpoints",
         etcd_endpoints, "--key-prefix", etcd_key_prefix,
     )  # fmt: skip
@@ -840,7 +803,7 @@ def test_demo_rounds_on_a_foreign_key_fails_with_one_line(
 ) -> None:
     """A rounds key that another program wrote: one line naming it, exit 1."""
     raw_etcd_sync.put(f"{etcd_key_prefix}/job/latest", b"not a number")
-    outcome = _invoke(
+    outcome = run_cli(
         "demo", "-n", "2", "--run-id", "job", "--endpoints", etcd_endpoints, "--key-prefix",
         etcd_key_prefix,
     )  # fmt: skip
@@ -854,8 +817,8 @@ def test_inspect_shows_what_the_user_may_read_and_names_what_it_may_not(
 ) -> None:
     """A user who may read the state but not the rounds sees the state; stderr says why not more."""
     prefix = f"/allowed{etcd_key_prefix}"
-    _set_state(auth_server.endpoint, prefix, b"x", username="alice", password=auth_password)
-    outcome = _invoke(
+    overwrite_state(auth_server.endpoint, prefix, b"x", username="alice", password=auth_password)
+    outcome = run_cli(
         "inspect", "--endpoints", auth_server.endpoint, "--key-prefix", prefix, "--run-id", "job",
         env={"RDZV_USERNAME": "alice", "RDZV_ETCD_PASSWORD": auth_password},
     )  # fmt: skip

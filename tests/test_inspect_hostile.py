@@ -14,27 +14,22 @@ import json
 import os
 import pickle
 import pickletools
-import queue
 import re
 import signal
 import struct
 import subprocess
 import sys
-import threading
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
-from typing import IO, Any
+from collections.abc import Callable
+from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.distributed.elastic.rendezvous.dynamic_rendezvous import _NodeDesc, _RendezvousState
 
-import rdzv
 from rdzv import _envelope
-from rdzv._cli import main
 from rdzv._etcd import KeyValue
 from rdzv._inspect import (
     Inspection,
@@ -47,6 +42,7 @@ from rdzv._inspect import (
     to_json,
     to_text,
 )
+from support import RdzvProcess, overwrite_state, run_cli, torch_state
 
 TORCH = "torch.distributed.elastic.rendezvous.dynamic_rendezvous"
 PROTO4 = b"\x80\x04"
@@ -83,23 +79,7 @@ def _slot_build(target: bytes, attribute: str, value: bytes) -> bytes:
     return PROTO4 + target + b"N}" + _text(attribute) + value + b"s\x86b."
 
 
-def _torch_state(**fields: Any) -> _RendezvousState:
-    """A torch state: round 2, complete, one participant and one waiting node, then `fields`."""
-    state = _RendezvousState()
-    state.round = 2
-    state.complete = True
-    participant, waiting = _NodeDesc("10.1.2.3", 4242, 0), _NodeDesc("10.1.2.4", 99, 1)
-    state.participants[participant] = 0
-    state.wait_list.add(waiting)
-    now = datetime.datetime.now(UTC)
-    state.last_heartbeats[participant] = now - datetime.timedelta(seconds=3)
-    state.last_heartbeats[waiting] = now
-    for name, value in fields.items():
-        setattr(state, name, value)
-    return state
-
-
-LEGIT = pickle.dumps(_torch_state())
+LEGIT = pickle.dumps(torch_state())
 
 
 def _key_value(payload: bytes) -> KeyValue:
@@ -181,7 +161,7 @@ def _refused_as_unsafe(payload: bytes, reason: str, **bounds: Any) -> None:
 def test_a_real_torch_state_reads_back(protocol: int) -> None:
     """A pickled torch `_RendezvousState` of protocol 4 or 5 reads back field by field."""
     deadline = datetime.datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
-    state = _torch_state(deadline=deadline, closed=True)
+    state = torch_state(deadline=deadline, closed=True)
     state.redundancy_list.add(_NodeDesc("10.1.2.5", 7, 0))
     inspection = _examined(pickle.dumps(state, protocol=protocol))
     torch = inspection.torch
@@ -211,7 +191,7 @@ def test_a_real_state_of_10000_nodes_reads() -> None:
 @pytest.mark.parametrize("value", [2**127 - 1, -(2**127)])
 def test_integers_of_128_bits_are_read(value: int) -> None:
     """An int that fits in 128 bits is read as it is."""
-    inspection = _examined(pickle.dumps(_torch_state(round=value)))
+    inspection = _examined(pickle.dumps(torch_state(round=value)))
     assert inspection.torch is not None
     assert inspection.torch.round == value
 
@@ -222,11 +202,11 @@ def test_integers_of_128_bits_are_read(value: int) -> None:
 @pytest.mark.parametrize(
     "state",
     [
-        pytest.param(_torch_state(round=10**4300), id="round-of-4301-digits"),
-        pytest.param(_torch_state(round=-(10**100_000)), id="round-of-100001-digits"),
-        pytest.param(_torch_state(round=2**127), id="round-of-129-bits"),
-        pytest.param(_torch_state(participants={_NodeDesc("a", 10**5000, 0): 0}), id="pid"),
-        pytest.param(_torch_state(participants={_NodeDesc("a", 1, 0): 10**5000}), id="rank"),
+        pytest.param(torch_state(round=10**4300), id="round-of-4301-digits"),
+        pytest.param(torch_state(round=-(10**100_000)), id="round-of-100001-digits"),
+        pytest.param(torch_state(round=2**127), id="round-of-129-bits"),
+        pytest.param(torch_state(participants={_NodeDesc("a", 10**5000, 0): 0}), id="pid"),
+        pytest.param(torch_state(participants={_NodeDesc("a", 1, 0): 10**5000}), id="rank"),
     ],
 )
 def test_an_integer_over_128_bits_is_refused(state: _RendezvousState) -> None:
@@ -571,23 +551,8 @@ def test_fuzz_real_torch_states(payload: bytes) -> None:
 # ------------------------------------------------------------------- end to end: etcd
 
 
-def _set_state(endpoint: str, key_prefix: str, state: bytes) -> int:
-    """Write `state` for run id "job" (whatever is there); return its revision."""
-    with rdzv.EtcdBackend(endpoint, "job", key_prefix=key_prefix) as backend:
-        current = backend.get_state()
-        result = backend.set_state(state, None if current is None else current[1])
-    assert result is not None
-    assert result[2]
-    return int(result[1])
-
-
-def _invoke(*arguments: str) -> Result:
-    """Run `rdzv ARGUMENTS` in this process."""
-    return CliRunner().invoke(main, list(arguments), catch_exceptions=False)
-
-
 HOSTILE = {
-    "huge-int": pickle.dumps(_torch_state(round=10**5000)),
+    "huge-int": pickle.dumps(torch_state(round=10**5000)),
     "build-on-a-class": _slot_build(
         _global(TORCH, "_RendezvousState"), "__setstate__", _global("datetime", "timedelta")
     ),
@@ -601,9 +566,9 @@ def test_inspect_reports_a_hostile_state_on_one_line_and_exits_1(
     etcd_endpoints: str, etcd_key_prefix: str, name: str, as_json: bool
 ) -> None:
     """inspect shows the envelope, says "not a safe ... state" on one line, and exits 1."""
-    _set_state(etcd_endpoints, etcd_key_prefix, HOSTILE[name])
+    overwrite_state(etcd_endpoints, etcd_key_prefix, HOSTILE[name])
     connection = ["--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix]
-    outcome = _invoke("inspect", *(["--json"] if as_json else []), *connection, "--run-id", "job")
+    outcome = run_cli("inspect", *(["--json"] if as_json else []), *connection, "--run-id", "job")
     assert outcome.exit_code == 1
     [line] = outcome.stderr.splitlines()
     assert re.match(r"rdzv inspect: not a safe PyTorch rendezvous state: at byte \d+, ", line)
@@ -613,73 +578,8 @@ def test_inspect_reports_a_hostile_state_on_one_line_and_exits_1(
     else:
         assert "state         unreadable" in outcome.stdout
     # Nothing the hostile state did stays: a real state reads next, in the same process.
-    _set_state(etcd_endpoints, etcd_key_prefix, LEGIT)
-    assert _invoke("inspect", *connection, "--run-id", "job").exit_code == 0
-
-
-class _Watch:
-    """`python -m rdzv watch ...` as a subprocess, its output lines read by threads."""
-
-    def __init__(self, *arguments: str) -> None:
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "rdzv", "watch", *arguments],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-        )
-        assert self.popen.stdout is not None
-        assert self.popen.stderr is not None
-        self.readers: list[threading.Thread] = []
-        self.stdout, self.stderr = self._reader(self.popen.stdout), self._reader(self.popen.stderr)
-
-    def _reader(self, stream: IO[str]) -> queue.Queue[str | None]:
-        lines: queue.Queue[str | None] = queue.Queue()
-
-        def read() -> None:
-            for line in stream:
-                lines.put(line.rstrip("\n"))
-            lines.put(None)
-
-        self.readers.append(threading.Thread(target=read, daemon=True))
-        self.readers[-1].start()
-        return lines
-
-    @staticmethod
-    def next(lines: queue.Queue[str | None], timeout: float = 30) -> str:
-        """The next line of `lines`; fails the test if the stream ends or none comes in time."""
-        try:
-            line = lines.get(timeout=timeout)
-        except queue.Empty:
-            pytest.fail(f"no line within {timeout} s")
-        if line is None:
-            pytest.fail("the stream ended")
-        return line
-
-    def close(self) -> None:
-        """Kill the watch if it still runs; close its pipes once the readers reached their end."""
-        if self.popen.poll() is None:
-            self.popen.kill()
-        self.popen.wait(timeout=10)
-        for thread in self.readers:
-            thread.join(timeout=10)
-        for stream in (self.popen.stdout, self.popen.stderr):
-            if stream is not None:
-                stream.close()
-
-
-@pytest.fixture
-def start_watch() -> Iterator[Callable[..., _Watch]]:
-    """Start `rdzv watch` subprocesses; each is killed at teardown."""
-    started: list[_Watch] = []
-
-    def start(*arguments: str) -> _Watch:
-        started.append(_Watch(*arguments))
-        return started[-1]
-
-    yield start
-    for watch in started:
-        watch.close()
+    overwrite_state(etcd_endpoints, etcd_key_prefix, LEGIT)
+    assert run_cli("inspect", *connection, "--run-id", "job").exit_code == 0
 
 
 @pytest.mark.slow
@@ -687,19 +587,22 @@ def start_watch() -> Iterator[Callable[..., _Watch]]:
 def test_watch_shows_hostile_revisions_on_one_line_and_goes_on_watching(
     etcd_endpoints: str,
     etcd_key_prefix: str,
-    start_watch: Callable[..., _Watch],
+    rdzv_process: Callable[..., RdzvProcess],
     as_json: bool,
 ) -> None:
     """Each hostile revision is one line saying why; the real state after it shows as usual."""
-    watch = start_watch(
+    watch = rdzv_process(
+        "watch",
         *(["--json"] if as_json else []),
         *("--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix, "--run-id", "job"),
     )
-    assert watch.next(watch.stderr).startswith("Watching ")
-    revisions = [_set_state(etcd_endpoints, etcd_key_prefix, HOSTILE[name]) for name in HOSTILE]
-    legit = _set_state(etcd_endpoints, etcd_key_prefix, LEGIT)
+    assert watch.stderr.next().startswith("Watching ")
+    revisions = [
+        overwrite_state(etcd_endpoints, etcd_key_prefix, HOSTILE[name]) for name in HOSTILE
+    ]
+    legit = overwrite_state(etcd_endpoints, etcd_key_prefix, LEGIT)
     for revision in revisions:
-        line = watch.next(watch.stdout)
+        line = watch.stdout.next()
         assert line.isprintable()
         if as_json:
             record = json.loads(line)
@@ -711,10 +614,9 @@ def test_watch_shows_hostile_revisions_on_one_line_and_goes_on_watching(
                 r"state: at byte \d+, .+",
                 line,
             )
-    line = watch.next(watch.stdout)
+    line = watch.stdout.next()
     if as_json:
         assert json.loads(line)["torch"]["round"] == 2
     else:
         assert re.fullmatch(rf"[\d:.]+  revision {legit}  size \d+  round 2  complete .+", line)
-    watch.popen.send_signal(signal.SIGTERM)
-    assert watch.popen.wait(timeout=30) == 0
+    assert watch.stop(signal.SIGTERM) == 0

@@ -32,15 +32,12 @@ async def through_proxy(proxy: FaultProxy, etcd_endpoints: str) -> AsyncIterator
 
 
 @pytest.fixture
-def our_store(through_proxy: rdzv.Connection, etcd_key_prefix: str) -> rdzv.AsyncEtcdStore:
-    """A store on the connection through the proxy."""
-    return rdzv.AsyncEtcdStore(through_proxy, prefix=f"{etcd_key_prefix}/store/")
+def our_store(through_proxy: rdzv.Connection, store_prefix: str) -> rdzv.AsyncEtcdStore:
+    """The `store` fixture's store, on the connection through the proxy.
 
-
-@pytest.fixture
-def their_store(connection: rdzv.Connection, etcd_key_prefix: str) -> rdzv.AsyncEtcdStore:
-    """The same store, on a direct connection: another writer, and a witness of etcd's state."""
-    return rdzv.AsyncEtcdStore(connection, prefix=f"{etcd_key_prefix}/store/")
+    `store` itself is on a direct connection: another writer, and a witness of etcd's state.
+    """
+    return rdzv.AsyncEtcdStore(through_proxy, prefix=store_prefix)
 
 
 @pytest.mark.slow
@@ -77,11 +74,11 @@ async def test_set_state_whose_request_lands_late_is_reported_written(
 @pytest.mark.slow
 async def test_store_add_whose_request_is_lost_after_others_added(
     our_store: rdzv.AsyncEtcdStore,
-    their_store: rdzv.AsyncEtcdStore,
+    store: rdzv.AsyncEtcdStore,
     proxy: FaultProxy,
 ) -> None:
     """An add lost in the network is not taken for this store's earlier add of the same bytes."""
-    ours, theirs = our_store, their_store
+    ours, theirs = our_store, store
     assert await ours.add("counter", 1) == 1
     assert await theirs.add("counter", 1) == 2
     proxy.drop("requests")
@@ -92,11 +89,11 @@ async def test_store_add_whose_request_is_lost_after_others_added(
 @pytest.mark.slow
 async def test_store_add_whose_answer_is_lost_is_applied_once(
     our_store: rdzv.AsyncEtcdStore,
-    their_store: rdzv.AsyncEtcdStore,
+    store: rdzv.AsyncEtcdStore,
     proxy: FaultProxy,
 ) -> None:
     """An add that etcd applied but whose answer never came back is applied exactly once."""
-    ours, theirs = our_store, their_store
+    ours, theirs = our_store, store
     assert await ours.add("counter", 5) == 5
     assert await theirs.add("counter", 5) == 10
     proxy.hold("responses")
@@ -135,12 +132,12 @@ async def test_call_queued_on_a_replaced_channel_is_sent_on_the_new_one(
 
 async def test_compare_set_lost_then_overwritten_reports_the_swap(
     our_store: rdzv.AsyncEtcdStore,
-    their_store: rdzv.AsyncEtcdStore,
+    store: rdzv.AsyncEtcdStore,
     proxy: FaultProxy,
     connection: rdzv.Connection,
 ) -> None:
     """A swap that landed, lost its answer and was overwritten before the retry still counts."""
-    ours, theirs = our_store, their_store
+    ours, theirs = our_store, store
     await ours.set("key", b"old")
     key = f"{ours.prefix}key".encode()
     before = present(await connection.get(key))

@@ -10,14 +10,13 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous import api as torch_api
 
 import rdzv
 from rdzv._sync import shared_connections
 from rdzv.testing import EtcdServer
 from rdzv.torch import create_backend
-from support import present
+from support import new_threads_end, present, torch_params
 
 LOOP_THREAD = "rdzv-event-loop"
 
@@ -31,16 +30,6 @@ def _users(connection: rdzv.Connection) -> int:
     return dict((id(shared), users) for shared, users in shared_connections()).get(
         id(connection), 0
     )
-
-
-def _new_threads_end(before: set[threading.Thread], timeout: float = 10) -> bool:
-    """Whether every thread started since `before` ends within `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while set(threading.enumerate()) - before:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 OpenFacade = Callable[..., rdzv.EtcdBackend]
@@ -61,20 +50,6 @@ def open_facade(etcd_endpoints: str, etcd_key_prefix: str) -> Iterator[OpenFacad
     yield open_
     for facade in made:
         facade.close()
-
-
-def _params(endpoint: str, key_prefix: str, **config: str) -> RendezvousParameters:
-    return RendezvousParameters(
-        backend="etcd-v3",
-        endpoint=endpoint,
-        run_id="job",
-        min_nodes=1,
-        max_nodes=1,
-        key_prefix=f"{key_prefix}/rdzv",
-        store_prefix=f"{key_prefix}/store/",
-        read_timeout="10",
-        **config,
-    )
 
 
 # ----------------------------------------------------------------------------------- sharing
@@ -216,14 +191,14 @@ def test_closing_every_facade_stops_the_thread_and_closes_the_channel(
     for facade in facades:
         facade.close()
     assert shared_connections() == []
-    assert _new_threads_end(before)  # the loop thread, and gRPC's poller (no channel is left)
+    assert new_threads_end(before)  # the loop thread, and gRPC's poller (no channel is left)
 
 
 def test_closing_a_facade_ends_only_its_own_calls_in_progress(
     etcd_endpoints: str, etcd_key_prefix: str
 ) -> None:
     """A store.get waiting through a closed pair fails; the same wait through another goes on."""
-    params = _params(etcd_endpoints, etcd_key_prefix)
+    params = torch_params(etcd_endpoints, etcd_key_prefix)
     closing, staying = create_backend(params), create_backend(params)
     try:
         assert closing[0].facade.connection is staying[0].facade.connection
@@ -324,7 +299,7 @@ def test_torch_pairs_with_the_same_parameters_share_one_connection(
     etcd_endpoints: str, etcd_key_prefix: str
 ) -> None:
     """Two create_backend pairs share a connection; a store outlives the other pair's close."""
-    params = _params(etcd_endpoints, etcd_key_prefix)
+    params = torch_params(etcd_endpoints, etcd_key_prefix)
     first_backend, first_store = create_backend(params)
     second_backend, second_store = create_backend(params)
     try:
@@ -344,9 +319,9 @@ def test_torch_pairs_with_different_read_timeouts_do_not_share(
     etcd_endpoints: str, etcd_key_prefix: str
 ) -> None:
     """create_backend pairs whose read_timeout differ get a connection each."""
-    first, _ = create_backend(_params(etcd_endpoints, etcd_key_prefix))
+    first, _ = create_backend(torch_params(etcd_endpoints, etcd_key_prefix))
     try:
-        params = _params(etcd_endpoints, etcd_key_prefix)
+        params = torch_params(etcd_endpoints, etcd_key_prefix)
         params.config["read_timeout"] = "0.5"
         second, _ = create_backend(params)
         try:

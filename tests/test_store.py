@@ -16,18 +16,6 @@ from support import LoseAnswers
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def store_prefix(etcd_key_prefix: str) -> str:
-    """A store prefix of this test's own."""
-    return f"{etcd_key_prefix}/store/"
-
-
-@pytest.fixture
-def store(connection: rdzv.Connection, store_prefix: str) -> AsyncEtcdStore:
-    """A store under this test's own prefix."""
-    return AsyncEtcdStore(connection, prefix=store_prefix)
-
-
 async def _set_later(store: AsyncEtcdStore, delay: float, values: dict[str, bytes]) -> None:
     await anyio.sleep(delay)
     for key, value in values.items():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aetcd
@@ -32,25 +32,6 @@ POP_TIMEOUT = 0.5
 SLACK = 1.5
 # How many expired items a backlog has.
 BACKLOG = 3000
-
-
-@pytest.fixture
-def store_prefix(etcd_key_prefix: str) -> str:
-    """A store prefix of this test's own."""
-    return f"{etcd_key_prefix}/store/"
-
-
-@pytest.fixture
-def store(connection: rdzv.Connection, store_prefix: str) -> AsyncEtcdStore:
-    """A store under this test's own prefix."""
-    return AsyncEtcdStore(connection, prefix=store_prefix)
-
-
-@pytest.fixture
-def proxy(etcd_endpoints: str) -> Iterator[FaultProxy]:
-    """A fault proxy in front of the session's etcd."""
-    with FaultProxy(etcd_endpoints) as proxy:
-        yield proxy
 
 
 @pytest.fixture

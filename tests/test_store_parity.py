@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,65 +27,18 @@ import torch.distributed as dist
 # torch.distributed re-exports these only when built with distributed support, which type
 # checkers cannot see; this is where they are defined.
 from torch._C._distributed_c10d import PrefixStore, Store
-from torch.distributed.elastic.rendezvous import RendezvousError, RendezvousParameters
+from torch.distributed.elastic.rendezvous import RendezvousError
 
 import rdzv
 from rdzv.torch import EtcdStore, create_backend
-from support import LoseAnswers, RawEtcd
+from support import STORE_WAIT, LoseAnswers, RawEtcd, torch_params
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = Path(__file__).parent / "torchrun_scripts"
 METHODS_PAGE = ROOT / "docs" / "store-methods.md"
 
-# Long enough never to fire on a slow machine, short enough that a broken wait fails the test.
-WAIT = datetime.timedelta(seconds=20)
-
 # A row of the page's table: | `name` | status | ... |
 _ROW = re.compile(r"^\| `(?P<name>\w+)` \| (?P<status>[^|]+?) \|", re.MULTILINE)
-
-
-def _params(endpoint: str, key_prefix: str) -> RendezvousParameters:
-    return RendezvousParameters(
-        backend="etcd-v3",
-        endpoint=endpoint,
-        run_id="job",
-        min_nodes=1,
-        max_nodes=1,
-        store_prefix=f"{key_prefix}/store/",
-        read_timeout="10",
-    )
-
-
-@pytest.fixture
-def etcd_store(etcd_endpoints: str, etcd_key_prefix: str) -> Iterator[EtcdStore]:
-    """The EtcdStore of a fresh create_backend pair under this test's prefix, closed afterwards."""
-    backend, store = create_backend(_params(etcd_endpoints, etcd_key_prefix))
-    try:
-        store.set_timeout(WAIT)
-        yield store
-    finally:
-        backend.facade.close()
-
-
-@pytest.fixture(params=["python", "prefix_store"])
-def store(request: pytest.FixtureRequest, etcd_store: EtcdStore) -> Store:
-    """The store called from Python, or through C++ as a PrefixStore's underlying store."""
-    if request.param == "python":
-        return etcd_store
-    # etcd_store stays referenced by its fixture: C++ does not keep the Python object alive.
-    return PrefixStore("view", etcd_store)
-
-
-@pytest.fixture
-def store_prefix(etcd_key_prefix: str) -> str:
-    """The prefix of this test's async store."""
-    return f"{etcd_key_prefix}/store/"
-
-
-@pytest.fixture
-def async_store(connection: rdzv.Connection, store_prefix: str) -> rdzv.AsyncEtcdStore:
-    """An async store under this test's own prefix."""
-    return rdzv.AsyncEtcdStore(connection, prefix=store_prefix)
 
 
 @pytest.fixture
@@ -136,9 +89,9 @@ def test_methods_marked_supported_exist_on_our_store() -> None:
 # ---------------------------------------------------------------------------- extended API
 
 
-def test_has_extended_api_is_true(store: Store) -> None:
+def test_has_extended_api_is_true(torch_store: Store) -> None:
     """has_extended_api is true, called directly and through a PrefixStore."""
-    assert store.has_extended_api() is True  # type: ignore[attr-defined]  # not in torch's stub
+    assert torch_store.has_extended_api() is True  # type: ignore[attr-defined]  # not in torch's stub
 
 
 def test_multi_set_through_prefix_store_is_one_transaction(
@@ -189,7 +142,7 @@ def test_clone_timeout_is_its_own(etcd_store: EtcdStore) -> None:
     """Setting a clone's timeout leaves the original's alone."""
     twin = etcd_store.clone()
     twin.set_timeout(datetime.timedelta(seconds=3))
-    assert etcd_store.timeout == WAIT  # type: ignore[attr-defined]  # not in the stub
+    assert etcd_store.timeout == STORE_WAIT  # type: ignore[attr-defined]  # not in the stub
 
 
 def test_clone_made_through_prefix_store_survives_garbage_collection(
@@ -229,7 +182,7 @@ def test_clones_in_several_threads_at_once_lose_no_add(etcd_store: EtcdStore) ->
 
 def test_clone_shares_the_connection(etcd_endpoints: str, etcd_key_prefix: str) -> None:
     """Closing the facade that owns the connection ends its clones too (they share it)."""
-    backend, store = create_backend(_params(etcd_endpoints, etcd_key_prefix))
+    backend, store = create_backend(torch_params(etcd_endpoints, etcd_key_prefix))
     twin = store.clone()
     backend.facade.close()
     with pytest.raises(RendezvousError, match="closed"):
@@ -389,7 +342,7 @@ def test_prefix_store_does_not_pass_queues_on_in_torch_2_13(etcd_store: EtcdStor
     """torch 2.13's C++-to-Python bridge has no queue methods: a PrefixStore raises for them.
 
     If this fails, torch passes them on now: update docs/store-methods.md, and test queues
-    through the `store` fixture.
+    through the `torch_store` fixture.
     """
     view = PrefixStore("view", etcd_store)
     with pytest.raises(NotImplementedError):
@@ -403,16 +356,16 @@ def test_prefix_store_does_not_pass_queues_on_in_torch_2_13(etcd_store: EtcdStor
 
 @pytest.mark.anyio
 async def test_async_pop_of_an_empty_queue_with_zero_timeout_raises_store_timeout_error(
-    async_store: rdzv.AsyncEtcdStore,
+    store: rdzv.AsyncEtcdStore,
 ) -> None:
     """A zero timeout does not wait: StoreTimeoutError names the queue."""
     with pytest.raises(rdzv.StoreTimeoutError, match="'q'"):
-        await async_store.queue_pop("q", timeout=0)
+        await store.queue_pop("q", timeout=0)
 
 
 @pytest.mark.anyio
 async def test_blocking_pop_waits_by_watch_not_by_reading_again(
-    async_store: rdzv.AsyncEtcdStore,
+    store: rdzv.AsyncEtcdStore,
     connection: rdzv.Connection,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -427,60 +380,60 @@ async def test_blocking_pop_waits_by_watch_not_by_reading_again(
 
     monkeypatch.setattr(connection, "range", counting_read)
     with pytest.raises(rdzv.StoreTimeoutError):
-        await async_store.queue_pop("q", timeout=1)
+        await store.queue_pop("q", timeout=1)
     assert reads == 1
 
 
 @pytest.mark.anyio
-async def test_reserved_queue_names_are_refused(async_store: rdzv.AsyncEtcdStore) -> None:
+async def test_reserved_queue_names_are_refused(store: rdzv.AsyncEtcdStore) -> None:
     """A name in the space of rdzv's own keys is a ValueError, for queues as for keys."""
     with pytest.raises(ValueError, match="reserved"):
-        await async_store.queue_push("\x00rdzv-queue/q", b"x")
-    assert await async_store.queue_len("q") == 0
+        await store.queue_push("\x00rdzv-queue/q", b"x")
+    assert await store.queue_len("q") == 0
 
 
 @pytest.mark.anyio
 async def test_concurrent_poppers_never_get_the_same_item(
-    async_store: rdzv.AsyncEtcdStore,
+    store: rdzv.AsyncEtcdStore,
     second_connection: rdzv.Connection,
     store_prefix: str,
 ) -> None:
     """Poppers on two connections drain one queue: each item is popped exactly once."""
     items = [f"item-{index}".encode() for index in range(24)]
     for item in items:
-        await async_store.queue_push("q", item)
+        await store.queue_push("q", item)
     other = rdzv.AsyncEtcdStore(second_connection, prefix=store_prefix)
     popped: list[bytes] = []
 
-    async def drain(store: rdzv.AsyncEtcdStore) -> None:
+    async def drain(popper: rdzv.AsyncEtcdStore) -> None:
         with contextlib.suppress(rdzv.StoreTimeoutError):
             while True:
-                popped.append(await store.queue_pop("q", timeout=0))
+                popped.append(await popper.queue_pop("q", timeout=0))
 
     async with anyio.create_task_group() as poppers:
-        for store in (async_store, other) * 3:
-            poppers.start_soon(drain, store)
+        for popper in (store, other) * 3:
+            poppers.start_soon(drain, popper)
     assert sorted(popped) == sorted(items)
 
 
 @pytest.mark.anyio
 async def test_concurrent_pushers_lose_no_item_and_keep_their_order(
-    async_store: rdzv.AsyncEtcdStore,
+    store: rdzv.AsyncEtcdStore,
     second_connection: rdzv.Connection,
     store_prefix: str,
 ) -> None:
     """Pushers on two connections fill one queue: every item is in it, each pusher's in order."""
     other = rdzv.AsyncEtcdStore(second_connection, prefix=store_prefix)
 
-    async def push(store: rdzv.AsyncEtcdStore, pusher: int) -> None:
+    async def push(target: rdzv.AsyncEtcdStore, pusher: int) -> None:
         for index in range(6):
-            await store.queue_push("q", f"{pusher}-{index}".encode())
+            await target.queue_push("q", f"{pusher}-{index}".encode())
 
     async with anyio.create_task_group() as pushers:
-        for pusher, store in enumerate((async_store, other) * 2):
-            pushers.start_soon(push, store, pusher)
-    assert await async_store.queue_len("q") == 24
-    popped = [(await async_store.queue_pop("q", timeout=0)).decode() for _ in range(24)]
+        for pusher, target in enumerate((store, other) * 2):
+            pushers.start_soon(push, target, pusher)
+    assert await store.queue_len("q") == 24
+    popped = [(await store.queue_pop("q", timeout=0)).decode() for _ in range(24)]
     for pusher in range(4):
         assert [item for item in popped if item.startswith(f"{pusher}-")] == [
             f"{pusher}-{index}" for index in range(6)
@@ -490,63 +443,63 @@ async def test_concurrent_pushers_lose_no_item_and_keep_their_order(
 @pytest.mark.anyio
 @pytest.mark.parametrize("landing", ["before", "never", "late"])
 async def test_push_whose_answer_is_lost_adds_the_item_once(
-    async_store: rdzv.AsyncEtcdStore,
+    store: rdzv.AsyncEtcdStore,
     connection: rdzv.Connection,
     monkeypatch: pytest.MonkeyPatch,
     landing: str,
 ) -> None:
     """A push to an existing queue that landed, never landed, or landed late is applied once."""
-    await async_store.queue_push("q", b"first")
+    await store.queue_push("q", b"first")
     # The push's first attempt assumes the queue is absent, and fails; the second one is lost.
     monkeypatch.setattr(connection, "txn", LoseAnswers(connection, landing, skip=1))
-    await async_store.queue_push("q", b"second")
+    await store.queue_push("q", b"second")
     monkeypatch.undo()
-    assert await async_store.queue_len("q") == 2
+    assert await store.queue_len("q") == 2
 
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("landing", ["before", "never", "late"])
 async def test_push_creating_a_queue_whose_answer_is_lost_adds_the_item_once(
-    async_store: rdzv.AsyncEtcdStore,
+    store: rdzv.AsyncEtcdStore,
     connection: rdzv.Connection,
     monkeypatch: pytest.MonkeyPatch,
     landing: str,
 ) -> None:
     """The first push to a queue, whose answer is lost, creates it with one item."""
     monkeypatch.setattr(connection, "txn", LoseAnswers(connection, landing))
-    await async_store.queue_push("q", b"only")
+    await store.queue_push("q", b"only")
     monkeypatch.undo()
-    assert await async_store.queue_len("q") == 1
+    assert await store.queue_len("q") == 1
 
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("landing", ["before", "never", "late"])
 async def test_pop_whose_answer_is_lost_returns_the_item_once(
-    async_store: rdzv.AsyncEtcdStore,
+    store: rdzv.AsyncEtcdStore,
     connection: rdzv.Connection,
     monkeypatch: pytest.MonkeyPatch,
     landing: str,
 ) -> None:
     """A pop that landed, never landed, or landed late returns the oldest item, popped once."""
-    await async_store.queue_push("q", b"a")
-    await async_store.queue_push("q", b"b")
+    await store.queue_push("q", b"a")
+    await store.queue_push("q", b"b")
     monkeypatch.setattr(connection, "txn", LoseAnswers(connection, landing))
-    assert await async_store.queue_pop("q", timeout=0) == b"a"
+    assert await store.queue_pop("q", timeout=0) == b"a"
     monkeypatch.undo()
-    assert await async_store.queue_pop("q", timeout=0) == b"b"
-    assert await async_store.queue_len("q") == 0
+    assert await store.queue_pop("q", timeout=0) == b"b"
+    assert await store.queue_len("q") == 0
 
 
 @pytest.mark.anyio
 async def test_pop_skips_an_item_that_is_gone(
-    async_store: rdzv.AsyncEtcdStore, connection: rdzv.Connection
+    store: rdzv.AsyncEtcdStore, connection: rdzv.Connection
 ) -> None:
     """An item whose key is gone (expired with its lease) is skipped, and the next returned."""
-    await async_store.queue_push("q", b"expired")
-    await async_store.queue_push("q", b"next")
-    await connection.delete(async_store._queue_item("q", 0))
-    assert await async_store.queue_pop("q", timeout=0) == b"next"
-    assert await async_store.queue_len("q") == 0
+    await store.queue_push("q", b"expired")
+    await store.queue_push("q", b"next")
+    await connection.delete(store._queue_item("q", 0))
+    assert await store.queue_pop("q", timeout=0) == b"next"
+    assert await store.queue_len("q") == 0
 
 
 # ------------------------------------------------------------------------- two processes

@@ -30,7 +30,7 @@ from rdzv.torch import (
     create_backend,
     create_handler,
 )
-from support import RawEtcd, closed_port, present, torch_backend_of
+from support import RawEtcd, closed_port, present, torch_backend_of, torch_params
 
 CONNECTION_FAILED = r"^The connection to etcd has failed: no answer within "
 
@@ -38,22 +38,6 @@ MakeBackend = Callable[[RendezvousParameters], tuple[TorchEtcdBackend, EtcdStore
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-def _params(endpoint: str, key_prefix: str, **config: str) -> RendezvousParameters:
-    """Parameters as torchrun builds them, with this test's own key and store prefixes."""
-    return RendezvousParameters(
-        backend="etcd-v3",
-        endpoint=endpoint,
-        run_id="job",
-        min_nodes=1,
-        max_nodes=1,
-        **{
-            "key_prefix": f"{key_prefix}/rdzv",
-            "store_prefix": f"{key_prefix}/store/",
-            **config,
-        },
-    )
 
 
 def _connection(backend: TorchEtcdBackend) -> rdzv.Connection:
@@ -87,7 +71,7 @@ def make_backend() -> Iterator[MakeBackend]:
 @pytest.fixture
 def params(etcd_endpoints: str, etcd_key_prefix: str) -> RendezvousParameters:
     """Parameters like upstream's CreateBackendTest: protocol "hTTp", read timeout "10"."""
-    return _params(etcd_endpoints, etcd_key_prefix, protocol="hTTp", read_timeout="10")
+    return torch_params(etcd_endpoints, etcd_key_prefix, protocol="hTTp", read_timeout="10")
 
 
 @pytest.fixture
@@ -316,7 +300,7 @@ def test_create_backend_accepts_a_fractional_read_timeout(
 @pytest.mark.slow
 def test_create_backend_raises_error_if_etcd_is_unreachable(etcd_key_prefix: str) -> None:
     """With nothing listening, create_backend raises torch's RendezvousConnectionError."""
-    params = _params(f"127.0.0.1:{closed_port()}", etcd_key_prefix, read_timeout="2")
+    params = torch_params(f"127.0.0.1:{closed_port()}", etcd_key_prefix, read_timeout="2")
     started = time.monotonic()
     with pytest.raises(torch_api.RendezvousConnectionError, match=CONNECTION_FAILED):
         create_backend(params)
@@ -450,7 +434,7 @@ def test_endpoint_list_fails_over_to_a_live_endpoint(
 ) -> None:
     """With a dead endpoint listed first, the backend works through the next one."""
     endpoints = f"127.0.0.1:{closed_port()},{etcd_endpoints}"
-    backend, store = make_backend(_params(endpoints, etcd_key_prefix, read_timeout="10"))
+    backend, store = make_backend(torch_params(endpoints, etcd_key_prefix, read_timeout="10"))
     assert _set_state(backend, b"x")[2]
     store.set("key", "value")
     assert store.get("key") == b"value"
@@ -470,7 +454,7 @@ def test_ipv6_endpoint_in_brackets_is_accepted_by_create_backend(
     """create_backend takes a bracketed IPv6 endpoint in its list (here a dead one, skipped)."""
     port = closed_port()
     endpoints = f"[::1]:{port},{etcd_endpoints}"
-    backend, _ = make_backend(_params(endpoints, etcd_key_prefix, read_timeout="10"))
+    backend, _ = make_backend(torch_params(endpoints, etcd_key_prefix, read_timeout="10"))
     assert _connection(backend).endpoints[0] == rdzv.Endpoint("::1", port)
     assert _set_state(backend, b"x")[2]
 
@@ -540,7 +524,7 @@ def test_unreachable_etcd_raises_torch_connection_error(
 ) -> None:
     """Once etcd is gone, get_state raises torch's RendezvousConnectionError, ours chained."""
     with EtcdServer(name="rdzv-stopped") as server:
-        backend, _ = make_backend(_params(server.endpoint, etcd_key_prefix, read_timeout="2"))
+        backend, _ = make_backend(torch_params(server.endpoint, etcd_key_prefix, read_timeout="2"))
         backend.set_state(b"x")
     started = time.monotonic()
     with pytest.raises(torch_api.RendezvousConnectionError, match=CONNECTION_FAILED) as caught:
@@ -568,7 +552,7 @@ def test_torch_registry_creates_an_etcd_v3_handler(
 ) -> None:
     """torch's handler registry creates a DynamicRendezvousHandler named etcd-v3."""
     handler = rendezvous_handler_registry.create_handler(
-        _params(etcd_endpoints, etcd_key_prefix, read_timeout="10")
+        torch_params(etcd_endpoints, etcd_key_prefix, read_timeout="10")
     )
     try:
         assert isinstance(handler, DynamicRendezvousHandler)
@@ -629,8 +613,10 @@ def test_state_key_file_signs_states_and_rejects_unsigned_ones(
     """With state_key_file, states round-trip signed; an unsigned one is torch's state error."""
     key_file = tmp_path / "state.key"
     key_file.write_text("0123456789abcdef0123456789abcdef\n")
-    signed, _ = make_backend(_params(etcd_endpoints, etcd_key_prefix, state_key_file=str(key_file)))
-    unsigned, _ = make_backend(_params(etcd_endpoints, etcd_key_prefix))
+    signed, _ = make_backend(
+        torch_params(etcd_endpoints, etcd_key_prefix, state_key_file=str(key_file))
+    )
+    unsigned, _ = make_backend(torch_params(etcd_endpoints, etcd_key_prefix))
     _, token, written = present(signed.set_state(b"signed"))
     assert written
     assert signed.get_state() == (b"signed", token)
@@ -642,4 +628,4 @@ def test_state_key_file_signs_states_and_rejects_unsigned_ones(
 def test_state_key_in_the_conf_is_refused(etcd_endpoints: str, etcd_key_prefix: str) -> None:
     """A state key given on the command line is refused: it belongs in state_key_file."""
     with pytest.raises(ValueError, match="state_key_file"):
-        create_backend(_params(etcd_endpoints, etcd_key_prefix, state_key="x" * 32))
+        create_backend(torch_params(etcd_endpoints, etcd_key_prefix, state_key="x" * 32))

@@ -20,7 +20,7 @@ from torch.distributed.elastic.rendezvous.api import rendezvous_handler_registry
 
 from rdzv._sync import shared_connections
 from rdzv._torch_rounds import RoundsRendezvousHandler, create_rounds_handler
-from support import closed_port, torch_backend_of
+from support import closed_port, torch_backend_of, torch_params
 
 BACKENDS = ["etcd-v3", "etcd-v3-rounds"]
 
@@ -29,29 +29,6 @@ BACKENDS = ["etcd-v3", "etcd-v3-rounds"]
 HUNG = 45.0
 
 WORKER = Path(__file__).parent / "torchrun_scripts" / "allreduce.py"
-
-
-def _params(
-    endpoint: str,
-    key_prefix: str,
-    backend: str,
-    *,
-    run_id: str = "job",
-    nodes: int = 1,
-    **conf: str,
-) -> RendezvousParameters:
-    """torchrun's parameters for `run_id` under the test's own prefixes."""
-    return RendezvousParameters(
-        backend,
-        endpoint,
-        run_id,
-        nodes,
-        nodes,
-        key_prefix=f"{key_prefix}/rdzv",
-        store_prefix=f"{key_prefix}/store/",
-        read_timeout="10",
-        **conf,
-    )
 
 
 def _close_job(params: RendezvousParameters) -> None:
@@ -78,7 +55,7 @@ def test_a_closed_rendezvous_is_refused_with_what_to_do(
     etcd_endpoints: str, etcd_key_prefix: str, backend: str
 ) -> None:
     """Re-running a finished job says: a new --rdzv-id, or the rdzv reset command to run."""
-    params = _params(etcd_endpoints, etcd_key_prefix, backend)
+    params = torch_params(etcd_endpoints, etcd_key_prefix, backend=backend)
     _close_job(params)
     with pytest.raises(torch_api.RendezvousClosedError) as caught:
         rendezvous_handler_registry.create_handler(params)
@@ -94,7 +71,7 @@ def test_a_refused_closed_rendezvous_leaves_no_connection_open(
     etcd_endpoints: str, etcd_key_prefix: str
 ) -> None:
     """The handler refused for a closed rendezvous releases the connection it opened."""
-    params = _params(etcd_endpoints, etcd_key_prefix, "etcd-v3")
+    params = torch_params(etcd_endpoints, etcd_key_prefix, backend="etcd-v3")
     _close_job(params)
     before = len(shared_connections())
     with pytest.raises(torch_api.RendezvousClosedError):
@@ -106,7 +83,7 @@ def test_a_rounds_join_after_the_close_says_what_to_do(
     etcd_endpoints: str, etcd_key_prefix: str
 ) -> None:
     """A node of etcd-v3-rounds that joins once the job closed is told how to run it again."""
-    params = _params(etcd_endpoints, etcd_key_prefix, "etcd-v3-rounds")
+    params = torch_params(etcd_endpoints, etcd_key_prefix, backend="etcd-v3-rounds")
     late = create_rounds_handler(params)
     try:
         _close_job(params)
@@ -127,7 +104,7 @@ def test_a_run_id_made_up_by_torchrun_is_refused_for_several_nodes(
 ) -> None:
     """An empty --rdzv-id gives every agent its own random id: with --nnodes=2, refused."""
     made_up = str(uuid.uuid4().int)  # what torch's launch_agent does with an empty run id
-    params = _params(etcd_endpoints, etcd_key_prefix, backend, run_id=made_up, nodes=2)
+    params = torch_params(etcd_endpoints, etcd_key_prefix, backend=backend, run_id=made_up, nodes=2)
     with pytest.raises(ValueError, match=r"^--rdzv-id is empty, .* --nnodes=2"):
         rendezvous_handler_registry.create_handler(params)
 
@@ -137,7 +114,9 @@ def test_a_run_id_made_up_by_torchrun_is_accepted_for_one_node(
     etcd_endpoints: str, etcd_key_prefix: str, backend: str
 ) -> None:
     """With --nnodes=1 there is nobody to meet: torch's random run id is fine."""
-    params = _params(etcd_endpoints, etcd_key_prefix, backend, run_id=str(uuid.uuid4().int))
+    params = torch_params(
+        etcd_endpoints, etcd_key_prefix, backend=backend, run_id=str(uuid.uuid4().int)
+    )
     _release(rendezvous_handler_registry.create_handler(params))
 
 
@@ -146,7 +125,9 @@ def test_a_numeric_run_id_a_person_chose_is_not_taken_for_torchs(
     etcd_endpoints: str, etcd_key_prefix: str, run_id: str
 ) -> None:
     """Only a random version-4 UUID's digits are refused, not any run id made of digits."""
-    params = _params(etcd_endpoints, etcd_key_prefix, "etcd-v3", run_id=run_id, nodes=2)
+    params = torch_params(
+        etcd_endpoints, etcd_key_prefix, backend="etcd-v3", run_id=run_id, nodes=2
+    )
     _release(rendezvous_handler_registry.create_handler(params))
 
 
@@ -158,7 +139,9 @@ def test_an_error_is_logged_once_and_raised_without_its_chain(
     etcd_key_prefix: str, backend: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A handler that cannot start logs one line, and its error repeats no chained one."""
-    params = _params(f"127.0.0.1:{closed_port()}", etcd_key_prefix, backend, connect_timeout="1")
+    params = torch_params(
+        f"127.0.0.1:{closed_port()}", etcd_key_prefix, backend=backend, connect_timeout="1"
+    )
     with (
         caplog.at_level(logging.ERROR, logger="rdzv"),
         pytest.raises(torch_api.RendezvousConnectionError) as caught,
@@ -237,7 +220,7 @@ def test_torchrun_rerun_of_a_finished_job_says_what_to_do(
     etcd_endpoints: str, etcd_key_prefix: str, backend: str
 ) -> None:
     """Running a finished job's torchrun again tells to use a new --rdzv-id or rdzv reset."""
-    _close_job(_params(etcd_endpoints, etcd_key_prefix, backend))
+    _close_job(torch_params(etcd_endpoints, etcd_key_prefix, backend=backend))
     result = _torchrun(
         "--nnodes=1",
         f"--rdzv-backend={backend}",

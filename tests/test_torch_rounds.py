@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -18,31 +19,19 @@ from torch.distributed.elastic.rendezvous.api import rendezvous_handler_registry
 
 import rdzv
 from rdzv._torch_rounds import RoundsRendezvousHandler, create_rounds_handler, round_store_prefix
-from support import RawEtcd, present
+from support import RawEtcd, present, torch_params
 
-
-def _params(endpoints: str, prefix: str, *, nodes: str = "2", **conf: Any) -> RendezvousParameters:
-    """torchrun's parameters for run id "job" under the test's prefix."""
-    low, _, high = nodes.partition(":")
-    options = {
-        "key_prefix": f"{prefix}/rdzv",
-        "store_prefix": f"{prefix}/store/",
-        "read_timeout": "10",
-        "last_call_timeout": "1",
-        "join_timeout": "30",
-        "keep_alive_interval": "1",
-        "keep_alive_max_attempt": "2",
-        **{name: str(value) for name, value in conf.items()},
-    }
-    return RendezvousParameters(
-        "etcd-v3-rounds",
-        endpoints,
-        "job",
-        int(low),
-        int(high or low),
-        local_addr="127.0.0.1",
-        **options,
-    )
+# torchrun's parameters for run id "job" under the test's prefix: two nodes, short timeouts.
+_params = functools.partial(
+    torch_params,
+    backend="etcd-v3-rounds",
+    nodes="2",
+    local_addr="127.0.0.1",
+    last_call_timeout=1,
+    join_timeout=30,
+    keep_alive_interval=1,
+    keep_alive_max_attempt=2,
+)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,47 +17,10 @@ import torch.distributed as dist
 # torch.distributed re-exports these only when built with distributed support, which type
 # checkers cannot see; this is where they are defined.
 from torch._C._distributed_c10d import PrefixStore, Store
-from torch.distributed.elastic.rendezvous import RendezvousParameters
 
-from rdzv.torch import EtcdStore, create_backend
+from rdzv.torch import EtcdStore
 
 SCRIPTS = Path(__file__).parent / "torchrun_scripts"
-
-# Long enough never to fire on a slow machine, short enough that a broken wait fails the test.
-WAIT = datetime.timedelta(seconds=20)
-
-
-def _params(endpoint: str, key_prefix: str) -> RendezvousParameters:
-    return RendezvousParameters(
-        backend="etcd-v3",
-        endpoint=endpoint,
-        run_id="job",
-        min_nodes=1,
-        max_nodes=1,
-        key_prefix=f"{key_prefix}/rdzv",
-        store_prefix=f"{key_prefix}/store/",
-        read_timeout="10",
-    )
-
-
-@pytest.fixture
-def etcd_store(etcd_endpoints: str, etcd_key_prefix: str) -> Iterator[EtcdStore]:
-    """The EtcdStore of a fresh create_backend pair, closed afterwards."""
-    backend, store = create_backend(_params(etcd_endpoints, etcd_key_prefix))
-    try:
-        store.set_timeout(WAIT)
-        yield store
-    finally:
-        backend.facade.close()
-
-
-@pytest.fixture(params=["python", "prefix_store"])
-def store(request: pytest.FixtureRequest, etcd_store: EtcdStore) -> Store:
-    """The store called from Python, or through C++ as a PrefixStore's underlying store."""
-    if request.param == "python":
-        return etcd_store
-    # etcd_store stays referenced by its fixture: C++ does not keep the Python object alive.
-    return PrefixStore("view", etcd_store)
 
 
 def _later(delay: float, action: Callable[..., object], *args: object) -> threading.Timer:
@@ -69,43 +32,43 @@ def _later(delay: float, action: Callable[..., object], *args: object) -> thread
 # ------------------------------------------------------------------------------ set and get
 
 
-def test_set_then_get_returns_str_value_as_bytes(store: Store) -> None:
+def test_set_then_get_returns_str_value_as_bytes(torch_store: Store) -> None:
     """A str value set comes back as its UTF-8 bytes."""
-    store.set("key", "välue")
-    assert store.get("key") == "välue".encode()
+    torch_store.set("key", "välue")
+    assert torch_store.get("key") == "välue".encode()
 
 
-def test_set_then_get_returns_bytes_value_unchanged(store: Store) -> None:
+def test_set_then_get_returns_bytes_value_unchanged(torch_store: Store) -> None:
     """A bytes value, including NUL and non-UTF-8 bytes, comes back unchanged."""
-    store.set("key", b"\x00\xff\x01binary")  # type: ignore[arg-type]  # torch's stub says str
-    assert store.get("key") == b"\x00\xff\x01binary"
+    torch_store.set("key", b"\x00\xff\x01binary")  # type: ignore[arg-type]  # torch's stub says str
+    assert torch_store.get("key") == b"\x00\xff\x01binary"
 
 
-def test_set_replaces_the_value(store: Store) -> None:
+def test_set_replaces_the_value(torch_store: Store) -> None:
     """A second set of a key replaces its value."""
-    store.set("key", "first")
-    store.set("key", "second")
-    assert store.get("key") == b"second"
+    torch_store.set("key", "first")
+    torch_store.set("key", "second")
+    assert torch_store.get("key") == b"second"
 
 
-def test_get_blocks_until_another_thread_sets(store: Store) -> None:
+def test_get_blocks_until_another_thread_sets(torch_store: Store) -> None:
     """get waits for a key that another thread sets later, then returns its value."""
     started = time.monotonic()
-    setter = _later(0.5, store.set, "late", b"value")
+    setter = _later(0.5, torch_store.set, "late", b"value")
     try:
-        assert store.get("late") == b"value"
+        assert torch_store.get("late") == b"value"
     finally:
         setter.join(timeout=30)
     assert time.monotonic() - started >= 0.4
 
 
 @pytest.mark.slow
-def test_get_times_out_with_dist_store_error(store: Store) -> None:
+def test_get_times_out_with_dist_store_error(torch_store: Store) -> None:
     """get of a key nobody sets raises DistStoreError after the store's timeout."""
-    store.set_timeout(datetime.timedelta(seconds=1))
+    torch_store.set_timeout(datetime.timedelta(seconds=1))
     started = time.monotonic()
     with pytest.raises(dist.DistStoreError):
-        store.get("missing")
+        torch_store.get("missing")
     assert 0.9 <= time.monotonic() - started < 15
 
 
@@ -124,147 +87,147 @@ def test_set_timeout_through_prefix_store_changes_our_wait(etcd_store: EtcdStore
 # ---------------------------------------------------------------------------------- add
 
 
-def test_add_starts_from_zero_and_accumulates(store: Store) -> None:
+def test_add_starts_from_zero_and_accumulates(torch_store: Store) -> None:
     """add creates the counter at the amount and returns each running total."""
-    assert store.add("counter", 3) == 3
-    assert store.add("counter", -1) == 2
-    assert store.add("counter", 0) == 2
-    assert store.get("counter") == b"2"
+    assert torch_store.add("counter", 3) == 3
+    assert torch_store.add("counter", -1) == 2
+    assert torch_store.add("counter", 0) == 2
+    assert torch_store.get("counter") == b"2"
 
 
-def test_add_from_many_threads_loses_no_increment(store: Store) -> None:
+def test_add_from_many_threads_loses_no_increment(torch_store: Store) -> None:
     """Concurrent adds from several threads sum exactly."""
     threads, rounds = 4, 5
 
     def increment() -> None:
         for _ in range(rounds):
-            store.add("counter", 1)
+            torch_store.add("counter", 1)
 
     workers = [threading.Thread(target=increment) for _ in range(threads)]
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join(timeout=60)
-    assert store.add("counter", 0) == threads * rounds
+    assert torch_store.add("counter", 0) == threads * rounds
 
 
 # --------------------------------------------------------------------------- compare_set
 
 
-def test_compare_set_with_empty_expected_creates_an_absent_key(store: Store) -> None:
+def test_compare_set_with_empty_expected_creates_an_absent_key(torch_store: Store) -> None:
     """An empty expected value matches an absent key: the desired value is written."""
-    assert store.compare_set("key", "", "desired") == b"desired"
-    assert store.get("key") == b"desired"
+    assert torch_store.compare_set("key", "", "desired") == b"desired"
+    assert torch_store.get("key") == b"desired"
 
 
-def test_compare_set_on_absent_key_with_expected_writes_nothing(store: Store) -> None:
+def test_compare_set_on_absent_key_with_expected_writes_nothing(torch_store: Store) -> None:
     """A non-empty expected value on an absent key returns it and creates nothing."""
-    assert store.compare_set("key", "expected", "desired") == b"expected"
-    assert not store.check(["key"])
+    assert torch_store.compare_set("key", "expected", "desired") == b"expected"
+    assert not torch_store.check(["key"])
 
 
-def test_compare_set_with_matching_value_writes(store: Store) -> None:
+def test_compare_set_with_matching_value_writes(torch_store: Store) -> None:
     """A matching expected value swaps in the desired value."""
-    store.set("key", "current")
-    assert store.compare_set("key", "current", "desired") == b"desired"
-    assert store.get("key") == b"desired"
+    torch_store.set("key", "current")
+    assert torch_store.compare_set("key", "current", "desired") == b"desired"
+    assert torch_store.get("key") == b"desired"
 
 
-def test_compare_set_with_other_value_returns_current(store: Store) -> None:
+def test_compare_set_with_other_value_returns_current(torch_store: Store) -> None:
     """A mismatching expected value leaves the key and returns its current value."""
-    store.set("key", "current")
-    assert store.compare_set("key", "other", "desired") == b"current"
-    assert store.get("key") == b"current"
+    torch_store.set("key", "current")
+    assert torch_store.compare_set("key", "other", "desired") == b"current"
+    assert torch_store.get("key") == b"current"
 
 
 # ---------------------------------------------------------------------------------- wait
 
 
-def test_wait_without_timeout_returns_once_keys_are_set(store: Store) -> None:
+def test_wait_without_timeout_returns_once_keys_are_set(torch_store: Store) -> None:
     """wait(keys) blocks until another thread sets every key."""
-    store.set("first", "1")
-    setter = _later(0.3, store.set, "second", b"2")
+    torch_store.set("first", "1")
+    setter = _later(0.3, torch_store.set, "second", b"2")
     try:
-        store.wait(["first", "second"])
+        torch_store.wait(["first", "second"])
     finally:
         setter.join(timeout=30)
-    assert store.check(["first", "second"])
+    assert torch_store.check(["first", "second"])
 
 
-def test_wait_with_timeout_returns_once_keys_are_set(store: Store) -> None:
+def test_wait_with_timeout_returns_once_keys_are_set(torch_store: Store) -> None:
     """wait(keys, timeout) returns when another thread sets the key in time."""
-    setter = _later(0.3, store.set, "key", b"1")
+    setter = _later(0.3, torch_store.set, "key", b"1")
     try:
-        store.wait(["key"], datetime.timedelta(seconds=20))
+        torch_store.wait(["key"], datetime.timedelta(seconds=20))
     finally:
         setter.join(timeout=30)
 
 
 @pytest.mark.slow
-def test_wait_with_timeout_raises_dist_store_error(store: Store) -> None:
+def test_wait_with_timeout_raises_dist_store_error(torch_store: Store) -> None:
     """wait(keys, timeout) raises DistStoreError when a key stays missing."""
-    store.set("present", "1")
+    torch_store.set("present", "1")
     started = time.monotonic()
     with pytest.raises(dist.DistStoreError):
-        store.wait(["present", "missing"], datetime.timedelta(seconds=1))
+        torch_store.wait(["present", "missing"], datetime.timedelta(seconds=1))
     assert 0.9 <= time.monotonic() - started < 15
 
 
 @pytest.mark.slow
-def test_wait_without_timeout_uses_the_store_timeout(store: Store) -> None:
+def test_wait_without_timeout_uses_the_store_timeout(torch_store: Store) -> None:
     """wait(keys) gives up after the store's own timeout."""
-    store.set_timeout(datetime.timedelta(seconds=1))
+    torch_store.set_timeout(datetime.timedelta(seconds=1))
     started = time.monotonic()
     with pytest.raises(dist.DistStoreError):
-        store.wait(["missing"])
+        torch_store.wait(["missing"])
     assert time.monotonic() - started < 15
 
 
 # ------------------------------------------------------------------ check, delete, count
 
 
-def test_check_tells_whether_every_key_exists(store: Store) -> None:
+def test_check_tells_whether_every_key_exists(torch_store: Store) -> None:
     """check is true only when all the keys exist, and does not wait."""
-    store.set("a", "1")
+    torch_store.set("a", "1")
     started = time.monotonic()
-    assert store.check(["a"])
-    assert not store.check(["a", "b"])
+    assert torch_store.check(["a"])
+    assert not torch_store.check(["a", "b"])
     assert time.monotonic() - started < 5
 
 
-def test_delete_key_reports_whether_the_key_existed(store: Store) -> None:
+def test_delete_key_reports_whether_the_key_existed(torch_store: Store) -> None:
     """delete_key removes a key, true the first time and false once it is gone."""
-    store.set("key", "value")
-    assert store.delete_key("key") is True
-    assert not store.check(["key"])
-    assert store.delete_key("key") is False
+    torch_store.set("key", "value")
+    assert torch_store.delete_key("key") is True
+    assert not torch_store.check(["key"])
+    assert torch_store.delete_key("key") is False
 
 
-def test_num_keys_counts_the_keys(store: Store) -> None:
+def test_num_keys_counts_the_keys(torch_store: Store) -> None:
     """num_keys follows sets and deletes."""
-    assert store.num_keys() == 0
-    store.set("a", "1")
-    store.set("b", "2")
-    assert store.num_keys() == 2
-    store.delete_key("a")
-    assert store.num_keys() == 1
+    assert torch_store.num_keys() == 0
+    torch_store.set("a", "1")
+    torch_store.set("b", "2")
+    assert torch_store.num_keys() == 2
+    torch_store.delete_key("a")
+    assert torch_store.num_keys() == 1
 
 
 # ----------------------------------------------------------------- multi_get, multi_set
 
 
-def test_multi_set_then_multi_get_returns_values_in_order(store: Store) -> None:
+def test_multi_set_then_multi_get_returns_values_in_order(torch_store: Store) -> None:
     """multi_set writes every key; multi_get reads them back in the order asked."""
-    store.multi_set(["a", "b", "c"], ["1", "2", "3"])  # type: ignore[attr-defined]  # not in the stub
-    assert store.multi_get(["c", "a", "b"]) == [b"3", b"1", b"2"]
+    torch_store.multi_set(["a", "b", "c"], ["1", "2", "3"])  # type: ignore[attr-defined]  # not in the stub
+    assert torch_store.multi_get(["c", "a", "b"]) == [b"3", b"1", b"2"]
 
 
-def test_multi_get_waits_for_a_missing_key(store: Store) -> None:
+def test_multi_get_waits_for_a_missing_key(torch_store: Store) -> None:
     """multi_get blocks until another thread sets the last missing key."""
-    store.set("a", "1")
-    setter = _later(0.3, store.set, "b", b"2")
+    torch_store.set("a", "1")
+    setter = _later(0.3, torch_store.set, "b", b"2")
     try:
-        assert store.multi_get(["a", "b"]) == [b"1", b"2"]
+        assert torch_store.multi_get(["a", "b"]) == [b"1", b"2"]
     finally:
         setter.join(timeout=30)
 
@@ -272,11 +235,11 @@ def test_multi_get_waits_for_a_missing_key(store: Store) -> None:
 # ---------------------------------------------------------------------------------- append
 
 
-def test_append_creates_then_extends_the_value(store: Store) -> None:
+def test_append_creates_then_extends_the_value(torch_store: Store) -> None:
     """append creates an absent key and appends to an existing one."""
-    store.append("log", "ab")  # type: ignore[attr-defined]  # not in torch's stub
-    store.append("log", b"\x00c")  # type: ignore[attr-defined]  # not in torch's stub
-    assert store.get("log") == b"ab\x00c"
+    torch_store.append("log", "ab")  # type: ignore[attr-defined]  # not in torch's stub
+    torch_store.append("log", b"\x00c")  # type: ignore[attr-defined]  # not in torch's stub
+    assert torch_store.get("log") == b"ab\x00c"
 
 
 # ------------------------------------------------------------------------------- gloo
