@@ -18,7 +18,7 @@ import rdzv
 from rdzv._torch_rounds import create_rounds_handler
 from rdzv.testing import FaultProxy
 from rdzv.torch import create_backend
-from support import closed_port
+from support import closed_port, torch_params
 
 pytestmark = pytest.mark.anyio
 
@@ -30,22 +30,6 @@ CREATE: dict[str, Callable[[RendezvousParameters], object]] = {
     "etcd-v3": create_backend,
     "etcd-v3-rounds": create_rounds_handler,
 }
-
-
-def _torch_params(
-    endpoint: str, key_prefix: str, backend: str, **config: str
-) -> RendezvousParameters:
-    """torchrun's parameters for run id "job" at `endpoint`, with `config` as --rdzv-conf."""
-    return RendezvousParameters(
-        backend,
-        endpoint,
-        "job",
-        1,
-        1,
-        key_prefix=f"{key_prefix}/rdzv",
-        store_prefix=f"{key_prefix}/store/",
-        **config,
-    )
 
 
 @pytest.mark.slow
@@ -136,10 +120,10 @@ def test_torch_conf_connect_timeout_bounds_the_first_connection(
     etcd_key_prefix: str, backend: str
 ) -> None:
     """--rdzv-conf connect_timeout=1 fails a refused endpoint in time, under both handlers."""
-    params = _torch_params(
+    params = torch_params(
         f"127.0.0.1:{closed_port()}",
         etcd_key_prefix,
-        backend,
+        backend=backend,
         read_timeout="60",
         connect_timeout="1",
     )
@@ -155,6 +139,6 @@ def test_bad_torch_conf_connect_timeout_is_a_value_error_naming_it(
     etcd_key_prefix: str, backend: str, text: str
 ) -> None:
     """A bad connect_timeout in --rdzv-conf is a ValueError naming it, under both handlers."""
-    params = _torch_params("h:1", etcd_key_prefix, backend, connect_timeout=text)
+    params = torch_params("h:1", etcd_key_prefix, backend=backend, connect_timeout=text)
     with pytest.raises(ValueError, match="connect_timeout must be a positive number"):
         CREATE[backend](params)

@@ -11,20 +11,7 @@ from collections.abc import Generator, Iterator
 import pytest
 
 import rdzv
-from support import closed_port, present
-
-
-def _new_threads_end(before: set[threading.Thread], timeout: float = 10) -> bool:
-    """Whether every thread started since `before` ends within `timeout` seconds.
-
-    Threads of earlier tests may end meanwhile; only new ones count.
-    """
-    deadline = time.monotonic() + timeout
-    while set(threading.enumerate()) - before:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+from support import closed_port, new_threads_end, present
 
 
 @pytest.fixture
@@ -97,7 +84,7 @@ def test_close_leaves_no_thread_behind(etcd_endpoints: str, etcd_key_prefix: str
     started = {thread.name for thread in set(threading.enumerate()) - before}
     assert "rdzv-event-loop" in started
     backend.close()
-    assert _new_threads_end(before)
+    assert new_threads_end(before)
 
 
 def test_close_is_idempotent_and_later_calls_fail(
@@ -122,7 +109,7 @@ def test_unreachable_etcd_fails_construction_within_read_timeout(etcd_key_prefix
     assert time.monotonic() - started < 3
     # The traceback kept the closed channel alive; gRPC's poller stops once it is freed.
     gc.collect()
-    assert _new_threads_end(before)
+    assert new_threads_end(before)
 
 
 def test_bad_run_id_fails_before_a_thread_starts(etcd_endpoints: str) -> None:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous import api as torch_api
 
 import rdzv
@@ -25,6 +24,7 @@ from rdzv._validation import (
     validate_read_timeout,
 )
 from rdzv.torch import create_backend
+from support import torch_params
 
 pytestmark = pytest.mark.anyio
 
@@ -175,11 +175,14 @@ def test_read_timeout_beyond_a_day_is_rejected_by_the_facade() -> None:
         rdzv.EtcdBackend("h:1", "job", read_timeout=10**10, key_prefix="relative")
 
 
+PREFIX = "/rdzv-test/validation"  # torchrun's key and store prefixes go under it; nothing connects
+
+
 def test_read_timeout_beyond_a_day_is_rejected_by_torch() -> None:
     """rdzv.torch's read_timeout option over a day is a ValueError naming read_timeout."""
     # The bad ttl, checked later but before any connection, turns a regression into a failure
     # instead of the endless retries of a read timeout beyond gRPC's deadline.
-    params = _torch_params("h:1", read_timeout="10000000000", ttl="0")
+    params = torch_params("h:1", PREFIX, read_timeout="10000000000", ttl="0")
     with pytest.raises(ValueError, match=r"read_timeout .* at most 86400"):
         create_backend(params)
 
@@ -221,7 +224,7 @@ def test_ttl_beyond_etcds_longest_lease_is_rejected_by_the_facade() -> None:
 def test_ttl_beyond_etcds_longest_lease_is_rejected_by_torch() -> None:
     """rdzv.torch's ttl option beyond etcd's longest lease is a ValueError naming ttl."""
     with pytest.raises(ValueError, match=r"TTL \(ttl\)"):
-        create_backend(_torch_params("h:1", ttl=str(2**62), read_timeout="1"))
+        create_backend(torch_params("h:1", PREFIX, ttl=str(2**62), read_timeout="1"))
 
 
 async def test_longest_ttl_gets_a_lease_from_etcd(
@@ -375,20 +378,20 @@ def test_cli_rejects_a_protocol_contradicting_the_scheme() -> None:
 def test_torch_rejects_a_protocol_contradicting_the_scheme() -> None:
     """rdzv.torch's protocol option must agree with the scheme of --rdzv-endpoint."""
     with pytest.raises(ValueError, match="protocol='http' contradicts the https:// scheme"):
-        create_backend(_torch_params("https://h:1", protocol="http", read_timeout="1"))
+        create_backend(torch_params("https://h:1", PREFIX, protocol="http", read_timeout="1"))
 
 
 def test_torch_rejects_mixed_schemes() -> None:
     """rdzv.torch refuses --rdzv-endpoint entries whose schemes disagree."""
     with pytest.raises(ValueError, match="mix http:// and https://"):
-        create_backend(_torch_params("http://a:1,https://b:1", read_timeout="1"))
+        create_backend(torch_params("http://a:1,https://b:1", PREFIX, read_timeout="1"))
 
 
 def test_torch_https_endpoint_speaks_tls(etcd_endpoints: str) -> None:
     """Under torchrun, an https:// endpoint without a protocol option uses TLS, as elsewhere."""
     endpoints = ",".join(f"https://{item}" for item in etcd_endpoints.split(","))
     with pytest.raises(torch_api.RendezvousConnectionError) as caught:
-        create_backend(_torch_params(endpoints, read_timeout="30"))
+        create_backend(torch_params(endpoints, PREFIX, read_timeout="30"))
     assert isinstance(caught.value.__cause__, rdzv.RendezvousTLSError)
 
 
@@ -401,13 +404,6 @@ async def _write(backend: rdzv.AsyncEtcdBackend, state: bytes) -> int:
     assert result is not None
     assert result[2]
     return result[1]
-
-
-def _torch_params(endpoint: str, **config: str) -> RendezvousParameters:
-    """torchrun's parameters for run id "job" at `endpoint`, with `config` as --rdzv-conf."""
-    return RendezvousParameters(
-        backend="etcd-v3", endpoint=endpoint, run_id="job", min_nodes=1, max_nodes=1, **config
-    )
 
 
 def _cli(*arguments: str) -> Result:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncGenerator
 from typing import Final, Literal
 
@@ -10,6 +11,8 @@ from rdzv import _envelope
 from rdzv._errors import (
     RendezvousCompactedError,
     RendezvousConnectionError,
+    RendezvousError,
+    RendezvousLeaseNotFoundError,
     RendezvousOutcomeUnknownError,
 )
 from rdzv._etcd import (
@@ -42,6 +45,8 @@ logger = logging.getLogger("rdzv.backend")
 
 # With a state key, how many tokens a backend remembers the position (`_envelope.Position`) of.
 _POSITIONS_KEPT: Final = 16
+# How long `_release` waits for etcd to revoke a lease that no write used (seconds, at most).
+_REVOKE_TIMEOUT: Final = 2.0
 
 
 class AsyncEtcdBackend:
@@ -77,6 +82,11 @@ class AsyncEtcdBackend:
         self._lease = RollingLease(connection, self._ttl)
         # With a state key: token -> position of the value at that token, for the last few seen.
         self._positions: dict[Token, _envelope.Position] = {}
+        # Whether a write was ever sent; the lease `prepare` granted before any was; the lease
+        # `_release` revokes, which no write may use any more.
+        self._written = False
+        self._unused_lease: int | None = None
+        self._revoked_lease: int | None = None
 
     def __repr__(self) -> str:
         return f"<rdzv.AsyncEtcdBackend key={self._key!r} ttl={self._ttl} on {self._connection!r}>"
@@ -100,6 +110,70 @@ class AsyncEtcdBackend:
     def connection(self) -> Connection:
         """The connection this backend uses."""
         return self._connection
+
+    async def prepare(self) -> None:
+        """Take the state's lease and open the keep-alive stream now, not in the first write.
+
+        Without it, the first `set_state` grants the lease and opens the connection's
+        keep-alive stream inside its compare-and-swap, on top of its own round trip. This
+        waits for etcd's answer to a keep-alive for the lease, for the connect timeout at most
+        (writes do not need it). The state still expires `ttl` seconds after its last write:
+        every write refreshes the lease, the first one too, and a first write so late that the
+        lease is near its end (less than the read timeout, or `ttl / 2`, left) takes a new one.
+        The synchronous facades and torchrun's backend call it as they are created. Raises
+        `RendezvousConnectionError` if etcd grants no lease within the read timeout.
+        """
+        deadline = self._connection.deadline()
+        lease_id = await self._lease.current(deadline=deadline)  # its keep-alive goes out
+        if not self._written and self._revoked_lease is None:
+            self._unused_lease = lease_id
+        # A second keeper of the lease hears etcd's answer (the rolling lease's keeper is its
+        # own); a stream that does not open is opened again in the background.
+        keeper = self._connection.follow_lease(lease_id, self._ttl)
+        try:
+            await keeper.wait_answer(
+                min(deadline - time.monotonic(), self._connection.connect_timeout)
+            )
+        finally:
+            keeper.release()
+
+    async def _prepare_or_defer(self) -> None:
+        """`prepare`, for a facade's creation: if it fails, the first write does it, as before.
+
+        The creation has already checked that etcd answers; the warm-up never fails it.
+        """
+        try:
+            await self.prepare()
+        except RendezvousError as error:
+            logger.info(
+                "Could not take the lease of the state at %r ahead of the first write (%s); "
+                "the first write takes it",
+                self._key,
+                error,
+                extra={"rdzv_key": self._key},
+            )
+
+    async def _release(self) -> None:
+        """Revoke the lease `prepare` granted if no write was sent on it (the facade's close).
+
+        A lease that a write used may hold the state, which outlives this backend: it is left
+        to expire `ttl` seconds after the last write. Bounded by `_REVOKE_TIMEOUT`; a failure
+        leaves the unused lease to expire on its own.
+        """
+        lease_id, self._unused_lease = self._unused_lease, None
+        if lease_id is None:
+            return
+        self._revoked_lease = lease_id  # a write about to use it now takes a new lease instead
+        deadline = time.monotonic() + min(_REVOKE_TIMEOUT, self._connection.read_timeout)
+        try:
+            await self._connection.revoke_lease(lease_id, deadline=deadline)
+        except RendezvousError as error:
+            logger.debug(
+                "Could not revoke the unused lease %x (%s); it expires on its own",
+                lease_id,
+                error,
+                extra={"rdzv_lease": lease_id},
+            )
 
     async def get_state(self) -> StateResult | None:
         """Return the state and its token, or `None` if there is no state.
@@ -157,6 +231,11 @@ class AsyncEtcdBackend:
         """Compare-and-swap `value` in; resolve lost answers (see `_resolve_unknown_outcome`)."""
 
         async def write(lease: int) -> TxnResult:
+            if lease == self._revoked_lease:
+                # `_release` is revoking it: as if etcd had (the lease makes way for a new one).
+                raise RendezvousLeaseNotFoundError(f"Lease {lease:x} was revoked.")
+            self._written = True
+            self._unused_lease = None  # it may hold the state from now on: never revoked
             put = Put(self._key_bytes, value, lease)
             return await self._connection.txn(
                 [condition],

@@ -568,6 +568,20 @@ def open_shared(options: ConnectionOptions, make: Callable[[Connection], T]) -> 
     return portal, made
 
 
+def _prepare(portal: Portal, backend: AsyncEtcdBackend) -> None:
+    """Have `backend` ready for its first write (`AsyncEtcdBackend.prepare`) as it is created.
+
+    The lease and the keep-alive stream are then taken here, where the creation already talks
+    to etcd, and not inside the first compare-and-swap. If etcd does not grant the lease, the
+    first write takes it, as it would have. The portal is closed if the wait is interrupted.
+    """
+    try:
+        portal.call(backend._prepare_or_defer)
+    except BaseException:
+        portal.close()
+        raise
+
+
 class EtcdBackend:
     """A blocking facade over `AsyncEtcdBackend`, for synchronous code such as torchrun.
 
@@ -612,6 +626,7 @@ class EtcdBackend:
                 connection, run_id, key_prefix=key_prefix, ttl=ttl, state_key=state_key
             ),
         )
+        _prepare(self._loop, self._backend)
 
     @classmethod
     def _on(cls, loop: Portal, backend: AsyncEtcdBackend) -> EtcdBackend:
@@ -662,9 +677,14 @@ class EtcdBackend:
         """Release the connection; the last facade on it closes it. Closing twice is harmless.
 
         Calls in progress end with `RendezvousError`; with the last facade of the process, the
-        event-loop thread stops.
+        event-loop thread stops. The lease that the creation took is revoked if no write used it.
         """
-        self._loop.close()
+        try:
+            if not self._loop.closed:
+                with contextlib.suppress(RendezvousError):  # closed meanwhile, or forked
+                    self._loop.call(self._backend._release)
+        finally:
+            self._loop.close()
 
     def __enter__(self) -> EtcdBackend:
         return self

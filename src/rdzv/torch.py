@@ -54,7 +54,7 @@ from rdzv._etcd import Connection
 from rdzv._etcd._connection import DEFAULT_CONNECT_TIMEOUT, validate_connect_timeout
 from rdzv._etcd._endpoints import resolve_endpoints
 from rdzv._store import DEFAULT_STORE_PREFIX, AsyncEtcdStore
-from rdzv._sync import ConnectionOptions, EtcdBackend, Portal, open_shared
+from rdzv._sync import ConnectionOptions, EtcdBackend, Portal, _prepare, open_shared
 from rdzv._validation import parse_read_timeout, validate_ttl
 
 __all__ = [
@@ -500,6 +500,7 @@ def create_backend(
 
     with _as_torch_errors():
         portal, (backend, store) = open_shared(options, make)
+        _prepare(portal, backend)  # the lease and the keep-alive stream, before the first CAS
     return TorchEtcdBackend(EtcdBackend._on(portal, backend)), EtcdStore(portal, store)
 
 

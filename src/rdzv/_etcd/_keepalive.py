@@ -95,6 +95,7 @@ class LeaseKeeper:
 
     __slots__ = (
         "_alive_until",
+        "_answer",
         "_due",
         "_event",
         "_expired",
@@ -130,6 +131,7 @@ class LeaseKeeper:
         self._expired = False
         self._released = False
         self._event: asyncio.Event | None = None
+        self._answer: asyncio.Future[None] | None = None  # see `wait_answer`
 
     def __repr__(self) -> str:
         state = "expired" if self.expired else "released" if self._released else "kept"
@@ -161,6 +163,23 @@ class LeaseKeeper:
                 self._event = asyncio.Event()
             with anyio.move_on_after(self._alive_until - time.monotonic()):
                 await self._event.wait()
+
+    async def wait_answer(self, timeout: float) -> None:
+        """Return when etcd next answers a keep-alive for the lease, or after `timeout` seconds.
+
+        At once if the lease is (presumed) gone. An answer shows that the connection's
+        keep-alive stream is open and read: what `AsyncEtcdBackend.prepare` waits for.
+        """
+        if self.expired:
+            return
+        loop = asyncio.get_running_loop()
+        if self._answer is None or self._answer.done():
+            self._answer = loop.create_future()
+        timer = loop.call_later(max(0.0, timeout), _resolve, self._answer)
+        try:
+            await asyncio.shield(self._answer)
+        finally:
+            timer.cancel()
 
     def release(self) -> None:
         """Stop refreshing the lease (it is not revoked). Harmless twice."""
@@ -195,10 +214,14 @@ class LeaseKeeper:
         self._expired = True
         if self._event is not None:
             self._event.set()
+        if self._answer is not None:
+            _resolve(self._answer)
         self._owner.forget(self)
 
     def _answered(self, ttl: int, sent_at: float | None, now: float) -> None:
         """etcd answered a keep-alive for the lease, sent at `sent_at`, with `ttl`."""
+        if self._answer is not None:
+            _resolve(self._answer)
         if self._expired:
             return
         if ttl <= 0:
