@@ -35,6 +35,11 @@ Measured per run, for the time on the clock:
 
 Contenders take turns, run by run in a new random order (`harness.interleave`).
 
+Then the real shape (`realshape.py`, in `real_shape` of the results): one connection per
+participant, spread over 8 processes, beside its floor (a `LeaseGrant` and a `Put` per
+connection), interleaved; N = 8 and 64 in the quick run, 128 and 1,000 (and recovery at 1,000)
+in the full one. `python benchmarks/realshape.py` runs it alone, up to 10,000.
+
     python benchmarks/scale.py --profile 10000     # cProfile of one run's clock (1 connection)
     python benchmarks/scale.py --collector 10000   # the same with Python's GC on and off
 """
@@ -63,6 +68,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Final
 
 import rdzv
+import realshape
 from harness import RESULTS, describe, interleave, load_average, markdown_table, ratio, write_json
 from servers import counters_between, fresh_etcd, memory_kib, server_counters
 
@@ -469,6 +475,10 @@ async def run(
         }
         outcomes = await interleave(runs, rounds=rounds(quick=quick))
         results["nodes"][str(nodes)] = {key: _summary(each) for key, each in outcomes.items()}
+    # One connection per participant, in processes of their own, beside its floor (and, in
+    # the full run, recovery): `realshape.py`.
+    results["real_shape"] = await realshape.run(quick=quick)
+    print(realshape.report(results["real_shape"]), flush=True)
     results["load_average"]["after"] = load_average()
     return results
 

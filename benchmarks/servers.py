@@ -235,6 +235,40 @@ def counters_between(before: dict[str, float], after: dict[str, float]) -> dict[
     return {key: value - before.get(key, 0) for key, value in after.items()}
 
 
+_TRAFFIC: Final = {
+    "etcd_network_client_grpc_sent_bytes_total": "sent_bytes",
+    "etcd_network_client_grpc_received_bytes_total": "received_bytes",
+}
+
+
+def server_traffic(etcd: EtcdServer) -> dict[str, float]:
+    """One scrape of etcd's `/metrics`: what its gRPC clients cost it, every service included.
+
+    `sent_bytes` and `received_bytes`: bytes etcd sent to and received from gRPC clients;
+    `messages`: the messages it received (`grpc_server_msg_received_total` summed over every
+    service, method and type: a unary call is one, a stream counts each of its messages);
+    `handled:<code>`: calls and streams that ended, by gRPC code, OK included.
+    """
+    with urllib.request.urlopen(f"{etcd.client_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    traffic: dict[str, float] = {"sent_bytes": 0, "received_bytes": 0, "messages": 0}
+    for line in text.splitlines():
+        plain = _PLAIN_METRIC.match(line)
+        if plain is not None:
+            if plain["name"] in _TRAFFIC:
+                traffic[_TRAFFIC[plain["name"]]] = float(plain["value"])
+            continue
+        match = _METRIC.match(line)
+        if match is None:
+            continue
+        if match["name"] == "grpc_server_msg_received_total":
+            traffic["messages"] += float(match["value"])
+        elif match["name"] == "grpc_server_handled_total":
+            code = f"handled:{dict(_LABEL.findall(match['labels'])).get('grpc_code', '?')}"
+            traffic[code] = traffic.get(code, 0) + float(match["value"])
+    return traffic
+
+
 def memory_kib(pid: int) -> dict[str, int]:
     """The resident memory of a process (`rss`) and its peak since it started (`peak`), KiB.
 
