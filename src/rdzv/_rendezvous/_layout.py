@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import struct
 from collections.abc import Iterable
 from typing import Final
@@ -187,7 +188,7 @@ class Decision:
         Raises `LookupError` if the rank depends on an arrival number the node does not know.
         """
         if self.ids is not None:
-            return self._ranks().get(member_id)
+            return self._ranks.get(member_id)
         assert self.gaps is not None
         if arrival is None:
             raise LookupError("the arrival number is needed")
@@ -197,12 +198,10 @@ class Decision:
         rank = arrival - 1 - index
         return rank if rank < self.size else None
 
+    @functools.cached_property
     def _ranks(self) -> dict[int, int]:
-        ranks: dict[int, int] | None = self.__dict__.get("_rank_of")
-        if ranks is None:
-            ranks = {member_id: rank for rank, member_id in enumerate(self.ids or ())}
-            object.__setattr__(self, "_rank_of", ranks)
-        return ranks
+        """The rank of each listed id, computed once (a connection's waiters share `self`)."""
+        return {member_id: rank for rank, member_id in enumerate(self.ids or ())}
 
 
 def encode_decision(decision: Decision) -> bytes:
