@@ -62,8 +62,8 @@ from rdzv._rendezvous._layout import Layout, decode_decision
 from rdzv._rendezvous._view import RoundsView, members, shown_info, view_rounds
 from rdzv._rendezvous._view import to_json as rounds_to_json
 from rdzv._rendezvous._view import to_text as rounds_to_text
-from rdzv._store import DEFAULT_STORE_PREFIX, _validate_prefix
-from rdzv._validation import validate_key_prefix, validate_run_id
+from rdzv._store import DEFAULT_STORE_PREFIX
+from rdzv._validation import validate_key_prefix, validate_run_id, validate_store_prefix
 from rdzv._version import __version__
 
 if TYPE_CHECKING:
@@ -1219,7 +1219,7 @@ Exit codes:
 def _store_prefix(context: click.Context, parameter: click.Parameter, value: str) -> str:
     """A store prefix, ending with '/' as the store's own."""
     try:
-        return _validate_prefix(value)
+        return validate_store_prefix(value)
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
 

@@ -52,7 +52,7 @@ from rdzv._etcd import (
     TxnResult,
 )
 from rdzv._lease import RollingLease
-from rdzv._validation import validate_ttl
+from rdzv._validation import validate_store_prefix, validate_ttl
 
 DEFAULT_STORE_PREFIX: Final = "/torch/elastic/store/"
 
@@ -87,14 +87,6 @@ _INTEGER: Final = re.compile(rb"[+-]?[0-9]+")
 # What rdzv writes at a queue's counters key: head and tail, canonical decimals below 10**19
 # (an item's number is written with 20 digits).
 _COUNTERS: Final = re.compile(rb"(0|[1-9][0-9]{0,18}) (0|[1-9][0-9]{0,18})")
-
-
-def _validate_prefix(prefix: object) -> str:
-    if not isinstance(prefix, str) or not prefix.startswith("/"):
-        raise ValueError(f"The store prefix must be a string that starts with '/', not {prefix!r}.")
-    if not prefix.isprintable():
-        raise ValueError(f"The store prefix {prefix!r} must not contain control characters.")
-    return prefix if prefix.endswith("/") else prefix + "/"
 
 
 def _validate_timeout(timeout: object) -> float:
@@ -252,7 +244,7 @@ class AsyncEtcdStore:
         ttl: int = DEFAULT_TTL,
     ) -> None:
         self._connection = connection
-        self._prefix = _validate_prefix(prefix)
+        self._prefix = validate_store_prefix(prefix)
         self._prefix_bytes = self._prefix.encode()
         self._markers = (self._prefix + _MARKERS).encode()
         self._reserved = (self._prefix + _RESERVED).encode()

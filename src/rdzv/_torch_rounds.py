@@ -26,9 +26,9 @@ from rdzv._backend import DEFAULT_TTL
 from rdzv._errors import RendezvousClosedError, RendezvousError
 from rdzv._etcd import Connection
 from rdzv._rendezvous import DEFAULT_ROUNDS_PREFIX, AsyncRendezvous, Membership
-from rdzv._store import DEFAULT_STORE_PREFIX, AsyncEtcdStore, _validate_prefix
+from rdzv._store import DEFAULT_STORE_PREFIX, AsyncEtcdStore
 from rdzv._sync import open_shared
-from rdzv._validation import validate_ttl
+from rdzv._validation import validate_store_prefix, validate_ttl
 
 __all__ = ["BACKEND_NAME", "RoundsRendezvousHandler", "create_rounds_handler", "round_store_prefix"]
 
@@ -333,7 +333,7 @@ def create_rounds_handler(params: torch_api.RendezvousParameters) -> RoundsRende
     store_ttl = validate_ttl(params.get_as_int("ttl", DEFAULT_TTL))
     # Checked here, not when the first round's store is made: after a join, an error ends the
     # agent, and torchrun's shutdown() then closes the rendezvous for every node.
-    store_prefix = _validate_prefix(
+    store_prefix = validate_store_prefix(
         rdzv_torch._first(params, "store_prefix") or DEFAULT_STORE_PREFIX
     )
     key_prefix = rdzv_torch._first(params, "key_prefix") or DEFAULT_ROUNDS_PREFIX

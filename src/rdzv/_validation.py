@@ -99,6 +99,15 @@ def validate_key_prefix(key_prefix: object) -> str:
     return key_prefix.rstrip("/")
 
 
+def validate_store_prefix(prefix: object) -> str:
+    """The store's key prefix, ending in `/` (`ValueError` unless a printable string from `/`)."""
+    if not isinstance(prefix, str) or not prefix.startswith("/"):
+        raise ValueError(f"The store prefix must be a string that starts with '/', not {prefix!r}.")
+    if not prefix.isprintable():
+        raise ValueError(f"The store prefix {prefix!r} must not contain control characters.")
+    return prefix if prefix.endswith("/") else prefix + "/"
+
+
 def validate_ttl(ttl: object) -> int:
     """Return `ttl` as whole seconds; raise `ValueError` if it is not from 1 to `MAX_TTL`."""
     if (
