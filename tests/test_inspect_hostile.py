@@ -34,14 +34,14 @@ from rdzv._etcd import KeyValue
 from rdzv._inspect import (
     Inspection,
     NotATorchStateError,
-    _PickledNode,
-    _PickledState,
     examine,
     load_torch_state,
     summary,
     to_json,
     to_text,
 )
+from rdzv._safe_pickle import PickledNode as _PickledNode
+from rdzv._safe_pickle import PickledState as _PickledState
 from support import RdzvProcess, overwrite_state, run_cli, torch_state
 
 TORCH = "torch.distributed.elastic.rendezvous.dynamic_rendezvous"

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from rdzv import _server
+from rdzv._server import _binary, _ports
 from rdzv.testing import (
     EtcdBinaryNotFoundError,
     EtcdCluster,
@@ -126,7 +126,7 @@ def test_binary_lookup_falls_back_to_path(monkeypatch: pytest.MonkeyPatch, tmp_p
     real = find_etcd_binary()
     (tmp_path / "etcd").symlink_to(real)
     monkeypatch.delenv("RDZV_ETCD_BINARY", raising=False)
-    monkeypatch.setattr(_server, "_bundled_etcd_binary", lambda: None)
+    monkeypatch.setattr(_binary, "_bundled_etcd_binary", lambda: None)
     monkeypatch.setenv("PATH", str(tmp_path))
     assert find_etcd_binary() == str(tmp_path / "etcd")
 
@@ -136,7 +136,7 @@ def test_binary_not_found_names_all_three_ways(
 ) -> None:
     """With no binary anywhere, the error names the variable, the package and PATH."""
     monkeypatch.delenv("RDZV_ETCD_BINARY", raising=False)
-    monkeypatch.setattr(_server, "_bundled_etcd_binary", lambda: None)
+    monkeypatch.setattr(_binary, "_bundled_etcd_binary", lambda: None)
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(EtcdBinaryNotFoundError) as info:
         find_etcd_binary()
@@ -288,7 +288,7 @@ def test_start_retries_when_a_picked_port_was_taken() -> None:
 
 def test_explicit_ports_are_used(tmp_path: Path) -> None:
     """Ports given to the constructor are the ones etcd listens on."""
-    client_port, peer_port = _server._free_ports(2)
+    client_port, peer_port = _ports.free_ports(2)
     with EtcdServer(client_port=client_port, peer_port=peer_port) as server:
         assert server.client_url == f"http://127.0.0.1:{client_port}"
         assert server.peer_url == f"http://127.0.0.1:{peer_port}"

