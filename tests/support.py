@@ -146,7 +146,9 @@ def run_cli(*arguments: str, env: dict[str, str | None] | None = None) -> Result
     """Run `rdzv ARGUMENTS` in this process; `env` sets variables (None unsets one)."""
     from rdzv._cli import main
 
-    return CliRunner().invoke(main, list(arguments), env=env, catch_exceptions=False)
+    return CliRunner().invoke(
+        main, list(arguments), env=env, prog_name="rdzv", catch_exceptions=False
+    )
 
 
 def overwrite_state(endpoint: str, key_prefix: str, state: bytes, **options: Any) -> int:

@@ -12,16 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 
 from rdzv import _check
-from rdzv._cli import main
 from rdzv.testing import EtcdServer
-from support import READER_PASSWORD, RawEtcd, closed_port
-
-
-def _check_cli(*arguments: str, env: dict[str, str | None] | None = None) -> Result:
-    return CliRunner().invoke(main, ["check", *arguments], env=env, catch_exceptions=False)
+from support import READER_PASSWORD, RawEtcd, closed_port, run_cli
 
 
 def _check_without_torch(site: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
@@ -72,8 +67,8 @@ def _finding(report: dict[str, Any], topic: str, name: str) -> dict[str, Any]:
 
 def test_healthy_etcd_passes_every_check(etcd_endpoints: str, etcd_key_prefix: str) -> None:
     """A healthy etcd without auth: every check passes, exit 0, each etcd call timed."""
-    outcome = _check_cli(
-        "--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix, "--rounds-prefix",
+    outcome = run_cli(
+        "check", "--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix, "--rounds-prefix",
         f"{etcd_key_prefix}/rounds", "--store-prefix", f"{etcd_key_prefix}/store/", "--json",
     )  # fmt: skip
     assert outcome.exit_code == 0, outcome.output
@@ -98,8 +93,8 @@ def test_scratch_keys_are_gone_afterwards(
     etcd_endpoints: str, etcd_key_prefix: str, raw_etcd_sync: RawEtcd
 ) -> None:
     """The keys the check wrote under both prefixes are deleted when it ends."""
-    outcome = _check_cli(
-        "--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix, "--rounds-prefix",
+    outcome = run_cli(
+        "check", "--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix, "--rounds-prefix",
         f"{etcd_key_prefix}/rounds", "--store-prefix", f"{etcd_key_prefix}/store/", "--json",
     )  # fmt: skip
     report = _as_json(outcome)
@@ -115,8 +110,8 @@ def test_read_only_user_fails_the_write_with_the_grant_hint(
     """A user who may only read: the write and delete fail, each naming the etcdctl grant."""
     password_file = tmp_path / "password"
     password_file.write_text(READER_PASSWORD)
-    outcome = _check_cli(
-        "--endpoints", reader_server.endpoint, "--username", "reader", "--password-file",
+    outcome = run_cli(
+        "check", "--endpoints", reader_server.endpoint, "--username", "reader", "--password-file",
         str(password_file), "--json",
     )  # fmt: skip
     assert outcome.exit_code == 1
@@ -145,8 +140,8 @@ def test_read_only_user_fails_the_write_with_the_grant_hint(
 
 def test_user_without_a_role_is_told_to_add_one(reader_server: EtcdServer) -> None:
     """A user with no role: the hint adds a role, grants it, and gives it to the user."""
-    outcome = _check_cli(
-        "--endpoints", reader_server.endpoint, "--username", "nobody", "--json",
+    outcome = run_cli(
+        "check", "--endpoints", reader_server.endpoint, "--username", "nobody", "--json",
         env={"RDZV_ETCD_PASSWORD": READER_PASSWORD},
     )  # fmt: skip
     assert outcome.exit_code == 1
@@ -159,7 +154,7 @@ def test_user_without_a_role_is_told_to_add_one(reader_server: EtcdServer) -> No
 
 def test_auth_on_without_a_username_says_to_pass_one(reader_server: EtcdServer) -> None:
     """Auth on and no --username: the auth line fails and says how to give one."""
-    outcome = _check_cli("--endpoints", reader_server.endpoint, "--json")
+    outcome = run_cli("check", "--endpoints", reader_server.endpoint, "--json")
     assert outcome.exit_code == 1
     status = _finding(_as_json(outcome), "auth", "status")
     assert (status["ok"], status["detail"]) == (False, "on, and no --username given")
@@ -172,8 +167,8 @@ def test_one_endpoint_of_two_down_is_reported_unreachable(
 ) -> None:
     """A closed port among the endpoints: that line fails, the rest is checked on the other."""
     down = f"127.0.0.1:{closed_port()}"
-    outcome = _check_cli(
-        "--endpoints", f"{etcd_endpoints},{down}", "--read-timeout", "2", "--key-prefix",
+    outcome = run_cli(
+        "check", "--endpoints", f"{etcd_endpoints},{down}", "--read-timeout", "2", "--key-prefix",
         etcd_key_prefix, "--rounds-prefix", f"{etcd_key_prefix}/rounds", "--store-prefix",
         f"{etcd_key_prefix}/store/", "--json",
     )  # fmt: skip
@@ -189,8 +184,8 @@ def test_one_endpoint_of_two_down_is_reported_unreachable(
 
 def test_the_table_gives_each_failure_its_fix(reader_server: EtcdServer) -> None:
     """On a terminal: one row a check, FAIL rows followed by a fix line."""
-    outcome = _check_cli(
-        "--endpoints", reader_server.endpoint, "--username", "reader",
+    outcome = run_cli(
+        "check", "--endpoints", reader_server.endpoint, "--username", "reader",
         env={"RDZV_ETCD_PASSWORD": READER_PASSWORD},
     )  # fmt: skip
     lines = outcome.stdout.splitlines()
@@ -261,8 +256,13 @@ def test_torch_option_requires_torch(
 
 def test_no_torch_option_skips_the_torch_checks(etcd_endpoints: str, etcd_key_prefix: str) -> None:
     """--no-torch checks nothing of torch, even where it is installed: one line says so."""
-    outcome = _check_cli(
-        "--no-torch", "--json", "--endpoints", etcd_endpoints, *_scratch_prefixes(etcd_key_prefix)
+    outcome = run_cli(
+        "check",
+        "--no-torch",
+        "--json",
+        "--endpoints",
+        etcd_endpoints,
+        *_scratch_prefixes(etcd_key_prefix),
     )
     assert outcome.exit_code == 0, outcome.output
     torch = [c for c in _as_json(outcome)["checks"] if c["topic"] == "torch"]

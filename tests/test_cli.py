@@ -31,7 +31,7 @@ from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
 )
 
 import rdzv
-from rdzv._cli import EMBEDDED_COMPACTION_RETENTION, embedded_etcd
+from rdzv._cli._embedded import EMBEDDED_COMPACTION_RETENTION, embedded_etcd
 from rdzv._inspect import NotATorchStateError, load_torch_state
 from rdzv.testing import EtcdServer, EtcdTLS
 from rdzv.torch import create_handler

@@ -18,15 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
-from rdzv._cli import main
-from support import RawEtcd, closed_port
-
-
-def _rdzv(*arguments: str) -> Result:
-    """`rdzv ARGUMENTS` in this process."""
-    return CliRunner().invoke(main, list(arguments), prog_name="rdzv", catch_exceptions=False)
+from support import RawEtcd, closed_port, run_cli
 
 
 def _subprocess(*arguments: str) -> subprocess.Popen[str]:
@@ -84,14 +77,14 @@ def _first_progress_line(process: subprocess.Popen[str]) -> None:
 )
 def test_a_usage_error_is_one_line(arguments: list[str], line: str) -> None:
     """A usage error is one line on stderr, starting with the command, and exit code 2."""
-    outcome = _rdzv(*arguments)
+    outcome = run_cli(*arguments)
     assert outcome.exit_code == 2
     assert outcome.stderr == f"{line}\n"
 
 
 def test_endpoints_separated_by_semicolons_are_told_to_use_commas() -> None:
     """A ';' between endpoints is named, with the same endpoints separated by commas."""
-    outcome = _rdzv("inspect", "--run-id", "job", "--endpoints", "127.0.0.1:2379;127.0.0.1:2380")
+    outcome = run_cli("inspect", "--run-id", "job", "--endpoints", "127.0.0.1:2379;127.0.0.1:2380")
     assert outcome.exit_code == 2
     assert (
         "separates endpoints with ';': endpoints are separated by commas, as in --endpoints "
@@ -104,7 +97,7 @@ def test_endpoints_separated_by_semicolons_are_told_to_use_commas() -> None:
 @pytest.mark.parametrize("run_id", [" ", "", "\t"])
 def test_a_blank_run_id_is_a_usage_error(command: str, run_id: str) -> None:
     """A run id of whitespace (or nothing) is refused before anything runs, on one line."""
-    outcome = _rdzv(command, "--run-id", run_id, "--endpoints", f"127.0.0.1:{closed_port()}")
+    outcome = run_cli(command, "--run-id", run_id, "--endpoints", f"127.0.0.1:{closed_port()}")
     assert outcome.exit_code == 2
     [line] = outcome.stderr.splitlines()
     assert line.startswith(f"rdzv {command}: Invalid value for '--run-id'")
@@ -114,7 +107,7 @@ def test_a_blank_run_id_is_a_usage_error(command: str, run_id: str) -> None:
 @pytest.mark.parametrize("seconds", ["1e9", "nan", "inf", "0"])
 def test_a_read_timeout_out_of_range_names_the_option(seconds: str) -> None:
     """--read-timeout beyond a day (or not a positive number) names the option and the range."""
-    outcome = _rdzv("inspect", "--run-id", "job", "--read-timeout", seconds)
+    outcome = run_cli("inspect", "--run-id", "job", "--read-timeout", seconds)
     assert outcome.exit_code == 2
     assert "Invalid value for '--read-timeout'" in outcome.stderr
     assert "is not a number of seconds from 0 (excluded) to 86400" in outcome.stderr

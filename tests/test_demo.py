@@ -12,19 +12,13 @@ from typing import Any
 
 import anyio
 import pytest
-from click.testing import CliRunner, Result
 
 import rdzv
-from rdzv._cli import EMBEDDED_COMPACTION_RETENTION, embedded_etcd, main
+from rdzv._cli._embedded import EMBEDDED_COMPACTION_RETENTION, embedded_etcd
 from rdzv._demo import DemoProgress, run_demo
-from support import closed_port
+from support import closed_port, run_cli
 
 pytestmark = pytest.mark.anyio
-
-
-def _demo(*arguments: str) -> Result:
-    """Run `rdzv demo ARGUMENTS` in this process; an exception fails the test."""
-    return CliRunner().invoke(main, ["demo", *arguments], catch_exceptions=False)
 
 
 def _demo_process(*arguments: str) -> subprocess.CompletedProcess[str]:
@@ -189,7 +183,9 @@ def test_cli_demo_on_given_endpoints_prints_ranks(
     etcd_endpoints: str, etcd_key_prefix: str
 ) -> None:
     """`rdzv demo --endpoints E` prints one line per rank and a summary, and exits 0."""
-    outcome = _demo("--nodes", "4", "--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix)
+    outcome = run_cli(
+        "demo", "--nodes", "4", "--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix
+    )
     assert outcome.exit_code == 0, outcome.output
     assert len(re.findall(r"rank +\d+ +node-\d+", outcome.output)) == 4
     assert re.search(r"4 agents took ranks 0\.\.3 in round 1 in [\d.]+ s", outcome.output)
@@ -199,7 +195,9 @@ def test_cli_demo_shows_the_first_and_last_ranks_of_many(
     etcd_endpoints: str, etcd_key_prefix: str
 ) -> None:
     """Of 100 agents, the demo lists ranks 0..7 and 92..99 and says how many it left out."""
-    outcome = _demo("-n", "100", "--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix)
+    outcome = run_cli(
+        "demo", "-n", "100", "--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix
+    )
     assert outcome.exit_code == 0, outcome.output
     ranks = [int(rank) for rank in re.findall(r"rank +(\d+) +node-\d+", outcome.output)]
     assert ranks == [*range(8), *range(92, 100)]
@@ -208,7 +206,8 @@ def test_cli_demo_shows_the_first_and_last_ranks_of_many(
 
 def test_cli_demo_with_the_cas_protocol(etcd_endpoints: str, etcd_key_prefix: str) -> None:
     """`--protocol cas` rendezvous through one shared list and counts its lost CAS."""
-    outcome = _demo(
+    outcome = run_cli(
+        "demo",
         "-n",
         "6",
         "--protocol",
@@ -229,7 +228,9 @@ def test_cli_demo_runs_get_fresh_run_ids(etcd_endpoints: str, etcd_key_prefix: s
     """Two runs on one etcd both succeed, each in round 1 of a run id of its own."""
     run_ids = []
     for _ in range(2):
-        outcome = _demo("-n", "3", "--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix)
+        outcome = run_cli(
+            "demo", "-n", "3", "--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix
+        )
         assert outcome.exit_code == 0, outcome.output
         assert "in round 1 in" in outcome.output
         run_ids += re.findall(r"run id '(demo-[0-9a-f]+)'", outcome.output)
@@ -289,7 +290,7 @@ def test_cli_demo_prints_a_progress_line_a_second(
 )
 def test_bad_options_exit_2_before_etcd_starts(arguments: list[str], message: str) -> None:
     """Bad options exit 2 with a one-line message and no traceback, and start no etcd."""
-    outcome = _demo(*arguments)
+    outcome = run_cli("demo", *arguments)
     assert outcome.exit_code == 2
     assert message in outcome.stderr
     assert "Started an embedded etcd" not in outcome.stderr
@@ -308,7 +309,8 @@ def test_cli_demo_on_a_closed_rendezvous_fails_cleanly(
             ).close()
 
     anyio.run(close)
-    outcome = _demo(
+    outcome = run_cli(
+        "demo",
         "-n",
         "2",
         "--run-id",
@@ -328,8 +330,8 @@ def test_cli_demo_cas_on_the_run_id_of_a_finished_run_fails_cleanly(
     """With cas, a run id whose list is already full makes the demo exit 1 saying why."""
     arguments = ["-n", "2", "--protocol", "cas", "--run-id", "twice"]
     arguments += ["--endpoints", etcd_endpoints, "--key-prefix", etcd_key_prefix]
-    assert _demo(*arguments).exit_code == 0
-    outcome = _demo(*arguments)
+    assert run_cli("demo", *arguments).exit_code == 0
+    outcome = run_cli("demo", *arguments)
     assert outcome.exit_code == 1
     assert "in the list of 'twice' before joining: it is an earlier run's" in outcome.stderr
 
@@ -338,7 +340,9 @@ def test_cli_demo_cas_on_the_run_id_of_a_finished_run_fails_cleanly(
 def test_cli_demo_fails_with_exit_code_1_when_etcd_is_unreachable() -> None:
     """An unreachable etcd makes the demo exit 1 with a connection error, not hang."""
     started = time.monotonic()
-    outcome = _demo("-n", "2", "--endpoints", f"127.0.0.1:{closed_port()}", "--read-timeout", "1")
+    outcome = run_cli(
+        "demo", "-n", "2", "--endpoints", f"127.0.0.1:{closed_port()}", "--read-timeout", "1"
+    )
     assert time.monotonic() - started < 10
     assert outcome.exit_code == 1
     assert "The connection to etcd has failed" in outcome.stderr
@@ -346,9 +350,7 @@ def test_cli_demo_fails_with_exit_code_1_when_etcd_is_unreachable() -> None:
 
 def test_cli_demo_exits_1_when_its_etcd_does_not_start() -> None:
     """An embedded etcd that exits at once makes the demo exit 1 saying so, with no traceback."""
-    outcome = CliRunner().invoke(
-        main, ["demo", "-n", "2"], env={"RDZV_ETCD_BINARY": "/bin/false"}, catch_exceptions=False
-    )
+    outcome = run_cli("demo", "-n", "2", env={"RDZV_ETCD_BINARY": "/bin/false"})
     assert outcome.exit_code == 1
     assert outcome.stderr.startswith("rdzv demo: etcd did not start: ")
     assert "Traceback" not in outcome.output

@@ -7,11 +7,10 @@ from collections.abc import AsyncIterator
 
 import anyio
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 
 import rdzv
-from rdzv._cli import main
-from support import RawEtcd
+from support import RawEtcd, run_cli
 
 pytestmark = pytest.mark.anyio
 
@@ -19,7 +18,7 @@ pytestmark = pytest.mark.anyio
 def _inspect(endpoints: str, rounds_prefix: str, *options: str) -> Result:
     arguments = ["inspect", "--endpoints", endpoints, "--run-id", "job"]
     arguments += ["--key-prefix", f"{rounds_prefix}-torch", "--rounds-prefix", rounds_prefix]
-    return CliRunner().invoke(main, [*arguments, *options], catch_exceptions=False)
+    return run_cli(*arguments, *options)
 
 
 @pytest.fixture

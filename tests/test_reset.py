@@ -12,12 +12,10 @@ from pathlib import Path
 
 import anyio
 import pytest
-from click.testing import CliRunner, Result
 
 import rdzv
-from rdzv._cli import main
 from rdzv.testing import EtcdServer, find_etcd_binary
-from support import READER_PASSWORD
+from support import READER_PASSWORD, run_cli
 
 
 @dataclass(frozen=True)
@@ -88,10 +86,6 @@ def job(etcd_endpoints: str, etcd_key_prefix: str) -> Job:
     return made
 
 
-def _reset(arguments: list[str]) -> Result:
-    return CliRunner().invoke(main, arguments, catch_exceptions=False)
-
-
 def _job_keys(job: Job) -> list[bytes]:
     """Run id "job"'s keys: its state, its rounds, its store keys (markers included)."""
     return [
@@ -109,7 +103,7 @@ def test_yes_deletes_the_state_and_the_rounds_but_not_the_store(job: Job) -> Non
     """With --yes: the torch state and every rounds key go; the store keys stay."""
     rounds_keys = [key for key in job.etcd_keys() if key.startswith(job.rounds.encode())]
     assert rounds_keys
-    outcome = _reset(job.options("--yes"))
+    outcome = run_cli(*job.options("--yes"))
     assert outcome.exit_code == 0, outcome.output
     assert outcome.stdout.endswith(f"Deleted {1 + len(rounds_keys)} keys.\n")
     left = job.etcd_keys()
@@ -120,7 +114,7 @@ def test_yes_deletes_the_state_and_the_rounds_but_not_the_store(job: Job) -> Non
 
 def test_store_flag_deletes_the_jobs_store_keys_only(job: Job) -> None:
     """With --store: the job's store keys and markers go; other run ids' (job.2, jobs) stay."""
-    outcome = _reset(job.options("--store", "--yes"))
+    outcome = run_cli(*job.options("--store", "--yes"))
     assert outcome.exit_code == 0, outcome.output
     assert _job_keys(job) == []
     assert sorted(job.etcd_keys()) == [
@@ -133,7 +127,7 @@ def test_store_flag_deletes_the_jobs_store_keys_only(job: Job) -> None:
 
 def test_it_shows_each_kind_with_its_count_and_keys(job: Job) -> None:
     """The plan names each kind of key, how many, and the keys (control characters escaped)."""
-    outcome = _reset(job.options("--store", "--dry-run"))
+    outcome = run_cli(*job.options("--store", "--dry-run"))
     assert outcome.exit_code == 0, outcome.output
     lines = outcome.stdout.splitlines()
     assert lines[0] == f"Run id 'job' on etcd at {job.endpoint}:"
@@ -149,7 +143,7 @@ def test_it_shows_each_kind_with_its_count_and_keys(job: Job) -> None:
 def test_without_a_terminal_or_yes_it_refuses(job: Job) -> None:
     """No terminal to ask on and no --yes: exit 1, one line saying so, nothing deleted."""
     before = job.etcd_keys()
-    outcome = _reset(job.options())
+    outcome = run_cli(*job.options())
     assert outcome.exit_code == 1
     assert outcome.stderr == (
         "rdzv reset: nothing deleted: no terminal to ask for confirmation on; pass --yes.\n"
@@ -185,14 +179,14 @@ def test_on_a_terminal_it_asks_first(job: Job, answer: str, deleted: bool) -> No
 
 def test_nothing_to_delete_exits_0(etcd_endpoints: str, etcd_key_prefix: str) -> None:
     """A run id with no keys: it says so and exits 0, without asking."""
-    outcome = _reset(Job(etcd_endpoints, etcd_key_prefix).options("--store"))
+    outcome = run_cli(*Job(etcd_endpoints, etcd_key_prefix).options("--store"))
     assert outcome.exit_code == 0, outcome.output
     assert outcome.stdout.endswith("Nothing to delete.\n")
 
 
 def test_a_bad_run_id_is_a_usage_error() -> None:
     """A run id with a '/' exits 2 before connecting."""
-    outcome = _reset(["reset", "--run-id", "a/b", "--yes"])
+    outcome = run_cli("reset", "--run-id", "a/b", "--yes")
     assert outcome.exit_code == 2
     assert "must not contain '/'" in outcome.stderr
 
@@ -217,19 +211,17 @@ def test_a_refused_delete_is_one_line_saying_how_many_keys_went(
     )
     password_file = tmp_path / "password"
     password_file.write_text(READER_PASSWORD)
-    outcome = _reset(
-        [
-            "reset",
-            "--endpoints",
-            reader_server.endpoint,
-            "--username",
-            "reader",
-            "--password-file",
-            str(password_file),
-            "--run-id",
-            "refused",
-            "--yes",
-        ]
+    outcome = run_cli(
+        "reset",
+        "--endpoints",
+        reader_server.endpoint,
+        "--username",
+        "reader",
+        "--password-file",
+        str(password_file),
+        "--run-id",
+        "refused",
+        "--yes",
     )
     assert outcome.exit_code == 1
     [line] = outcome.stderr.splitlines()

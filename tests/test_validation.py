@@ -10,11 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 from torch.distributed.elastic.rendezvous import api as torch_api
 
 import rdzv
-from rdzv._cli import main
 from rdzv._etcd import Endpoint, parse_endpoints
 from rdzv._validation import (
     MAX_READ_TIMEOUT,
@@ -24,7 +22,7 @@ from rdzv._validation import (
     validate_read_timeout,
 )
 from rdzv.torch import create_backend
-from support import torch_params
+from support import run_cli, torch_params
 
 pytestmark = pytest.mark.anyio
 
@@ -361,16 +359,38 @@ async def test_https_endpoint_speaks_tls(etcd_endpoints: str) -> None:
             pass
 
 
+_NO_CONNECTION_ENVIRONMENT: dict[str, str | None] = {
+    name: None for name in ("RDZV_ENDPOINTS", "ETCDCTL_ENDPOINTS", "RDZV_PROTOCOL")
+}
+"""For `run_cli`: no connection option from the environment (the tests name their own)."""
+
+
 def test_cli_rejects_mixed_schemes() -> None:
     """`rdzv inspect` with http:// and https:// endpoints is a usage error naming them."""
-    outcome = _cli("inspect", "--endpoints", "http://a:1,https://b:1", "--run-id", "job")
+    outcome = run_cli(
+        "inspect",
+        "--endpoints",
+        "http://a:1,https://b:1",
+        "--run-id",
+        "job",
+        env=_NO_CONNECTION_ENVIRONMENT,
+    )
     assert outcome.exit_code == 2
     assert "mix http:// and https://" in outcome.stderr
 
 
 def test_cli_rejects_a_protocol_contradicting_the_scheme() -> None:
     """`rdzv inspect --protocol http` with https:// endpoints is a usage error naming both."""
-    outcome = _cli("inspect", "--endpoints", "https://a:1", "--protocol", "http", "--run-id", "job")
+    outcome = run_cli(
+        "inspect",
+        "--endpoints",
+        "https://a:1",
+        "--protocol",
+        "http",
+        "--run-id",
+        "job",
+        env=_NO_CONNECTION_ENVIRONMENT,
+    )
     assert outcome.exit_code == 2
     assert "protocol='http' contradicts the https:// scheme" in outcome.stderr
 
@@ -404,14 +424,6 @@ async def _write(backend: rdzv.AsyncEtcdBackend, state: bytes) -> int:
     assert result is not None
     assert result[2]
     return result[1]
-
-
-def _cli(*arguments: str) -> Result:
-    """Run `rdzv ARGUMENTS` in this process, with no connection option from the environment."""
-    unset: dict[str, str | None] = {
-        name: None for name in ("RDZV_ENDPOINTS", "ETCDCTL_ENDPOINTS", "RDZV_PROTOCOL")
-    }
-    return CliRunner().invoke(main, list(arguments), env=unset, catch_exceptions=False)
 
 
 @pytest.mark.parametrize("bound", [0, -1, 1.5, True, "10"])
