@@ -17,7 +17,8 @@ from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous import api as torch_api
 
 import rdzv
-from rdzv._sync import ConnectionOptions, Portal
+from rdzv._etcd import ConnectionOptions, keep_alive
+from rdzv._portal import Portal
 from rdzv._torch_rounds import create_rounds_handler
 from rdzv.testing import FaultProxy
 
@@ -66,7 +67,7 @@ async def test_the_lease_keep_alive_outlives_a_silent_etcd(proxy: FaultProxy) ->
     async with rdzv.connect(proxy.endpoint, read_timeout=2) as connection:
         lease_id = await connection.grant_lease(6)
         proxy.hold()
-        keeper = connection.keep_alive(lease_id, 6)
+        keeper = keep_alive(connection, lease_id, 6)
         before = keeper.alive_until
         await anyio.sleep(3)  # longer than the attempt to open the stream
         proxy.restore()

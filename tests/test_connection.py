@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 import rdzv
-from rdzv._etcd import Get
+from rdzv._etcd import Get, keep_alive
 from rdzv.testing import EtcdCluster, EtcdServer, FaultProxy
 from support import closed_port, present
 
@@ -150,7 +150,7 @@ def test_a_close_cut_short_by_a_cancellation_leaves_no_grpc_work_for_later_loops
     async def cancelled_while_watching() -> None:
         with anyio.move_on_after(0.3):
             async with rdzv.connect(etcd_endpoints) as connection:
-                connection.keep_alive(await connection.grant_lease(5), 5)
+                keep_alive(connection, await connection.grant_lease(5), 5)
                 async for _ in connection.watch(b"/rdzv-test/never-written", start_revision=1):
                     pass
 

@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 import rdzv
-from rdzv._etcd import LeaseKeeper
+from rdzv._etcd import LeaseKeeper, keep_alive, refresh_lease, resume, suspend
 from rdzv.testing import FaultProxy
 
 pytestmark = pytest.mark.anyio
@@ -68,7 +68,7 @@ async def proxied(proxy: FaultProxy) -> AsyncIterator[rdzv.Connection]:
 async def test_kept_lease_outlives_its_ttl(connection: rdzv.Connection) -> None:
     """A kept lease is still there, and not reported expired, well after its TTL."""
     lease_id = await connection.grant_lease(TTL)
-    keeper = connection.keep_alive(lease_id, TTL)
+    keeper = keep_alive(connection, lease_id, TTL)
     await anyio.sleep(TTL * 1.5)
     assert await _alive(connection, lease_id)
     assert not keeper.expired
@@ -79,7 +79,7 @@ async def test_kept_lease_outlives_its_ttl(connection: rdzv.Connection) -> None:
 async def test_released_lease_expires(connection: rdzv.Connection) -> None:
     """After release(), etcd lets the lease expire about ttl seconds after its last refresh."""
     lease_id = await connection.grant_lease(TTL)
-    keeper = connection.keep_alive(lease_id, TTL)
+    keeper = keep_alive(connection, lease_id, TTL)
     await _until_answered(keeper)
     keeper.release()
     keeper.release()  # harmless twice
@@ -95,7 +95,7 @@ async def test_lease_revoked_elsewhere_is_reported_expired_within_ttl(
 ) -> None:
     """A kept lease that another client revokes makes wait_expired() return within about ttl."""
     lease_id = await connection.grant_lease(TTL)
-    keeper = connection.keep_alive(lease_id, TTL)
+    keeper = keep_alive(connection, lease_id, TTL)
     await _until_answered(keeper)
     await raw_etcd.revoke_lease(lease_id)
     started = time.monotonic()
@@ -111,7 +111,7 @@ async def test_revoke_lease_deletes_it_and_expires_its_keepers(
 ) -> None:
     """revoke_lease removes the lease at once, marks its keeper expired, and is harmless twice."""
     lease_id = await connection.grant_lease(60)
-    keeper = connection.keep_alive(lease_id, 60)
+    keeper = keep_alive(connection, lease_id, 60)
     await connection.revoke_lease(lease_id)
     assert keeper.expired
     assert await connection.lease_time_to_live(lease_id) == -1
@@ -123,7 +123,7 @@ async def test_refresh_lease_restores_the_full_ttl(connection: rdzv.Connection) 
     ttl = 3
     lease_id = await connection.grant_lease(ttl)
     await _remaining_until(connection, lease_id, lambda remaining: remaining <= ttl - 2)
-    await connection.refresh_lease(lease_id)
+    await refresh_lease(connection, lease_id)
     # etcd reports whole seconds, rounded down: a full ttl reads as ttl - 1 a moment later.
     remaining = await _remaining_until(connection, lease_id, lambda remaining: remaining >= ttl - 1)
     assert remaining <= ttl
@@ -146,7 +146,7 @@ async def test_thousands_of_leases_stay_alive_on_one_stream(
             *(connection.grant_lease(ttl) for _ in range(start, min(start + 500, count)))
         )
         # Kept at once: granting 2,000 can take seconds on a loaded machine.
-        keepers += [connection.keep_alive(lease_id, ttl) for lease_id in granted]
+        keepers += [keep_alive(connection, lease_id, ttl) for lease_id in granted]
         lease_ids += granted
     # Not a task per lease: the sender, the reader, and gRPC's own task for the stream.
     assert len(asyncio.all_tasks() - tasks_before) <= 3
@@ -165,7 +165,7 @@ async def test_stream_comes_back_after_its_connection_is_cut(
 ) -> None:
     """When the TCP connection under the stream is cut, twice, the lease is still kept."""
     lease_id = await proxied.grant_lease(TTL)
-    keeper = proxied.keep_alive(lease_id, TTL)
+    keeper = keep_alive(proxied, lease_id, TTL)
     await _until_answered(keeper)
     for _ in range(2):
         proxy.cut()
@@ -183,11 +183,11 @@ async def test_kept_leases_are_refreshed_again_after_suspend_and_resume(
 ) -> None:
     """suspend() ends the stream's tasks; after resume() the lease is kept past its TTL."""
     lease_id = await connection.grant_lease(TTL)
-    keeper = connection.keep_alive(lease_id, TTL)
+    keeper = keep_alive(connection, lease_id, TTL)
     await _until_answered(keeper)
-    await connection.suspend()
+    await suspend(connection)
     assert not _keepalive_tasks()
-    connection.resume()
+    resume(connection)
     await anyio.sleep(TTL * 1.5)
     assert await _alive(connection, lease_id)
     assert not keeper.expired
@@ -198,14 +198,14 @@ async def test_closing_with_keepers_held_ends_the_stream(etcd_endpoints: str) ->
     """aclose() with leases kept ends both tasks; keeping or refreshing afterwards is refused."""
     async with rdzv.connect(etcd_endpoints, read_timeout=10) as connection:
         lease_ids = [await connection.grant_lease(TTL) for _ in range(10)]
-        keepers = [connection.keep_alive(lease_id, TTL) for lease_id in lease_ids]
+        keepers = [keep_alive(connection, lease_id, TTL) for lease_id in lease_ids]
         await _until_answered(keepers[-1])
         assert len(_keepalive_tasks()) == 2
     assert not _keepalive_tasks()
     with pytest.raises(rdzv.RendezvousError, match="closed"):
-        connection.keep_alive(lease_ids[0], TTL)
+        keep_alive(connection, lease_ids[0], TTL)
     with pytest.raises(rdzv.RendezvousError, match="closed"):
-        await connection.refresh_lease(lease_ids[0])
+        await refresh_lease(connection, lease_ids[0])
 
 
 def test_closing_with_keepers_leaves_nothing_for_the_next_loop(etcd_endpoints: str) -> None:
@@ -214,9 +214,9 @@ def test_closing_with_keepers_leaves_nothing_for_the_next_loop(etcd_endpoints: s
     async def keep_then_close() -> None:
         async with rdzv.connect(etcd_endpoints, read_timeout=10) as connection:
             lease_ids = [await connection.grant_lease(TTL) for _ in range(20)]
-            keepers = [connection.keep_alive(lease_id, TTL) for lease_id in lease_ids]
+            keepers = [keep_alive(connection, lease_id, TTL) for lease_id in lease_ids]
             for lease_id in lease_ids:
-                await connection.refresh_lease(lease_id)
+                await refresh_lease(connection, lease_id)
             await _until_answered(keepers[-1])
 
     for _ in range(5):
@@ -232,8 +232,8 @@ def test_closing_with_keepers_leaves_nothing_for_the_next_loop(etcd_endpoints: s
 async def test_bad_lease_ids_and_ttls_are_refused(connection: rdzv.Connection) -> None:
     """keep_alive needs a positive int lease id and ttl, and says which one is wrong."""
     with pytest.raises(ValueError, match="lease id"):
-        connection.keep_alive(0, TTL)
+        keep_alive(connection, 0, TTL)
     with pytest.raises(ValueError, match="TTL"):
-        connection.keep_alive(1, 0)
+        keep_alive(connection, 1, 0)
     with pytest.raises(ValueError, match="TTL"):
-        connection.keep_alive(1, True)
+        keep_alive(connection, 1, True)

@@ -18,6 +18,7 @@ import anyio
 import pytest
 
 import rdzv
+from rdzv._etcd import keep_alive
 from rdzv.testing import EtcdServer, FaultProxy
 from support import LoseAnswers, closed_port, present
 
@@ -137,7 +138,7 @@ async def test_kept_lease_that_expires_is_a_warning(
 ) -> None:
     """A lease kept alive that etcd no longer has is logged at WARNING on rdzv.lease."""
     lease_id = await connection.grant_lease(3)
-    keeper = connection.keep_alive(lease_id, 3)
+    keeper = keep_alive(connection, lease_id, 3)
     try:
         await raw_etcd.revoke_lease(lease_id)
         with anyio.fail_after(10):
@@ -154,7 +155,7 @@ async def test_lease_revoked_by_rdzv_is_no_warning(
 ) -> None:
     """A kept lease that rdzv itself revokes expires without a warning."""
     lease_id = await connection.grant_lease(3)
-    keeper = connection.keep_alive(lease_id, 3)
+    keeper = keep_alive(connection, lease_id, 3)
     await connection.revoke_lease(lease_id)
     assert keeper.expired
     assert not [r for r in _records(rdzv_debug) if r.levelno >= logging.WARNING]

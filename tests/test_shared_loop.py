@@ -13,7 +13,7 @@ import pytest
 from torch.distributed.elastic.rendezvous import api as torch_api
 
 import rdzv
-from rdzv._sync import shared_connections
+from rdzv._portal import shared_connections
 from rdzv.testing import EtcdServer
 from rdzv.torch import create_backend
 from support import new_threads_end, present, torch_params

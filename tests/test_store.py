@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 import rdzv
-from rdzv._etcd import Put
+from rdzv._etcd import Put, read_deadline
 from rdzv._store import DEFAULT_STORE_PREFIX, AsyncEtcdStore
 from support import LoseAnswers
 
@@ -419,7 +419,7 @@ async def test_lost_add_that_was_the_first_change_landed(
     current = await connection.get(key)
     lost: dict[int | None, bytes] = {before.mod_revision: b"2"}
     landed = await store._lost_write_landed(
-        key, b"our-write-id", lost, current, connection.deadline()
+        key, b"our-write-id", lost, current, read_deadline(connection)
     )
     assert landed == b"2"
 
@@ -433,7 +433,7 @@ async def test_lost_add_on_untouched_key_did_not_land(
     current = await connection.get(key)
     assert current is not None
     lost: dict[int | None, bytes] = {current.mod_revision: b"2"}
-    landed = await store._lost_write_landed(key, b"ours", lost, current, connection.deadline())
+    landed = await store._lost_write_landed(key, b"ours", lost, current, read_deadline(connection))
     assert landed is None
     assert lost == {current.mod_revision: b"2"}
 
@@ -450,7 +450,7 @@ async def test_same_bytes_with_another_write_id_are_not_taken_for_ours(
     current = await connection.get(key)
     lost: dict[int | None, bytes] = {before.mod_revision: b"2"}
     landed = await store._lost_write_landed(
-        key, b"our-write-id", lost, current, connection.deadline()
+        key, b"our-write-id", lost, current, read_deadline(connection)
     )
     assert landed is None
     assert lost == {}
@@ -465,7 +465,7 @@ async def test_lost_create_is_found_at_the_keys_creation(
     await connection.put(key, b"5")
     current = await connection.get(key)
     landed = await store._lost_write_landed(
-        key, b"our-write-id", {None: b"1"}, current, connection.deadline()
+        key, b"our-write-id", {None: b"1"}, current, read_deadline(connection)
     )
     assert landed == b"1"
 

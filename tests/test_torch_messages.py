@@ -18,7 +18,7 @@ from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous import api as torch_api
 from torch.distributed.elastic.rendezvous.api import rendezvous_handler_registry
 
-from rdzv._sync import shared_connections
+from rdzv._portal import shared_connections
 from rdzv._torch_rounds import RoundsRendezvousHandler, create_rounds_handler
 from support import closed_port, torch_backend_of, torch_params
 

@@ -10,6 +10,8 @@ import anyio
 import pytest
 
 import rdzv
+import rdzv._etcd
+from rdzv import _lease
 from rdzv._lease import REFRESH_INTERVAL
 from support import present
 
@@ -109,13 +111,13 @@ async def test_a_burst_of_writes_sends_a_keep_alive_after_its_last_write(
 ) -> None:
     """Writes within 0.1 s share keep-alives, the last one sent after the last write."""
     sent: list[float] = []
-    refresh_lease = connection.refresh_lease
+    refresh_lease = rdzv._etcd.refresh_lease
 
-    async def recorded(lease_id: int) -> None:
+    async def recorded(connection: rdzv.Connection, lease_id: int) -> None:
         sent.append(time.monotonic())
-        await refresh_lease(lease_id)
+        await refresh_lease(connection, lease_id)
 
-    monkeypatch.setattr(connection, "refresh_lease", recorded)
+    monkeypatch.setattr(_lease, "refresh_lease", recorded)
     backend = rdzv.AsyncEtcdBackend(connection, "job", key_prefix=etcd_key_prefix, ttl=60)
     started = time.monotonic()
     _, token, _ = present(await backend.set_state(b"0"))

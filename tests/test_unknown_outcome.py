@@ -11,6 +11,7 @@ import pytest
 
 import rdzv
 from rdzv import _envelope
+from rdzv._etcd import read_deadline
 from support import present
 
 pytestmark = pytest.mark.anyio
@@ -26,7 +27,7 @@ async def test_landed_write_is_reported_written(
     landed = await raw_etcd.get(backend.key.encode())
     assert landed is not None
     resolved = await backend._resolve_unknown_outcome(
-        b"ours", ours, token, backend.connection.deadline()
+        b"ours", ours, token, read_deadline(backend.connection)
     )
     assert resolved == (b"ours", landed.mod_revision, True)
 
@@ -36,7 +37,9 @@ async def test_untouched_key_means_retry(backend: rdzv.AsyncEtcdBackend) -> None
     _, token, _ = present(await backend.set_state(b"before"))
     ours = _envelope.encode(b"ours", backend.key)
     assert (
-        await backend._resolve_unknown_outcome(b"ours", ours, token, backend.connection.deadline())
+        await backend._resolve_unknown_outcome(
+            b"ours", ours, token, read_deadline(backend.connection)
+        )
         == "retry"
     )
 
@@ -52,7 +55,7 @@ async def test_landed_then_overwritten_write_is_reported_written(
     assert landed is not None
     _, later, _ = present(await backend.set_state(b"someone else's", landed.mod_revision))
     resolved = await backend._resolve_unknown_outcome(
-        b"ours", ours, token, backend.connection.deadline()
+        b"ours", ours, token, read_deadline(backend.connection)
     )
     assert resolved == (b"ours", landed.mod_revision, True)
     assert later > landed.mod_revision
@@ -64,7 +67,7 @@ async def test_lost_race_is_reported_as_conflict(backend: rdzv.AsyncEtcdBackend)
     _, theirs, _ = present(await backend.set_state(b"theirs", token))
     ours = _envelope.encode(b"ours", backend.key)
     assert await backend._resolve_unknown_outcome(
-        b"ours", ours, token, backend.connection.deadline()
+        b"ours", ours, token, read_deadline(backend.connection)
     ) == (
         b"theirs",
         theirs,
@@ -82,7 +85,7 @@ async def test_created_then_overwritten_state_is_reported_written(
     assert created is not None
     await backend.set_state(b"someone else's", created.mod_revision)
     resolved = await backend._resolve_unknown_outcome(
-        b"ours", ours, None, backend.connection.deadline()
+        b"ours", ours, None, read_deadline(backend.connection)
     )
     assert resolved == (b"ours", created.mod_revision, True)
 
@@ -91,7 +94,9 @@ async def test_create_that_did_not_land_is_retried(backend: rdzv.AsyncEtcdBacken
     """For a create, an absent key means the write did not land: send it again."""
     ours = _envelope.encode(b"ours", backend.key)
     assert (
-        await backend._resolve_unknown_outcome(b"ours", ours, None, backend.connection.deadline())
+        await backend._resolve_unknown_outcome(
+            b"ours", ours, None, read_deadline(backend.connection)
+        )
         == "retry"
     )
 
@@ -107,7 +112,7 @@ async def test_landed_then_deleted_write_is_reported_written(
     assert landed is not None
     await raw_etcd.delete(backend.key.encode())
     resolved = await backend._resolve_unknown_outcome(
-        b"ours", ours, token, backend.connection.deadline()
+        b"ours", ours, token, read_deadline(backend.connection)
     )
     assert resolved == (b"ours", landed.mod_revision, True)
 

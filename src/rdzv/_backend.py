@@ -16,12 +16,18 @@ from rdzv._errors import (
     RendezvousOutcomeUnknownError,
 )
 from rdzv._etcd import (
+    AGAIN,
+    Again,
     Compare,
     Connection,
     Get,
     KeyValue,
     Put,
     TxnResult,
+    first_change_after,
+    follow_lease,
+    read_deadline,
+    settle,
 )
 from rdzv._lease import RollingLease
 from rdzv._validation import (
@@ -123,13 +129,13 @@ class AsyncEtcdBackend:
         The synchronous facades and torchrun's backend call it as they are created. Raises
         `RendezvousConnectionError` if etcd grants no lease within the read timeout.
         """
-        deadline = self._connection.deadline()
+        deadline = read_deadline(self._connection)
         lease_id = await self._lease.current(deadline=deadline)  # its keep-alive goes out
         if not self._written and self._revoked_lease is None:
             self._unused_lease = lease_id
         # A second keeper of the lease hears etcd's answer (the rolling lease's keeper is its
         # own); a stream that does not open is opened again in the background.
-        keeper = self._connection.follow_lease(lease_id, self._ttl)
+        keeper = follow_lease(self._connection, lease_id, self._ttl)
         try:
             await keeper.wait_answer(
                 min(deadline - time.monotonic(), self._connection.connect_timeout)
@@ -203,7 +209,7 @@ class AsyncEtcdBackend:
         else:
             current = await self.get_state()
             return None if current is None else (*current, False)
-        deadline = self._connection.deadline()
+        deadline = read_deadline(self._connection)
         at = _envelope.CREATE
         if self._state_key is not None and expected is not None:
             # A signed value is bound to its place in the key's history: the next one after the
@@ -230,48 +236,57 @@ class AsyncEtcdBackend:
     ) -> SetStateResult | None:
         """Compare-and-swap `value` in; resolve lost answers (see `_resolve_unknown_outcome`)."""
 
-        async def write(lease: int) -> TxnResult:
-            if lease == self._revoked_lease:
-                # `_release` is revoking it: as if etcd had (the lease makes way for a new one).
-                raise RendezvousLeaseNotFoundError(f"Lease {lease:x} was revoked.")
-            self._written = True
-            self._unused_lease = None  # it may hold the state from now on: never revoked
-            put = Put(self._key_bytes, value, lease)
-            return await self._connection.txn(
-                [condition],
-                [put],
-                [Get(self._key_bytes)],
-                what=f"write the state at {self._key!r}",
-                deadline=deadline,
+        async def send() -> TxnResult:
+            return await self._lease.run(
+                lambda lease: self._swap(value, condition, lease, deadline), deadline=deadline
             )
 
-        lost = False  # whether an attempt's answer was lost: it may land late
-        while True:
-            try:
-                result = await self._lease.run(write, deadline=deadline)
-            except RendezvousOutcomeUnknownError:
-                lost = True
-                logger.info(
-                    "A write of the state at %r lost its answer; finding out whether it landed",
-                    self._key,
-                    extra={"rdzv_key": self._key},
-                )
-                resolved = await self._resolve_unknown_outcome(state, value, expected, deadline)
-                if resolved != _RETRY:
-                    return resolved
-                continue
-            except RendezvousConnectionError as error:
-                if lost:
-                    raise self._unresolved() from error
-                raise
-            if result.succeeded or not lost:
+        async def resolve() -> SetStateResult | Again | None:
+            found = await self._resolve_unknown_outcome(state, value, expected, deadline)
+            return AGAIN if found == _RETRY else found  # the same bytes, sent again
+
+        async def lost() -> SetStateResult | Again | None:
+            logger.info(
+                "A write of the state at %r lost its answer; finding out whether it landed",
+                self._key,
+                extra={"rdzv_key": self._key},
+            )
+            return await resolve()
+
+        async def answered(result: TxnResult, after_lost: bool) -> SetStateResult | None:
+            if result.succeeded or not after_lost:
                 return self._outcome(state, result)
             # An earlier attempt under the same condition lost its answer; it may have landed
             # only since it was looked for, and be why this one failed.
-            resolved = await self._resolve_unknown_outcome(state, value, expected, deadline)
-            if resolved == _RETRY:
+            found = await resolve()
+            if isinstance(found, Again):
                 raise self._unresolved()
-            return resolved
+            return found
+
+        return await settle(
+            send,
+            answered=answered,
+            lost=lost,
+            unresolved=lambda _: self._unresolved(),
+            deadline=deadline,
+        )
+
+    async def _swap(
+        self, value: bytes, condition: Compare, lease: int, deadline: float
+    ) -> TxnResult:
+        """One attempt of a compare-and-swap of `value`, on `lease`."""
+        if lease == self._revoked_lease:
+            # `_release` is revoking it: as if etcd had (the lease makes way for a new one).
+            raise RendezvousLeaseNotFoundError(f"Lease {lease:x} was revoked.")
+        self._written = True
+        self._unused_lease = None  # it may hold the state from now on: never revoked
+        return await self._connection.txn(
+            [condition],
+            [Put(self._key_bytes, value, lease)],
+            [Get(self._key_bytes)],
+            what=f"write the state at {self._key!r}",
+            deadline=deadline,
+        )
 
     async def _position_at(
         self, token: Token, deadline: float
@@ -401,8 +416,8 @@ class AsyncEtcdBackend:
             return _RETRY
         # The key changed after `token` (or was deleted since): a write conditioned on `token`
         # that landed is the first change after it.
-        change = await self._connection.first_change_after(
-            self._key_bytes, token, deadline=deadline
+        change = await first_change_after(
+            self._connection, self._key_bytes, token, deadline=deadline
         )
         if not change.deleted and change.kv.value == value:
             return state, change.kv.mod_revision, True

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
 
 from rdzv._errors import RendezvousError, RendezvousLeaseNotFoundError
-from rdzv._etcd import Connection, LeaseKeeper
+from rdzv._etcd import Connection, LeaseKeeper, follow_lease, refresh_lease
 
 T = TypeVar("T")
 
@@ -108,8 +108,8 @@ class RollingLease:
                 keeper = self._usable(requested_at)
                 if keeper is None:
                     lease_id = await self._connection.grant_lease(self._ttl, deadline=deadline)
-                    keeper = self._connection.follow_lease(
-                        lease_id, self._ttl, granted_at=requested_at
+                    keeper = follow_lease(
+                        self._connection, lease_id, self._ttl, granted_at=requested_at
                     )
                     if self._keeper is not None:
                         self._keeper.release()  # its keys expire with it, on their own
@@ -122,7 +122,7 @@ class RollingLease:
         now = time.monotonic()
         if now - self._refreshed_at >= REFRESH_INTERVAL:
             self._refreshed_at = now
-            await self._connection.refresh_lease(keeper.lease_id)
+            await refresh_lease(self._connection, keeper.lease_id)
         elif self._trailing is None:
             # One went out less than the interval ago, before this write: one more goes out
             # when the interval ends, for this write and any that follow within it.
@@ -141,7 +141,7 @@ class RollingLease:
 
     async def _send(self, lease_id: int) -> None:
         with contextlib.suppress(RendezvousError):  # closed since: nothing to keep alive
-            await self._connection.refresh_lease(lease_id)
+            await refresh_lease(self._connection, lease_id)
 
     async def run(
         self, write: Callable[[int], Awaitable[T]], *, deadline: float | None = None

@@ -21,6 +21,7 @@ past all the gone ones in the transaction that pops.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import logging
 import math
@@ -42,6 +43,8 @@ from rdzv._errors import (
     StoreTimeoutError,
 )
 from rdzv._etcd import (
+    AGAIN,
+    Again,
     Compare,
     Connection,
     Delete,
@@ -50,6 +53,10 @@ from rdzv._etcd import (
     Operation,
     Put,
     TxnResult,
+    answer_itself,
+    first_change_after,
+    read_deadline,
+    settle,
 )
 from rdzv._lease import RollingLease
 from rdzv._validation import validate_store_prefix, validate_ttl
@@ -79,6 +86,7 @@ _PROBE_SIZE: Final = _MAX_TXN_OPS - 1
 _POP_GRACE: Final = 1.0
 _WRITE_ID_SIZE: Final = 16
 T = TypeVar("T")
+R = TypeVar("R")
 
 logger = logging.getLogger("rdzv.store")
 
@@ -266,7 +274,11 @@ class AsyncEtcdStore:
     async def set(self, key: str, value: bytes) -> None:
         """Write `value` at `key`, replacing any value it has."""
         key_bytes, data = self._key(key), _as_bytes(value, "value")
-        await self._lease.run(lambda lease: self._connection.put(key_bytes, data, lease=lease))
+        deadline = read_deadline(self._connection)
+        await self._lease.run(
+            lambda lease: self._connection.put(key_bytes, data, lease=lease, deadline=deadline),
+            deadline=deadline,
+        )
 
     async def multi_set(self, keys: Sequence[str], values: Sequence[bytes]) -> None:
         """Write `values[i]` at `keys[i]` for every `i`, in one transaction.
@@ -289,8 +301,9 @@ class AsyncEtcdStore:
             for key, value in zip(keys, values, strict=True)
         }
         items = list(pairs.items())
+        deadline = read_deadline(self._connection)  # one for the whole call, however many groups
         for start in range(0, len(items), _MAX_TXN_OPS):
-            await self._put_all(items[start : start + _MAX_TXN_OPS])
+            await self._put_all(items[start : start + _MAX_TXN_OPS], deadline)
 
     async def add(self, key: str, amount: int) -> int:
         """Add `amount` to the integer at `key` (0 if absent), atomically; return the new value.
@@ -322,55 +335,7 @@ class AsyncEtcdStore:
         key_bytes = self._key(key)
         expected = _as_bytes(expected, "expected value")
         desired = _as_bytes(desired, "desired value")
-        write_id = os.urandom(_WRITE_ID_SIZE)
-        deadline = self._connection.deadline()
-        # An empty `expected` matches an absent key or an empty value. etcd's value comparison
-        # never matches an absent key, so an empty value found instead takes a second
-        # transaction, conditioned on its revision (`empty_at`).
-        empty_at: int | None = None
-        lost_after: int | None = None  # a revision before the first attempt that lost its answer
-        while True:
-            if expected:
-                condition = Compare.value_is(key_bytes, expected)
-            elif empty_at is None:
-                condition = Compare.absent(key_bytes)
-            else:
-                condition = Compare.mod_revision_is(key_bytes, empty_at)
-            floor = self._connection.revision
-            try:
-                result = await self._write_if(condition, key_bytes, desired, write_id, deadline)
-            except RendezvousOutcomeUnknownError:
-                _log_lost(key, "compare_set")
-                lost_after = floor if lost_after is None else lost_after
-                if await self._landed_since(key, write_id, lost_after, deadline):
-                    _log_resolved(key, "compare_set", "it landed")
-                    return desired
-                found = await self._resolving(
-                    key, self._connection.get(key_bytes, deadline=deadline)
-                )
-                if _holds(found, expected, empty_at):
-                    _log_resolved(key, "compare_set", "it has not landed: sending it again")
-                    continue  # not landed (yet): send the same write again
-                _log_resolved(key, "compare_set", "it did not land: the key changed")
-            else:
-                if result.succeeded:
-                    return desired
-                found = result.ranges[0][0] if result.ranges[0] else None
-                # An earlier attempt that lost its answer may have landed, and be why this
-                # one failed.
-                if lost_after is not None and await self._landed_since(
-                    key, write_id, lost_after, deadline
-                ):
-                    _log_resolved(key, "compare_set", "it landed")
-                    return desired
-            if found is None:
-                if expected:
-                    return expected
-                empty_at = None
-                continue
-            if expected or found.value:
-                return found.value
-            empty_at = found.mod_revision
+        return await _CompareSet(self, key, key_bytes, expected, desired).run()
 
     async def delete_key(self, key: str) -> bool:
         """Delete `key`; return whether it existed."""
@@ -599,25 +564,30 @@ class AsyncEtcdStore:
             raise TypeError(f"Expected a sequence of store keys, not the single str {keys!r}.")
         return {self._key(key): key for key in keys}
 
-    async def _retrying(self, attempt: Callable[[float], Awaitable[TxnResult]]) -> TxnResult:
-        """Run `attempt(deadline)` again while its outcome is unknown, all in one read timeout.
+    async def _retrying(
+        self, attempt: Callable[[float], Awaitable[TxnResult]], deadline: float | None = None
+    ) -> TxnResult:
+        """Run `attempt(deadline)` again while its outcome is unknown, all by one deadline.
 
         For transactions that may run twice: reads, and unconditional writes of the same values.
+        The deadline is the read timeout from now, unless given.
         """
-        deadline = self._connection.deadline()
-        while True:
-            try:
-                return await attempt(deadline)
-            except RendezvousOutcomeUnknownError:
-                if time.monotonic() >= deadline:
-                    raise
+        limit = read_deadline(self._connection) if deadline is None else deadline
+
+        async def lost() -> Again:
+            if time.monotonic() < limit:  # else it is not sent again: the call ends unresolved
                 logger.info(
                     "A store write lost its answer; sending it again (it may land twice, "
                     "harmlessly)",
                     extra={"rdzv_outcome": "sent again"},
                 )
+            return AGAIN
 
-    async def _put_all(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        return await settle(
+            lambda: attempt(limit), answered=answer_itself, lost=lost, deadline=limit
+        )
+
+    async def _put_all(self, items: Sequence[tuple[bytes, bytes]], deadline: float) -> None:
         async def put_all(deadline: float) -> TxnResult:
             async def write(lease: int) -> TxnResult:
                 puts = [Put(key, value, lease) for key, value in items]
@@ -626,7 +596,7 @@ class AsyncEtcdStore:
             return await self._lease.run(write, deadline=deadline)
 
         # Unconditional writes of the same values: landing twice is landing once.
-        await self._retrying(put_all)
+        await self._retrying(put_all, deadline)
 
     async def _write_if(
         self, condition: Compare, key: bytes, value: bytes, write_id: bytes, deadline: float
@@ -823,58 +793,8 @@ class AsyncEtcdStore:
         name of the key, `what` the kind of write for logs and the verb for errors. Every
         request ends by `deadline` (by default, the read timeout from now).
         """
-        kind, verb = what
-        marker = self._marker(key)
-        write_id = os.urandom(_WRITE_ID_SIZE)
-        deadline = self._connection.deadline() if deadline is None else deadline
-        # The conditions of attempts whose answers were lost, each with what its plan said.
-        lost: dict[int | None, T] = {}
-        while True:
-            swap = plan(current)
-            if swap is None:
-                # Every lost attempt was planned on a key that allowed it, so none can be
-                # pending now that `plan` finds nothing to do: `_lost_write_landed` forgot them.
-                return None
-            expected = None if current is None else current.mod_revision
-            condition = (
-                Compare.absent(key) if expected is None else Compare.mod_revision_is(key, expected)
-            )
-
-            async def write(
-                lease: int, swap: _Swap[T] = swap, condition: Compare = condition
-            ) -> TxnResult:
-                operations = [*swap.operations(lease), Put(marker, write_id, lease)]
-                return await self._connection.txn(
-                    [condition],
-                    operations,
-                    [Get(key)],
-                    what=f"{verb} {name!r}",
-                    deadline=deadline,
-                )
-
-            try:
-                result = await self._lease.run(write, deadline=deadline)
-            except RendezvousOutcomeUnknownError:
-                # Sending it again blindly could apply the change twice: look for it first.
-                _log_lost(name, kind)
-                lost[expected] = swap.outcome
-                current = await self._resolving(name, self._connection.get(key, deadline=deadline))
-            except RendezvousConnectionError as error:
-                if lost:
-                    raise self._unresolved(name) from error
-                raise
-            else:
-                if result.succeeded:
-                    return swap.outcome, result
-                current = result.ranges[0][0] if result.ranges[0] else None
-            if lost:
-                # A lost attempt may have landed, even only since it was last looked for, and
-                # be why this one failed.
-                search = self._lost_write_landed(key, write_id, lost, current, deadline)
-                landed = await self._resolving(name, search)
-                if landed is not None:
-                    _log_resolved(name, kind, "it landed")
-                    return landed, None
+        swapping = _Swapping(self, name, key, plan, what, deadline)
+        return await swapping.run() if swapping.replan(current) else None
 
     async def _lost_write_landed(
         self,
@@ -902,8 +822,8 @@ class AsyncEtcdStore:
             elif current is not None and current.mod_revision == condition:
                 continue  # not landed yet; it may still land
             else:
-                change = await self._connection.first_change_after(
-                    key, condition, deadline=deadline
+                change = await first_change_after(
+                    self._connection, key, condition, deadline=deadline
                 )
                 revision = None if change.deleted else change.kv.mod_revision
             del lost[condition]
@@ -1032,7 +952,7 @@ class AsyncEtcdStore:
 
     def _request_deadline(self, limit: float) -> float:
         """The deadline of a request sent now, within the read timeout and by `limit`."""
-        return min(self._connection.deadline(), limit)
+        return min(read_deadline(self._connection), limit)
 
     async def _resolving(self, key: str, resolution: Awaitable[T]) -> T:
         """`resolution`, or `RendezvousOutcomeUnknownError` if etcd cannot settle it in time."""
@@ -1072,3 +992,201 @@ def _log_resolved(key: str, what: str, outcome: str) -> None:
         outcome,
         extra={"rdzv_key": key, "rdzv_outcome": outcome},
     )
+
+
+class _MarkedWrite(abc.ABC, Generic[R]):
+    """A store write that puts this call's random write id at its key's marker in every attempt.
+
+    An attempt whose answer was lost is then recognised as this call's by that id alone, and is
+    never applied twice. `run` drives the write with `settle`; each kind says what to send and
+    what an answer, or a lost answer, means.
+    """
+
+    def __init__(self, store: AsyncEtcdStore, name: str, deadline: float | None) -> None:
+        self._store = store
+        self._connection = store._connection
+        self._name = name  # the store's name of the key, for logs and errors
+        self._write_id = os.urandom(_WRITE_ID_SIZE)
+        self._deadline = read_deadline(self._connection) if deadline is None else deadline
+
+    async def run(self) -> R:
+        """Send the write until its outcome is known, by the deadline, and return it."""
+        return await settle(
+            self._send,
+            answered=self._answered,
+            lost=self._lost,
+            unresolved=lambda _: self._store._unresolved(self._name),
+            deadline=self._deadline,
+        )
+
+    @abc.abstractmethod
+    async def _send(self) -> TxnResult:
+        """One attempt."""
+
+    @abc.abstractmethod
+    async def _answered(self, result: TxnResult, after_lost: bool) -> R | Again:
+        """What an answer means (see `settle`)."""
+
+    @abc.abstractmethod
+    async def _lost(self) -> R | Again:
+        """What a lost answer means (see `settle`)."""
+
+
+class _CompareSet(_MarkedWrite[bytes]):
+    """One `compare_set` call: its condition, which changes, and what its lost attempts left.
+
+    An empty `expected` matches an absent key or an empty value. etcd's value comparison never
+    matches an absent key, so an empty value found instead takes a second transaction,
+    conditioned on its revision (`empty_at`). An attempt whose answer was lost is looked for in
+    the marker's history after the revision this connection knew before it left (see
+    `AsyncEtcdStore._landed_since`).
+    """
+
+    def __init__(
+        self, store: AsyncEtcdStore, name: str, key: bytes, expected: bytes, desired: bytes
+    ) -> None:
+        super().__init__(store, name, None)
+        self._key = key
+        self._expected = expected
+        self._desired = desired
+        self._empty_at: int | None = None
+        self._floor = 0  # the connection's revision before the attempt just sent
+        self._lost_after: int | None = None  # the floor of the first attempt that lost its answer
+
+    async def _send(self) -> TxnResult:
+        """One attempt: if the condition holds, write the value and our write id; else read."""
+        if self._expected:
+            condition = Compare.value_is(self._key, self._expected)
+        elif self._empty_at is None:
+            condition = Compare.absent(self._key)
+        else:
+            condition = Compare.mod_revision_is(self._key, self._empty_at)
+        self._floor = self._connection.revision
+        return await self._store._write_if(
+            condition, self._key, self._desired, self._write_id, self._deadline
+        )
+
+    async def _lost(self) -> bytes | Again:
+        """After a lost answer: the value if it landed, else sent again or what the key says."""
+        _log_lost(self._name, "compare_set")
+        if self._lost_after is None:
+            self._lost_after = self._floor
+        if await self._landed():
+            return self._desired
+        found = await self._connection.get(self._key, deadline=self._deadline)
+        if _holds(found, self._expected, self._empty_at):
+            _log_resolved(self._name, "compare_set", "it has not landed: sending it again")
+            return AGAIN  # not landed (yet): the same write, sent again
+        _log_resolved(self._name, "compare_set", "it did not land: the key changed")
+        return self._refused(found)
+
+    async def _answered(self, result: TxnResult, after_lost: bool) -> bytes | Again:
+        """After an answer: the value written, or what the key that refused it says."""
+        if result.succeeded:
+            return self._desired
+        # An earlier attempt that lost its answer may have landed, and be why this one failed.
+        if after_lost and await self._landed():
+            return self._desired
+        return self._refused(result.ranges[0][0] if result.ranges[0] else None)
+
+    async def _landed(self) -> bool:
+        """Whether an attempt whose answer was lost has landed (and logged so)."""
+        assert self._lost_after is not None
+        landed = await self._store._landed_since(
+            self._name, self._write_id, self._lost_after, self._deadline
+        )
+        if landed:
+            _log_resolved(self._name, "compare_set", "it landed")
+        return landed
+
+    def _refused(self, found: KeyValue | None) -> bytes | Again:
+        """What the key `found`, which refused the condition, answers; or AGAIN on a new one."""
+        if found is None:
+            if self._expected:
+                return self._expected
+            self._empty_at = None
+            return AGAIN
+        if self._expected or found.value:
+            return found.value
+        self._empty_at = found.mod_revision  # empty: try again, conditioned on its revision
+        return AGAIN
+
+
+class _Swapping(_MarkedWrite[tuple[T, TxnResult | None] | None]):
+    """One `AsyncEtcdStore._swap` call: the plan of its next attempt, and its lost attempts."""
+
+    def __init__(
+        self,
+        store: AsyncEtcdStore,
+        name: str,
+        key: bytes,
+        plan: Callable[[KeyValue | None], _Swap[T] | None],
+        what: tuple[str, str],
+        deadline: float | None,
+    ) -> None:
+        super().__init__(store, name, deadline)
+        self._key, self._plan = key, plan
+        self._kind, self._verb = what
+        self._marker = store._marker(key)
+        # The conditions of attempts whose answers were lost, each with what its plan said.
+        self._lost_plans: dict[int | None, T] = {}
+        self._current: KeyValue | None  # the key as the next attempt's plan read it
+        self._swap: _Swap[T]  # that plan
+
+    def replan(self, current: KeyValue | None) -> bool:
+        """Plan the next attempt on the key as `current`; false if there is nothing to do."""
+        swap = self._plan(current)
+        if swap is None:
+            return False
+        self._current, self._swap = current, swap
+        return True
+
+    async def _send(self) -> TxnResult:
+        """One attempt: the plan's writes and our write id, if the key is as the plan read it."""
+        swap, key = self._swap, self._key
+        expected = None if self._current is None else self._current.mod_revision
+        condition = (
+            Compare.absent(key) if expected is None else Compare.mod_revision_is(key, expected)
+        )
+
+        async def write(lease: int) -> TxnResult:
+            operations = [*swap.operations(lease), Put(self._marker, self._write_id, lease)]
+            return await self._connection.txn(
+                [condition],
+                operations,
+                [Get(key)],
+                what=f"{self._verb} {self._name!r}",
+                deadline=self._deadline,
+            )
+
+        return await self._store._lease.run(write, deadline=self._deadline)
+
+    async def _lost(self) -> tuple[T, TxnResult | None] | Again | None:
+        """After a lost answer: look for the write, never send it again blindly (see `_next`)."""
+        _log_lost(self._name, self._kind)
+        expected = None if self._current is None else self._current.mod_revision
+        self._lost_plans[expected] = self._swap.outcome
+        return await self._next(await self._connection.get(self._key, deadline=self._deadline))
+
+    async def _answered(
+        self, result: TxnResult, after_lost: bool
+    ) -> tuple[T, TxnResult | None] | Again | None:
+        """After an answer: what the plan said if it landed, else the next attempt (`_next`)."""
+        if result.succeeded:
+            return self._swap.outcome, result
+        return await self._next(result.ranges[0][0] if result.ranges[0] else None)
+
+    async def _next(self, found: KeyValue | None) -> tuple[T, TxnResult | None] | Again | None:
+        """What a lost attempt wrote if one landed; else AGAIN on a new plan, or None."""
+        if self._lost_plans:
+            # A lost attempt may have landed, even only since it was last looked for, and be
+            # why this one failed.
+            landed = await self._store._lost_write_landed(
+                self._key, self._write_id, self._lost_plans, found, self._deadline
+            )
+            if landed is not None:
+                _log_resolved(self._name, self._kind, "it landed")
+                return landed, None
+        # Every lost attempt was planned on a key that allowed it, so none can be pending once
+        # `plan` finds nothing to do: `_lost_write_landed` forgot them.
+        return AGAIN if self.replan(found) else None

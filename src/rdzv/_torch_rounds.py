@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Final
 
 import anyio
@@ -25,9 +24,19 @@ from torch.distributed.elastic.rendezvous import api as torch_api
 from rdzv._backend import DEFAULT_TTL
 from rdzv._errors import RendezvousClosedError, RendezvousError
 from rdzv._etcd import Connection
+from rdzv._portal import open_shared
 from rdzv._rendezvous import DEFAULT_ROUNDS_PREFIX, AsyncRendezvous, Membership
 from rdzv._store import DEFAULT_STORE_PREFIX, AsyncEtcdStore
-from rdzv._sync import open_shared
+from rdzv._torch_common import (
+    CONNECTION_CONF_KEYS,
+    as_torch_errors,
+    conf_value,
+    connection_options,
+    logger,
+    reset_hint,
+    warn_unknown_conf,
+)
+from rdzv._torch_store import EtcdStore
 from rdzv._validation import validate_store_prefix, validate_ttl
 
 __all__ = ["BACKEND_NAME", "RoundsRendezvousHandler", "create_rounds_handler", "round_store_prefix"]
@@ -39,8 +48,6 @@ _WAITING_CACHE: Final = 1.0
 """Seconds a `num_nodes_waiting` answer is reused: the agent asks every monitor interval
 (0.1 s by default), and a new node waits for a round far longer than this."""
 
-logger = logging.getLogger("rdzv.torch")
-
 
 def round_store_prefix(store_prefix: str, run_id: str, number: int) -> str:
     """Where the store of round `number` of `run_id` keeps its keys.
@@ -48,18 +55,6 @@ def round_store_prefix(store_prefix: str, run_id: str, number: int) -> str:
     Zero-padded, so that the rounds of a job sort in order under `{store_prefix}{run_id}/`.
     """
     return f"{store_prefix}{run_id}/round-{number:010d}/"
-
-
-@contextlib.contextmanager
-def as_torch_errors() -> Iterator[None]:
-    """rdzv's errors as torch's classes, which the elastic agent acts on (see `rdzv.torch`).
-
-    Imported when used: `rdzv.torch` imports this module at its end.
-    """
-    from rdzv.torch import _as_torch_errors
-
-    with _as_torch_errors():
-        yield
 
 
 def _node_info(local_addr: str | None, limit: int) -> bytes:
@@ -172,9 +167,7 @@ class RoundsRendezvousHandler(torch_api.RendezvousHandler):
         )
         return torch_api.RendezvousInfo(store, membership.rank, membership.world_size, bootstrap)
 
-    def _round_store(self, number: int) -> Any:
-        from rdzv.torch import EtcdStore
-
+    def _round_store(self, number: int) -> EtcdStore:
         prefix = round_store_prefix(self._store_prefix, self.get_run_id(), number)
         store = AsyncEtcdStore(self.connection, prefix=prefix, ttl=self._store_ttl)
         return EtcdStore(self._loop, store)
@@ -255,7 +248,8 @@ class RoundsRendezvousHandler(torch_api.RendezvousHandler):
                 await self._rendezvous.leave()
 
 
-# The `--rdzv-conf` keys this handler reads, besides the connection's (see `rdzv.torch`).
+# The `--rdzv-conf` keys this handler reads, besides the connection's (`CONNECTION_CONF_KEYS`).
+# The rounds are not signed (their keys are not a state a node trusts): no `state_key_file`.
 _ROUNDS_CONF_KEYS: Final = frozenset(
     {
         "close_timeout",
@@ -324,19 +318,13 @@ def create_rounds_handler(params: torch_api.RendezvousParameters) -> RoundsRende
     Unknown options are logged as a warning on the "rdzv.torch" logger. Raises `ValueError` for
     bad parameters and torch's `RendezvousConnectionError` if etcd does not answer.
     """
-    from rdzv import torch as rdzv_torch
-
-    # The rounds are not signed (their keys are not a state a node trusts): no state_key.
-    connection_keys = rdzv_torch._RDZV_CONF_KEYS - {"state_key", "state_key_file"}
-    rdzv_torch._warn_unknown_conf(params, connection_keys | _ROUNDS_CONF_KEYS)
-    options = rdzv_torch._connection_options(params)
+    warn_unknown_conf(params, CONNECTION_CONF_KEYS | _ROUNDS_CONF_KEYS)
+    options = connection_options(params)
     store_ttl = validate_ttl(params.get_as_int("ttl", DEFAULT_TTL))
     # Checked here, not when the first round's store is made: after a join, an error ends the
     # agent, and torchrun's shutdown() then closes the rendezvous for every node.
-    store_prefix = validate_store_prefix(
-        rdzv_torch._first(params, "store_prefix") or DEFAULT_STORE_PREFIX
-    )
-    key_prefix = rdzv_torch._first(params, "key_prefix") or DEFAULT_ROUNDS_PREFIX
+    store_prefix = validate_store_prefix(conf_value(params, "store_prefix") or DEFAULT_STORE_PREFIX)
+    key_prefix = conf_value(params, "key_prefix") or DEFAULT_ROUNDS_PREFIX
     join_timeout = _seconds(params, "join_timeout", 600)
     last_call_timeout = _seconds(params, "last_call_timeout", 30)
     close_timeout = _seconds(params, "close_timeout", 30)
@@ -364,5 +352,5 @@ def create_rounds_handler(params: torch_api.RendezvousParameters) -> RoundsRende
         local_addr=params.local_addr,
         close_timeout=close_timeout,
         release=portal.close,
-        closed_hint=rdzv_torch._reset_hint(params, "--rounds-prefix"),
+        closed_hint=reset_hint(params, "--rounds-prefix"),
     )

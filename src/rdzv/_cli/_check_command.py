@@ -12,8 +12,7 @@ from rdzv import _check
 from rdzv._cli._connection_options import EtcdOptions, connection_options
 from rdzv._cli._job_options import ROUNDS_PREFIX_OPTION, STORE_PREFIX_OPTION, valid_rounds_prefix
 from rdzv._cli._output import fail
-from rdzv._etcd import Connection
-from rdzv._etcd._endpoints import resolve_endpoints
+from rdzv._etcd import Connection, parse_endpoints
 
 _CHECK_EXIT_CODES = """\b
 Exit codes:
@@ -25,18 +24,16 @@ Exit codes:
 def _check_target(
     etcd: EtcdOptions, rounds_prefix: str, store_prefix: str, torch: bool | None
 ) -> _check.Target:
-    endpoints, _ = resolve_endpoints(etcd.endpoints, etcd.protocol)
-
     def connect(some: str) -> Connection:
-        return dataclasses.replace(etcd, endpoints=some).connection()
+        return Connection(dataclasses.replace(etcd.options, endpoints=parse_endpoints(some)))
 
     return _check.Target(
-        endpoints=tuple(str(endpoint) for endpoint in endpoints),
+        endpoints=tuple(str(endpoint) for endpoint in etcd.options.endpoints),
         connect=connect,
         key_prefix=etcd.key_prefix,
         rounds_prefix=valid_rounds_prefix(rounds_prefix),
         store_prefix=store_prefix,
-        username=etcd.username,
+        username=etcd.options.username,
         read_timeout=etcd.read_timeout,
         torch=torch,
     )

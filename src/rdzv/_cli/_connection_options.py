@@ -23,7 +23,7 @@ from rdzv._backend import DEFAULT_KEY_PREFIX
 from rdzv._cli._output import fail, leaves, one_line
 from rdzv._demo import DAY
 from rdzv._errors import RendezvousError
-from rdzv._etcd import Connection
+from rdzv._etcd import Connection, ConnectionOptions
 from rdzv._etcd._endpoints import resolve_endpoints
 from rdzv._validation import validate_key_prefix, validate_run_id
 
@@ -67,32 +67,19 @@ def valid_seconds(context: click.Context, parameter: click.Parameter, value: flo
 class EtcdOptions:
     """The connection options common to every command that talks to an etcd of yours."""
 
-    endpoints: str
-    protocol: str
-    read_timeout: float
-    ca_cert: str | None
-    ssl_cert: str | None
-    ssl_cert_key: str | None
-    username: str | None
-    password: str | None = dataclasses.field(repr=False)
+    endpoints: str  # as given, for messages
+    options: ConnectionOptions
     key_prefix: str
     state_key: bytes | None = dataclasses.field(repr=False)
 
+    @property
+    def read_timeout(self) -> float:
+        """Seconds any one etcd call may take, retries included."""
+        return self.options.read_timeout
+
     def connection(self) -> Connection:
-        """A `Connection` with these options; raises `click.UsageError` for bad ones."""
-        try:
-            return Connection(
-                self.endpoints,
-                protocol=self.protocol,
-                read_timeout=self.read_timeout,
-                ca_cert=self.ca_cert,
-                ssl_cert=self.ssl_cert,
-                ssl_cert_key=self.ssl_cert_key,
-                username=self.username,
-                password=self.password,
-            )
-        except ValueError as error:
-            raise click.UsageError(str(error)) from None
+        """A new, unopened `Connection` with these options."""
+        return Connection(self.options)
 
     def key(self, run_id: str) -> str:
         """The etcd key of run `run_id`'s state; raises `click.BadParameter` for a bad run id."""
@@ -241,18 +228,20 @@ def connection_options(command: F) -> F:
             prefix = validate_key_prefix(key_prefix)
         except ValueError as error:
             raise click.BadParameter(str(error), param_hint="'--key-prefix'") from None
-        etcd = EtcdOptions(
-            endpoints=endpoints,
-            protocol=protocol,
-            read_timeout=read_timeout,
-            ca_cert=ca_cert,
-            ssl_cert=ssl_cert,
-            ssl_cert_key=ssl_cert_key,
-            username=username or None,
-            password=_password(username or None, password_file),
-            key_prefix=prefix,
-            state_key=_state_key(state_key_file),
-        )
+        try:
+            options = ConnectionOptions(
+                endpoints,
+                protocol=protocol,
+                read_timeout=read_timeout,
+                ca_cert=ca_cert,
+                ssl_cert=ssl_cert,
+                ssl_cert_key=ssl_cert_key,
+                username=username or None,
+                password=_password(username or None, password_file),
+            )
+        except ValueError as error:
+            raise click.UsageError(str(error)) from None
+        etcd = EtcdOptions(endpoints, options, prefix, state_key=_state_key(state_key_file))
         return command(*args, etcd=etcd, **kwargs)
 
     decorated: Callable[..., Any] = wrapper

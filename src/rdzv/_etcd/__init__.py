@@ -10,8 +10,10 @@ This package replaces those pieces, one module a job:
 - `_classify`: what a gRPC error means, and its translation into the `rdzv.RendezvousError` tree;
 - `_tls`: channel credentials and recognising TLS misconfiguration;
 - `_calls`: awaiting a gRPC call, so that a cancellation of the caller stays the caller's;
+- `_options`: the connection options, each with its default and its check;
 - `_links`: the channel to the current endpoint, failover, authentication, suspension;
-- `_attempts`: the attempt driver, the one place that retries;
+- `_attempts`: the attempt driver, the one place that retries a request, and its backoff;
+- `_settle`: the driver of a write that may lose its answer: it resends or resolves;
 - `_keepalive`: lease keep-alives, all of a connection's leases on one stream;
 - `_connection`: the `Connection` and its calls.
 
@@ -20,9 +22,28 @@ aetcd and grpc.aio are asyncio-only, so this package and everything above it run
 
 from __future__ import annotations
 
-from rdzv._etcd._connection import DEFAULT_MAX_IN_FLIGHT, Connection, connect
+from rdzv._etcd._connection import (
+    Connection,
+    connect,
+    first_change_after,
+    follow_lease,
+    keep_alive,
+    read_deadline,
+    refresh_lease,
+    resume,
+    suspend,
+)
 from rdzv._etcd._endpoints import DEFAULT_PORT, Endpoint, parse_endpoints
 from rdzv._etcd._keepalive import LeaseKeeper
+from rdzv._etcd._options import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_READ_TIMEOUT,
+    ConnectionKeywords,
+    ConnectionOptions,
+    as_options,
+)
+from rdzv._etcd._settle import AGAIN, Again, answer_itself, settle
 from rdzv._etcd._values import (
     Compare,
     Delete,
@@ -37,10 +58,16 @@ from rdzv._etcd._values import (
 )
 
 __all__ = [
+    "AGAIN",
+    "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_MAX_IN_FLIGHT",
     "DEFAULT_PORT",
+    "DEFAULT_READ_TIMEOUT",
+    "Again",
     "Compare",
     "Connection",
+    "ConnectionKeywords",
+    "ConnectionOptions",
     "Delete",
     "Endpoint",
     "Get",
@@ -51,7 +78,17 @@ __all__ = [
     "Put",
     "TxnResult",
     "WatchEvent",
+    "answer_itself",
+    "as_options",
     "connect",
+    "first_change_after",
+    "follow_lease",
+    "keep_alive",
     "parse_endpoints",
     "prefix_end",
+    "read_deadline",
+    "refresh_lease",
+    "resume",
+    "settle",
+    "suspend",
 ]

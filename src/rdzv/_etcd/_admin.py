@@ -20,7 +20,7 @@ from rdzv._errors import RendezvousAuthError, RendezvousError
 from rdzv._etcd import _calls
 from rdzv._etcd._attempts import Refused, drive
 from rdzv._etcd._classify import is_auth_refusal, synthetic
-from rdzv._etcd._connection import Connection, _finish
+from rdzv._etcd._connection import Connection, _finish, read_deadline
 from rdzv._etcd._links import Link, Links
 
 __all__ = [
@@ -74,7 +74,7 @@ async def _call(connection: Connection, service: str, method: str, request: Any,
         links.verify(link, response.header)
         return response
 
-    return await drive(links, send, what=what, deadline=connection.deadline())
+    return await drive(links, send, what=what, deadline=read_deadline(connection))
 
 
 async def member_status(connection: Connection) -> MemberStatus:
@@ -163,4 +163,4 @@ async def open_watch(connection: Connection, key: bytes) -> None:
         finally:
             await _finish(call)
 
-    await drive(links, send, what=f"watch {key!r}", deadline=connection.deadline())
+    await drive(links, send, what=f"watch {key!r}", deadline=read_deadline(connection))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 import weakref
@@ -389,7 +390,7 @@ class _Attempts:
         connection's budget.
         """
         if not self._overloaded:
-            self._delay = await _backoff(self._delay, self.limit())
+            self._delay = await backoff(self._delay, self.limit())
             return
         self._overloads += 1
         delay = overload_backoff(self._overloads)
@@ -489,10 +490,17 @@ async def _ready(link: Link, timeout: float) -> bool:
     return True
 
 
-async def _backoff(delay: float, deadline: float) -> float:
+async def backoff(delay: float, deadline: float = math.inf, *, cap: float = MAX_BACKOFF) -> float:
+    """Sleep about `delay` seconds (half to all of it, at random), never past `deadline`.
+
+    Returns the next delay: twice this one, up to `cap`. rdzv's one backoff: between attempts
+    (`drive`), before resending a write whose answer was lost (`_settle`), and before reopening
+    a keep-alive stream (`_keepalive`). The jitter keeps clients that failed together from
+    coming back together.
+    """
     jittered = delay * random.uniform(0.5, 1.0)
     await asyncio.sleep(min(jittered, max(0.0, deadline - time.monotonic())))
-    return min(delay * 2, MAX_BACKOFF)
+    return min(delay * 2, cap)
 
 
 def _replaced(link: Link) -> bool:

@@ -9,8 +9,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncGenerator, Sequence
-from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 import grpc
@@ -33,9 +32,10 @@ from rdzv._etcd._classify import (
     synthetic,
     translate,
 )
-from rdzv._etcd._endpoints import Endpoint, resolve_endpoints
+from rdzv._etcd._endpoints import Endpoint
 from rdzv._etcd._keepalive import KeepAlive, LeaseKeeper
 from rdzv._etcd._links import Link, Links
+from rdzv._etcd._options import ConnectionKeywords, ConnectionOptions, as_options
 from rdzv._etcd._tls import channel_credentials
 from rdzv._etcd._values import (
     Compare,
@@ -51,21 +51,9 @@ from rdzv._etcd._values import (
     prefix_end,
     txn_request,
 )
-from rdzv._validation import MAX_READ_TIMEOUT, shown, validate_read_timeout
 
-DEFAULT_MAX_IN_FLIGHT: Final = 1000
-"""Requests one `Connection` has in flight at most, by default.
-
-Firing thousands of requests at once makes etcd answer "too many requests"; about a thousand in
-flight keep a single etcd busy without that.
-"""
-
-DEFAULT_CONNECT_TIMEOUT: Final = 5.0
-"""Seconds a `Connection` that no endpoint has answered yet waits for one, by default.
-
-Like the `DialTimeout` of etcd's Go client: a mistyped or refused endpoint fails within seconds,
-while a connection that has reached etcd rides out a restart within its `read_timeout`.
-"""
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 _FINISH_TIMEOUT: Final = 1.0
 _CLOSE_TIMEOUT: Final = 5.0
@@ -97,26 +85,6 @@ def _reads_only(operations: Sequence[Operation]) -> bool:
         or (isinstance(op, Nested) and _reads_only(op.success) and _reads_only(op.failure))
         for op in operations
     )
-
-
-def validate_connect_timeout(connect_timeout: object) -> float:
-    """Return `connect_timeout` as seconds; raise `ValueError` naming it if it is not one."""
-    if (
-        isinstance(connect_timeout, bool)
-        or not isinstance(connect_timeout, int | float)
-        or not 0 < connect_timeout <= MAX_READ_TIMEOUT  # false for NaN too
-    ):
-        raise ValueError(
-            "The connect_timeout must be a positive number of seconds, at most "
-            f"{MAX_READ_TIMEOUT} (one day), not {shown(connect_timeout)}."
-        )
-    return float(connect_timeout)
-
-
-def _validate_max_in_flight(max_in_flight: object) -> int:
-    if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
-        raise ValueError(f"max_in_flight must be a positive int, not {max_in_flight!r}.")
-    return max_in_flight
 
 
 @dataclasses.dataclass
@@ -162,40 +130,35 @@ class Connection:
     Every call is bounded by `read_timeout`, inside which transient failures (a leader election,
     a restarting member) are retried; until some endpoint has answered once, by the shorter
     `connect_timeout`.
+
+    Its etcd calls (`range`, `get`, `put`, `delete`, `txn`, `watch`, the lease calls) are
+    etcd's own, typed with `rdzv.KeyValue`, `rdzv.Compare`, `rdzv.Put`, `rdzv.Get`,
+    `rdzv.Delete`, `rdzv.Nested`, `rdzv.TxnResult` and `rdzv.WatchEvent`: rdzv's objects use
+    them, and so may code that keeps keys of its own beside a job's.
     """
 
     def __init__(
         self,
-        endpoints: str | Sequence[str],
-        *,
-        protocol: str | None = None,
-        read_timeout: float = 60,
-        ca_cert: str | Path | None = None,
-        ssl_cert: str | Path | None = None,
-        ssl_cert_key: str | Path | None = None,
-        username: str | None = None,
-        password: str | None = None,
-        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        endpoints: str | Sequence[str] | ConnectionOptions,
+        **options: Unpack[ConnectionKeywords],
     ) -> None:
-        self._endpoints, self._protocol = resolve_endpoints(endpoints, protocol)
-        self._read_timeout = validate_read_timeout(read_timeout)
-        self._connect_timeout = validate_connect_timeout(connect_timeout)
-        self._credentials = channel_credentials(self._protocol, ca_cert, ssl_cert, ssl_cert_key)
-        if (username is None) != (password is None):
-            raise ValueError("etcd authentication needs both a username and a password.")
-        if username is not None and not username:
-            raise ValueError("The etcd username must not be empty.")
-        self._username = username
+        self._options = options_ = as_options(endpoints, **options)
+        self._endpoints, self._protocol = options_.endpoints, options_.protocol
+        self._read_timeout = options_.read_timeout
+        self._connect_timeout = options_.connect_timeout
+        self._credentials = channel_credentials(
+            options_.protocol, options_.ca_cert, options_.ssl_cert, options_.ssl_cert_key
+        )
+        self._username = options_.username
         self._revision = 0
         self._links = Links(
             self._endpoints,
             credentials=self._credentials,
-            username=username,
-            password=password,
+            username=options_.username,
+            password=options_.password,
             read_timeout=self._read_timeout,
             connect_timeout=self._connect_timeout,
-            max_in_flight=_validate_max_in_flight(max_in_flight),
+            max_in_flight=options_.max_in_flight,
         )
         self._keepalive = KeepAlive(self._links, read_timeout=self._read_timeout, finish=_finish)
 
@@ -203,6 +166,11 @@ class Connection:
         endpoints = ",".join(map(str, self._endpoints))
         user = f", username={self._username!r}" if self._username else ""
         return f"<rdzv.Connection {self._protocol}://{endpoints}{user}>"
+
+    @property
+    def options(self) -> ConnectionOptions:
+        """The options this connection was made with, resolved."""
+        return self._options
 
     @property
     def endpoints(self) -> tuple[Endpoint, ...]:
@@ -258,25 +226,6 @@ class Connection:
         await self._keepalive.aclose()
         await self._links.aclose()
 
-    async def suspend(self) -> None:
-        """Close the channel and hold new calls until `resume()` (before a fork).
-
-        Calls in progress end on the closed channel and are retried, or for a write resolved,
-        once the connection resumes, within their own read timeout. Kept leases are refreshed
-        again after `resume()`.
-        """
-        await self._keepalive.suspend()
-        await self._links.suspend()
-
-    def resume(self) -> None:
-        """Let calls held by `suspend()` go on; they open a new channel."""
-        self._links.resume()
-        self._keepalive.resume()
-
-    def deadline(self) -> float:
-        """The monotonic time by which a call starting now must finish."""
-        return time.monotonic() + self._read_timeout
-
     @property
     def revision(self) -> int:
         """The newest etcd revision that an answer to this connection has shown (0: none yet).
@@ -304,7 +253,10 @@ class Connection:
             return response
 
         return await drive(
-            self._links, send, what=what, deadline=self.deadline() if deadline is None else deadline
+            self._links,
+            send,
+            what=what,
+            deadline=read_deadline(self) if deadline is None else deadline,
         )
 
     # ---------------------------------------------------------------------------- operations
@@ -335,22 +287,26 @@ class Connection:
         kvs, _ = await self.range(key, revision=revision, deadline=deadline)
         return kvs[0] if kvs else None
 
-    async def delete(self, key: bytes, *, prefix: bool = False) -> int:
+    async def delete(
+        self, key: bytes, *, prefix: bool = False, deadline: float | None = None
+    ) -> int:
         """Delete `key` (or a prefix); return how many keys were deleted."""
         request = rpc.DeleteRangeRequest(key=key, range_end=prefix_end(key) if prefix else b"")
         response = await self._unary(
-            "kv", "DeleteRange", request, what=f"delete {key!r}", deadline=None
+            "kv", "DeleteRange", request, what=f"delete {key!r}", deadline=deadline
         )
         return int(response.deleted)
 
-    async def put(self, key: bytes, value: bytes, *, lease: int = 0) -> int:
+    async def put(
+        self, key: bytes, value: bytes, *, lease: int = 0, deadline: float | None = None
+    ) -> int:
         """Write `value` at `key` unconditionally; return the write's revision.
 
         Retried like a read: writing the same value twice leaves the same value. Raises
         `RendezvousLeaseNotFoundError` if `lease` has expired (nothing was written).
         """
         request = rpc.PutRequest(key=key, value=value, lease=lease)
-        response = await self._unary("kv", "Put", request, what=f"write {key!r}", deadline=None)
+        response = await self._unary("kv", "Put", request, what=f"write {key!r}", deadline=deadline)
         return int(response.header.revision)
 
     async def grant_lease(self, ttl: int, *, deadline: float | None = None) -> int:
@@ -380,50 +336,20 @@ class Connection:
     async def revoke_lease(self, lease_id: int, *, deadline: float | None = None) -> None:
         """Revoke the lease (its keys are deleted); harmless if etcd no longer has it."""
         request = rpc.LeaseRevokeRequest(ID=lease_id)
-        # Not found: it expired, or was revoked (perhaps by an attempt whose answer was lost).
-        with contextlib.suppress(RendezvousLeaseNotFoundError):
-            await self._unary(
-                "lease",
-                "LeaseRevoke",
-                request,
-                what=f"revoke lease {lease_id:x}",
-                deadline=deadline,
-            )
-        self._keepalive.revoked(lease_id)
-
-    def keep_alive(
-        self, lease_id: int, ttl: int, *, granted_at: float | None = None
-    ) -> LeaseKeeper:
-        """Keep lease `lease_id` (granted with `ttl` s) alive in the background until released.
-
-        Every lease of the connection is refreshed on one shared LeaseKeepAlive stream, every
-        `ttl / 3` seconds. The first refresh is at once, or, given `granted_at` (the
-        `time.monotonic()` time the grant was asked for), `ttl / 3` seconds after it: a lease
-        just granted needs none sooner. The keeper reports when the lease expired, or must be
-        presumed expired (see `LeaseKeeper`). Raises `ValueError` for an id or ttl that is not
-        a positive int.
-        """
-        return self._keepalive.keep(lease_id, ttl, refreshing=True, since=granted_at)
-
-    def follow_lease(
-        self, lease_id: int, ttl: int, *, granted_at: float | None = None
-    ) -> LeaseKeeper:
-        """Follow lease `lease_id` (granted with `ttl` seconds) without refreshing it.
-
-        The keeper learns etcd's answers to `refresh_lease(lease_id)`: it says how long the
-        lease surely lives (`LeaseKeeper.alive_until`), and when it expired. `granted_at` is the
-        `time.monotonic()` time the lease was asked for (by default, now).
-        """
-        return self._keepalive.keep(lease_id, ttl, refreshing=False, since=granted_at)
-
-    async def refresh_lease(self, lease_id: int) -> None:
-        """Send one keep-alive for `lease_id` now on the shared stream, without awaiting the answer.
-
-        It is written by the connection's keep-alive task as soon as this coroutine yields
-        (a keep-alive sent alongside a write is on the wire with it). Raises `RendezvousError`
-        if the connection is closed.
-        """
-        self._keepalive.refresh(lease_id)
+        self._keepalive.revoking.add(lease_id)
+        try:
+            # Not found: it expired, or was revoked (perhaps by an attempt whose answer was lost).
+            with contextlib.suppress(RendezvousLeaseNotFoundError):
+                await self._unary(
+                    "lease",
+                    "LeaseRevoke",
+                    request,
+                    what=f"revoke lease {lease_id:x}",
+                    deadline=deadline,
+                )
+            self._keepalive.revoked(lease_id)
+        finally:
+            self._keepalive.revoking.discard(lease_id)
 
     async def txn(
         self,
@@ -458,7 +384,7 @@ class Connection:
             self._links,
             send,
             what=what,
-            deadline=self.deadline() if deadline is None else deadline,
+            deadline=read_deadline(self) if deadline is None else deadline,
             may_resend=_reads_only(success) and _reads_only(failure),
             key=keys[0].decode(errors="replace") if keys else None,
         )
@@ -500,7 +426,7 @@ class Connection:
                 self._open_watch, key=key, range_end=range_end, start_revision=next_revision
             )
             stream = await drive(
-                self._links, open_stream, what=f"watch {key!r}", deadline=self.deadline()
+                self._links, open_stream, what=f"watch {key!r}", deadline=read_deadline(self)
             )
             if broken is not None:
                 logger.info(
@@ -588,83 +514,108 @@ class Connection:
                 next_revision = event.kv.mod_revision + 1
                 yield event
 
-    async def first_change_after(
-        self, key: bytes, revision: int, *, deadline: float | None = None
-    ) -> WatchEvent:
-        """The first change of `key` after `revision`; the caller knows that there is one.
-
-        Raises `RendezvousConnectionError` if it does not come by `deadline`.
-        """
-        changes = self.watch(key, start_revision=revision + 1)
-        started = time.monotonic()
-        remaining = (self.deadline() if deadline is None else deadline) - started
-        try:
-            with anyio.fail_after(max(0.0, remaining)):
-                async for event in changes:
-                    return event
-        except TimeoutError:
-            pass
-        finally:
-            await changes.aclose()
-        waited = time.monotonic() - started
-        raise RendezvousConnectionError(
-            f"{CONNECTION_FAILED_MESSAGE}: the change of {key!r} after revision {revision} did "
-            f"not arrive within {waited:.1f} s.",
-            endpoints=tuple(map(str, self._endpoints)),
-            waited=waited,
-        )
-
 
 def connect(
-    endpoints: str | Sequence[str],
-    *,
-    protocol: str | None = None,
-    read_timeout: float = 60,
-    ca_cert: str | Path | None = None,
-    ssl_cert: str | Path | None = None,
-    ssl_cert_key: str | Path | None = None,
-    username: str | None = None,
-    password: str | None = None,
-    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    endpoints: str | Sequence[str] | ConnectionOptions, **options: Unpack[ConnectionKeywords]
 ) -> Connection:
     """Make a `Connection` to etcd; use it as `async with rdzv.connect(...) as connection:`.
 
-    Args:
-        endpoints: `"host:port"`, or several separated by commas, tried in order: the connection
-            moves to the next when one stops answering. The port defaults to 2379; IPv6
-            addresses go in brackets. An endpoint listed twice is used once. An `http://` or
-            `https://` prefix sets the protocol; the prefixes given must agree.
-        protocol: `"http"` or `"https"` (TLS), in any case. By default, the endpoints' prefix
-            decides, and without one it is http; given, it must agree with the prefix.
-        read_timeout: seconds that any one call may take, retries included: at most one day
-            (86400).
-        ca_cert: with https, the CA certificate that signed the server's (PEM file); the
-            system's trusted CAs if omitted.
-        ssl_cert: with https, a client certificate (PEM file), for servers that require one.
-        ssl_cert_key: the client certificate's private key (PEM file).
-        username: an etcd user, when etcd has authentication enabled.
-        password: that user's password.
-        max_in_flight: requests the connection has in flight at most; more wait for a free
-            slot. etcd answers "too many requests" to thousands at once.
-        connect_timeout: seconds that a call may take while no endpoint has answered yet
-            (default 5, at most a day): a refused or mistyped endpoint fails this soon, naming
-            each endpoint and why. Once etcd has answered, calls ride out restarts and failovers
-            within `read_timeout` (the shorter of the two applies before).
+    `endpoints` is a `ConnectionOptions`, or its first argument with the others as keywords
+    (`protocol`, `read_timeout`, `connect_timeout`, `max_in_flight`, `ca_cert`, `ssl_cert`,
+    `ssl_cert_key`, `username`, `password`): see `ConnectionOptions` for each.
 
     Bad arguments raise `ValueError` here, before anything is sent. Entering the connection
     checks that etcd answers, and raises `RendezvousConnectionError` within `connect_timeout`
     if it does not (`RendezvousAuthError` if it rejects the credentials).
     """
-    return Connection(
-        endpoints,
-        protocol=protocol,
-        read_timeout=read_timeout,
-        ca_cert=ca_cert,
-        ssl_cert=ssl_cert,
-        ssl_cert_key=ssl_cert_key,
-        username=username,
-        password=password,
-        max_in_flight=max_in_flight,
-        connect_timeout=connect_timeout,
+    return Connection(endpoints, **options)
+
+
+# ---------------------------------------------------------------------- rdzv's own plumbing
+# Functions of a connection that rdzv's own objects call, and users have no use for: they are
+# not methods, so that the public `Connection` shows only what a user may call.
+
+
+def read_deadline(connection: Connection) -> float:
+    """The monotonic time by which a call on `connection` starting now must finish."""
+    return time.monotonic() + connection.read_timeout
+
+
+async def suspend(connection: Connection) -> None:
+    """Close the channel and hold new calls until `resume(connection)` (before a fork).
+
+    Calls in progress end on the closed channel and are retried, or for a write resolved, once
+    the connection resumes, within their own read timeout. Kept leases are refreshed again
+    after `resume`.
+    """
+    await connection._keepalive.suspend()
+    await connection._links.suspend()
+
+
+def resume(connection: Connection) -> None:
+    """Let calls held by `suspend(connection)` go on; they open a new channel."""
+    connection._links.resume()
+    connection._keepalive.resume()
+
+
+def keep_alive(
+    connection: Connection, lease_id: int, ttl: int, *, granted_at: float | None = None
+) -> LeaseKeeper:
+    """Keep lease `lease_id` (granted with `ttl` s) alive in the background until released.
+
+    Every lease of the connection is refreshed on one shared LeaseKeepAlive stream, every
+    `ttl / 3` seconds. The first refresh is at once, or, given `granted_at` (the
+    `time.monotonic()` time the grant was asked for), `ttl / 3` seconds after it: a lease just
+    granted needs none sooner. The keeper reports when the lease expired, or must be presumed
+    expired (see `LeaseKeeper`). Raises `ValueError` for an id or ttl that is not a positive int.
+    """
+    return connection._keepalive.keep(lease_id, ttl, refreshing=True, since=granted_at)
+
+
+def follow_lease(
+    connection: Connection, lease_id: int, ttl: int, *, granted_at: float | None = None
+) -> LeaseKeeper:
+    """Follow lease `lease_id` (granted with `ttl` seconds) without refreshing it.
+
+    The keeper learns etcd's answers to `refresh_lease(connection, lease_id)`: it says how long
+    the lease surely lives (`LeaseKeeper.alive_until`), and when it expired. `granted_at` is the
+    `time.monotonic()` time the lease was asked for (by default, now).
+    """
+    return connection._keepalive.keep(lease_id, ttl, refreshing=False, since=granted_at)
+
+
+async def refresh_lease(connection: Connection, lease_id: int) -> None:
+    """Send one keep-alive for `lease_id` now on the shared stream, without awaiting the answer.
+
+    It is written by the connection's keep-alive task as soon as this coroutine yields (a
+    keep-alive sent alongside a write is on the wire with it). Raises `RendezvousError` if the
+    connection is closed.
+    """
+    connection._keepalive.refresh(lease_id)
+
+
+async def first_change_after(
+    connection: Connection, key: bytes, revision: int, *, deadline: float | None = None
+) -> WatchEvent:
+    """The first change of `key` after `revision`; the caller knows that there is one.
+
+    Raises `RendezvousConnectionError` if it does not come by `deadline`.
+    """
+    changes = connection.watch(key, start_revision=revision + 1)
+    started = time.monotonic()
+    remaining = (read_deadline(connection) if deadline is None else deadline) - started
+    try:
+        with anyio.fail_after(max(0.0, remaining)):
+            async for event in changes:
+                return event
+    except TimeoutError:
+        pass
+    finally:
+        await changes.aclose()
+    waited = time.monotonic() - started
+    raise RendezvousConnectionError(
+        f"{CONNECTION_FAILED_MESSAGE}: the change of {key!r} after revision {revision} did "
+        f"not arrive within {waited:.1f} s.",
+        endpoints=tuple(map(str, connection.endpoints)),
+        waited=waited,
     )

@@ -33,7 +33,6 @@ import dataclasses
 import heapq
 import itertools
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -45,7 +44,7 @@ from aetcd import rpc
 
 from rdzv._errors import RendezvousError
 from rdzv._etcd import _calls
-from rdzv._etcd._attempts import INITIAL_BACKOFF, drive, task_cancelling
+from rdzv._etcd._attempts import INITIAL_BACKOFF, backoff, drive, task_cancelling
 from rdzv._etcd._classify import Kind, classify, fields, synthetic
 from rdzv._etcd._links import Link, Links
 
@@ -198,7 +197,10 @@ class LeaseKeeper:
         # when its writer stops writing, and a revoked one was meant to go.
         level = (
             logging.WARNING
-            if self._refreshing and not self._released and why != _REVOKED
+            if self._refreshing
+            and not self._released
+            and why != _REVOKED
+            and self.lease_id not in self._owner.revoking
             else logging.DEBUG
         )
         if logger.isEnabledFor(level):
@@ -268,6 +270,9 @@ class KeepAlive:
         # Cancels a gRPC call and waits until gRPC is done with it (`_connection._finish`).
         self._finish = finish
         self._keepers: dict[int, list[LeaseKeeper]] = {}
+        # Leases whose revoke is on its way: a keep-alive answered after etcd applied it says
+        # the lease is gone before the revoke's own answer does, and that is no news.
+        self.revoking: set[int] = set()
         self._heap: list[tuple[float, int, LeaseKeeper]] = []
         self._order = itertools.count()  # ties in the heap never compare keepers
         self._urgent: dict[int, None] = {}  # lease ids to refresh at once, in order
@@ -484,8 +489,7 @@ class KeepAlive:
                     error,
                     extra={"rdzv_endpoint": error.endpoint, "rdzv_code": error.code},
                 )
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                return min(delay * 2, _MAX_REOPEN_DELAY)
+                return await backoff(delay, cap=_MAX_REOPEN_DELAY)
         sent_at = time.monotonic()
         for index, lease_id in enumerate(batch):
             # Recorded before the write: its answer may be read before the write returns.
@@ -507,8 +511,7 @@ class KeepAlive:
         """After `broken` broke: pause if it lived briefly; return the next pause."""
         if time.monotonic() - broken.opened_at >= _STABLE_SECONDS:
             return INITIAL_BACKOFF
-        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-        return min(delay * 2, _MAX_REOPEN_DELAY)
+        return await backoff(delay, cap=_MAX_REOPEN_DELAY)
 
     def _requeue(self, lease_ids: list[int]) -> None:
         for lease_id in lease_ids:

@@ -25,7 +25,6 @@ a round of their own. After completion the coordinator keeps watching the member
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import itertools
@@ -40,11 +39,21 @@ import anyio.abc
 from rdzv._errors import (
     RendezvousCompactedError,
     RendezvousError,
-    RendezvousOutcomeUnknownError,
     RendezvousStateError,
     RendezvousWatchCompactedError,
 )
-from rdzv._etcd import Compare, Connection, Delete, Get, KeyValue, Put
+from rdzv._etcd import (
+    Compare,
+    Connection,
+    Delete,
+    Get,
+    KeyValue,
+    Put,
+    TxnResult,
+    answer_itself,
+    read_deadline,
+    settle,
+)
 from rdzv._rendezvous._control import RoundControl
 from rdzv._rendezvous._layout import (
     Decision,
@@ -272,15 +281,12 @@ class Coordinator:
                 if count >= self._settings.min_nodes:
                     assert last_call_from is not None
                     remaining = last_call_from + self._settings.last_call_timeout - time.monotonic()
+                    timeout = remaining
                     if count >= self._settings.max_nodes or remaining <= 0:
                         completed = await self._complete(self._members)
                         if completed is not None:
                             return completed
-                        # Not yet: the answer was lost (look again shortly: a landed attempt
-                        # is then refused, and says so), or the previous round is not over
-                        # (woken when it is).
-                        remaining = 0.05 if self._previous_empty else None
-                    timeout = remaining
+                        timeout = None  # the previous round is not over: woken when it is
             await self._sleep_until_woken(timeout)
 
     async def _complete(self, members: dict[bytes, KeyValue]) -> bool | None:
@@ -292,36 +298,18 @@ class Coordinator:
         chosen = sorted(members.values(), key=lambda kv: kv.create_revision)
         chosen = chosen[: self._settings.max_nodes]
         layout, number = self._layout, self._number
-        value = encode_decision(self._decision(chosen))
-        compare = [
-            Compare.absent(layout.closed),
-            latest_is(layout, number - 1),
-            Compare.mod_revision_is(layout.coordinator(number), self._revision),
-        ]
-        success: list[Put | Delete] = [
-            Put(layout.done(number), value),
-            Put(layout.latest, b"%d" % number),
-            Put(layout.size(number), b"%d" % len(chosen)),
-        ]
-        if number > 1:
-            compare.append(Compare.prefix_empty(layout.members(number - 1)))
-            success.append(Delete(layout.round(number - 1), prefix=True))
-        try:
-            result = await self._connection.txn(
-                compare,
-                success,
-                [
-                    Get(layout.members(number - 1), prefix=True, count_only=True),
-                    Get(layout.latest),
-                    Get(layout.closed),
-                    Get(layout.coordinator(number)),
-                ],
-                what=f"complete round {number}",
+        compare, success, failure = self._completion(chosen)
+        deadline = read_deadline(self._connection)
+
+        async def send() -> TxnResult:
+            what = f"complete round {number}"
+            return await self._connection.txn(
+                compare, success, failure, what=what, deadline=deadline
             )
-        except RendezvousOutcomeUnknownError:
-            # Try again: if it landed, `latest` moved on and the next attempt is refused.
-            return None
-        if result.succeeded:
+
+        async def answered(result: TxnResult, _: bool) -> bool | None:
+            if not result.succeeded:
+                return self._refused(result.counts[0], *result.ranges[1:])
             self._chosen = {kv.key for kv in chosen}
             logger.info(
                 "round %d completed with %d members",
@@ -333,7 +321,36 @@ class Coordinator:
                 },
             )
             return True
-        return self._refused(result.counts[0], *result.ranges[1:])
+
+        # A lost answer is sent again: if an earlier copy landed, `latest` moved on, and the
+        # next one is refused and says so (`_refused`).
+        return await settle(send, answered=answered, deadline=deadline)
+
+    def _completion(
+        self, chosen: list[KeyValue]
+    ) -> tuple[list[Compare], list[Put | Delete], list[Get]]:
+        """The transaction that completes the round with `chosen`: compare, success, failure."""
+        layout, number = self._layout, self._number
+        compare = [
+            Compare.absent(layout.closed),
+            latest_is(layout, number - 1),
+            Compare.mod_revision_is(layout.coordinator(number), self._revision),
+        ]
+        success: list[Put | Delete] = [
+            Put(layout.done(number), encode_decision(self._decision(chosen))),
+            Put(layout.latest, b"%d" % number),
+            Put(layout.size(number), b"%d" % len(chosen)),
+        ]
+        if number > 1:
+            compare.append(Compare.prefix_empty(layout.members(number - 1)))
+            success.append(Delete(layout.round(number - 1), prefix=True))
+        failure = [
+            Get(layout.members(number - 1), prefix=True, count_only=True),
+            Get(layout.latest),
+            Get(layout.closed),
+            Get(layout.coordinator(number)),
+        ]
+        return compare, success, failure
 
     def _decision(self, chosen: list[KeyValue]) -> Decision:
         """The decision that makes `chosen` (in rank order) the round's members."""
@@ -402,23 +419,32 @@ class Coordinator:
             current = self._members if self._members is not None else {}
             gone = sorted(keys - current.keys()) if keys is not None else [b"unknown"]
             if self._members is not None and gone:
+                await self._write_departed(done, gone[0])
+                logger.info(
+                    "a member left round %d: %d of %d are gone",
+                    self._number,
+                    len(gone),
+                    len(keys) if keys is not None else self._control.decision(done).size,
+                )
+                return
+            await self._sleep_until_woken(None)
+
+    async def _write_departed(self, done: KeyValue, gone: bytes) -> None:
+        """Write `departed` (the name of the member key `gone`) while `done` exists."""
+        deadline = read_deadline(self._connection)
+
+        async def send() -> TxnResult:
+            return await self._connection.txn(
                 # Only while `done` exists: once the next round completed and deleted this
                 # round's keys, a `departed` key would be left behind for ever.
-                with contextlib.suppress(RendezvousOutcomeUnknownError):
-                    await self._connection.txn(
-                        [Compare(done.key, "create_revision", ">", 0)],
-                        [Put(self._layout.departed(self._number), gone[0].rsplit(b"/", 1)[-1])],
-                        what=f"report a departure from round {self._number}",
-                    )
-                    logger.info(
-                        "a member left round %d: %d of %d are gone",
-                        self._number,
-                        len(gone),
-                        len(keys) if keys is not None else self._control.decision(done).size,
-                    )
-                    return
-                continue  # the answer was lost: writing the same key again is harmless
-            await self._sleep_until_woken(None)
+                [Compare(done.key, "create_revision", ">", 0)],
+                [Put(self._layout.departed(self._number), gone.rsplit(b"/", 1)[-1])],
+                what=f"report a departure from round {self._number}",
+                deadline=deadline,
+            )
+
+        # Writing the same key again is harmless: a lost answer is sent again.
+        await settle(send, answered=answer_itself, deadline=deadline)
 
     async def _chosen_keys(self, decision: Decision) -> set[bytes] | None:
         """The keys of the round's members: ours if we chose them, else listed or read.

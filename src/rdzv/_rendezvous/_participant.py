@@ -24,14 +24,27 @@ import anyio
 from rdzv._errors import (
     RendezvousClosedError,
     RendezvousCompactedError,
-    RendezvousConnectionError,
     RendezvousError,
     RendezvousLeaseNotFoundError,
     RendezvousOutcomeUnknownError,
     RendezvousStateError,
     RendezvousTimeoutError,
 )
-from rdzv._etcd import Compare, Connection, Get, KeyValue, Nested, Put
+from rdzv._etcd import (
+    AGAIN,
+    Again,
+    Compare,
+    Connection,
+    Get,
+    KeyValue,
+    Nested,
+    Put,
+    TxnResult,
+    answer_itself,
+    keep_alive,
+    read_deadline,
+    settle,
+)
 from rdzv._etcd._keepalive import LeaseKeeper
 from rdzv._etcd._values import Delete
 from rdzv._rendezvous._control import RoundControl, Seen, round_control
@@ -59,7 +72,6 @@ logger = logging.getLogger("rdzv.rendezvous")
 _MAX_TIMEOUT: Final = 86_400 * 365
 _MAX_LEASE_TTL: Final = 86_400
 _RETRY_COORDINATION: Final = 1.0
-_RESEND_PAUSE: Final = 0.1  # before sending again a join whose answer was lost
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +106,9 @@ class _Absent(enum.Enum):
 
 _ABSENT: Final = _Absent.ABSENT
 """Our key is not in the round we tried to join (a join whose answer was lost never landed)."""
+
+_Entered = tuple[int, Seen | None, int | _Absent | None]
+"""What a join's transaction found: the round, its control keys, our arrival number."""
 
 
 def _positive_int(name: str, value: object, *, minimum: int, maximum: int) -> int:
@@ -208,7 +223,9 @@ class AsyncRendezvous:
         `RendezvousTimeoutError` after `join_timeout` seconds (the node then leaves the round it
         waited in), `RendezvousClosedError` if the rendezvous is closed, and
         `RendezvousConnectionError` if etcd does not answer within the connection's read
-        timeout. `ValueError` if `node_info` is not bytes or longer than `max_node_info`.
+        timeout (`RendezvousOutcomeUnknownError`, a subclass, if a join whose answer was lost
+        could not be settled in that time; the node then withdraws whatever of it landed).
+        `ValueError` if `node_info` is not bytes or longer than `max_node_info`.
         """
         if not isinstance(node_info, bytes | bytearray):
             raise ValueError(f"node_info must be bytes, not {type(node_info).__name__}.")
@@ -280,7 +297,7 @@ class AsyncRendezvous:
                     extra={"rdzv_lease": keeper.lease_id},
                 )
                 self._abandoned = None
-                self._keeper = self._connection.keep_alive(keeper.lease_id, self._lease_ttl)
+                self._keeper = keep_alive(self._connection, keeper.lease_id, self._lease_ttl)
                 return self._keeper
             self._abandoned = None  # gone, and our keys with it
         if self._abandoned is not None:
@@ -288,7 +305,7 @@ class AsyncRendezvous:
             self._abandoned = None
         asked = time.monotonic()
         lease_id = await self._connection.grant_lease(self._lease_ttl)
-        self._keeper = self._connection.keep_alive(lease_id, self._lease_ttl, granted_at=asked)
+        self._keeper = keep_alive(self._connection, lease_id, self._lease_ttl, granted_at=asked)
         return self._keeper
 
     def _drop_lease(self) -> None:
@@ -303,82 +320,94 @@ class AsyncRendezvous:
             self._abandoned = self._keeper.lease_id
         self._drop_lease()
 
-    async def _enter(
-        self, keeper: LeaseKeeper, info: bytes
-    ) -> tuple[int, Seen | None, int | _Absent | None]:
+    async def _enter(self, keeper: LeaseKeeper, info: bytes) -> _Entered:
         """Put our key into the open round: its number, its control keys, our arrival number.
 
         The arrival number is `_ABSENT` if our key is not in the round. The control keys, read
         in the same transaction, save the waiter a read: its watch starts there. They say
         whether we hold the coordinator key, so a copy of our join that landed late and took it
-        is recognised as our own. A join whose answer was lost is sent
-        again: the same key, value and lease, so a copy that lands late (or twice) changes
+        is recognised as our own. A join whose answer was lost is sent again, within the read
+        timeout: the same key, value and lease, so a copy that lands late (or twice) changes
         nothing, and the key's create revision (our rank) stays that of the first to land.
         The control keys are None if we only know that a lost join may have landed.
         """
         layout, lease = self._layout, keeper.lease_id
-        unknown: RendezvousOutcomeUnknownError | None = None
-        while True:
+        deadline = read_deadline(self._connection)
+        number = self._latest + 1  # the round of the attempt just sent
+
+        async def send() -> TxnResult:
+            nonlocal number
             number = self._latest + 1
+            compare, success, failure = self._join_request(number, lease, info)
+            what = f"join round {number} of {self._run_id!r}"
+            return await self._connection.txn(
+                compare, success, failure, what=what, deadline=deadline
+            )
+
+        async def lost() -> Again:
             key = layout.member(number, lease)
-            coordinator = layout.coordinator(number)
-            # Leaving our previous round, and any key a lost join may have left, atomically.
-            success: list[Put | Delete | Nested | Get] = [
-                Delete(old) for old in self._keys if old != key
-            ]
-            take = Put(coordinator, member_name(lease), lease)
-            counter = layout.arrivals(number)
-            success += [
-                Put(key, info, lease),
-                Put(counter, b""),  # its version is now our arrival number
-                Nested((Compare.absent(coordinator),), (take,)),
-                Get(counter),
-                Get(key),
-                Get(layout.control(number), prefix=True),
-            ]
-            try:
-                result = await self._connection.txn(
-                    [Compare.absent(layout.closed), latest_is(layout, number - 1)],
-                    success,
-                    [Get(layout.latest), Get(layout.closed)],
-                    what=f"join round {number} of {self._run_id!r}",
-                )
-            except RendezvousOutcomeUnknownError as error:
-                unknown = error
-                if key not in self._keys:
-                    self._keys.append(key)
-                await asyncio.sleep(_RESEND_PAUSE)
-                continue  # send it again (bounded by the join timeout): see above
-            except RendezvousConnectionError as error:
-                if unknown is not None:
-                    raise unknown from error  # an earlier attempt may have landed
-                raise
+            if key not in self._keys:
+                self._keys.append(key)  # ours to delete: a copy may land after we give up
+            return AGAIN  # the same key, value and lease: see above
+
+        async def answered(result: TxnResult, after_lost: bool) -> _Entered | Again:
             if result.succeeded:
-                self._keys = [key]
+                self._keys = [layout.member(number, lease)]
                 [arrivals], [ours], control = result.ranges[-3:]
+                seen = (control, result.revision)
                 if ours.create_revision == result.revision:
-                    return number, (control, result.revision), arrivals.version
+                    return number, seen, arrivals.version
                 # Put again: the arrival that counts is the first copy's.
-                return number, (control, result.revision), await self._arrival(number, ours)
+                return number, seen, await self._arrival(number, ours, deadline)
             latest, closed = result.ranges
             if closed:
                 raise self._closed_error()
             self._latest = self._refused_join(number, latest)
-            if unknown is not None and self._latest == number:
+            if after_lost and self._latest == number:
                 # A lost attempt may have landed before the round completed: our key says.
-                landed = await self._connection.get(key)
+                key = layout.member(number, lease)
+                landed = await self._connection.get(key, deadline=deadline)
                 if landed is None:
                     return number, None, _ABSENT
-                return number, None, await self._arrival(number, landed)
+                return number, None, await self._arrival(number, landed, deadline)
+            return AGAIN
 
-    async def _arrival(self, number: int, ours: KeyValue) -> int | None:
+        return await settle(send, answered=answered, lost=lost, deadline=deadline)
+
+    def _join_request(
+        self, number: int, lease: int, info: bytes
+    ) -> tuple[list[Compare], list[Put | Delete | Nested | Get], list[Get]]:
+        """The join transaction of round `number`: compare, success and failure."""
+        layout = self._layout
+        key = layout.member(number, lease)
+        coordinator = layout.coordinator(number)
+        # Leaving our previous round, and any key a lost join may have left, atomically.
+        success: list[Put | Delete | Nested | Get] = [
+            Delete(old) for old in self._keys if old != key
+        ]
+        take = Put(coordinator, member_name(lease), lease)
+        counter = layout.arrivals(number)
+        success += [
+            Put(key, info, lease),
+            Put(counter, b""),  # its version is now our arrival number
+            Nested((Compare.absent(coordinator),), (take,)),
+            Get(counter),
+            Get(key),
+            Get(layout.control(number), prefix=True),
+        ]
+        compare = [Compare.absent(layout.closed), latest_is(layout, number - 1)]
+        return compare, success, [Get(layout.latest), Get(layout.closed)]
+
+    async def _arrival(self, number: int, ours: KeyValue, deadline: float) -> int | None:
         """The arrival number of the join that created our key `ours` (None: unknown now).
 
         The counter, read as it was at the key's creation: the join put both.
         """
         counter = self._layout.arrivals(number)
         try:
-            kv = await self._connection.get(counter, revision=ours.create_revision)
+            kv = await self._connection.get(
+                counter, revision=ours.create_revision, deadline=deadline
+            )
         except RendezvousCompactedError:
             return None  # etcd no longer knows: unless the round lists ids, we are not a member
         return kv.version if kv is not None and kv.mod_revision == ours.create_revision else None
@@ -519,8 +548,10 @@ class AsyncRendezvous:
                     extra={"rdzv_key": coordinator.decode(errors="backslashreplace")},
                 )
             key = self._layout.member(number, lease)
-            try:
-                result = await self._connection.txn(
+            deadline = read_deadline(self._connection)
+
+            async def send() -> TxnResult:
+                return await self._connection.txn(
                     # Also after completion: the coordinator then reports departures.
                     [
                         Compare.mod_revision_is(coordinator, seen.mod_revision if seen else 0),
@@ -528,12 +559,19 @@ class AsyncRendezvous:
                     ],
                     [Put(coordinator, member_name(lease), lease)],
                     what=f"take over the coordination of round {number}",
+                    deadline=deadline,
                 )
-                revision = result.revision if result.succeeded else None
-            except RendezvousOutcomeUnknownError:
+
+            async def answered(result: TxnResult, _: bool) -> int | None:
+                return result.revision if result.succeeded else None
+
+            async def lost() -> int | None:
                 # If it lands later, the mirror shows the key and we adopt it (`_adopt`).
-                taken = await self._connection.get(coordinator)
-                revision = _held_by((taken,) if taken else (), lease)
+                taken = await self._connection.get(coordinator, deadline=deadline)
+                return _held_by((taken,) if taken else (), lease)
+
+            try:
+                revision = await settle(send, answered=answered, lost=lost, deadline=deadline)
             except RendezvousLeaseNotFoundError:
                 return  # our lease is gone: the waiter learns it from the keeper
             keeper = self._keeper
@@ -609,33 +647,45 @@ class AsyncRendezvous:
         number, self._waiting = self._waiting, None
         # Still ours to delete in the next join: a copy of a lost join may land after this.
         keys = list(self._keys)
+        # Shielded, so one deadline for it all: it never outlasts a read timeout.
+        deadline = read_deadline(self._connection)
         with anyio.CancelScope(shield=True):
             try:
                 if number is not None:
-                    await self._resign(number)
+                    await self._resign(number, deadline)
                 for key in keys:
-                    await self._connection.delete(key)
+                    await self._connection.delete(key, deadline=deadline)
             except RendezvousError:
                 # Our keys expire with the lease, within lease_ttl; the next join revokes it
                 # before it writes on another one.
                 self._abandon_lease()
 
-    async def _resign(self, number: int) -> None:
+    async def _resign(self, number: int, deadline: float) -> None:
         """Stop coordinating round `number`, and free its coordinator key for a waiter."""
         task = self._coordinating.pop(number, None)
         if task is not None:
-            await _stop([task], self._connection.read_timeout)
+            await _stop([task], deadline - time.monotonic())
         if self._keeper is not None:
-            await self._free_coordinator_key(number, self._keeper.lease_id)
+            await self._free_coordinator_key(number, self._keeper.lease_id, deadline)
 
-    async def _free_coordinator_key(self, number: int, lease: int) -> None:
+    async def _free_coordinator_key(
+        self, number: int, lease: int, deadline: float | None = None
+    ) -> None:
         coordinator = self._layout.coordinator(number)
-        with contextlib.suppress(RendezvousOutcomeUnknownError):  # deleting is idempotent
-            await self._connection.txn(
+        limit = read_deadline(self._connection) if deadline is None else deadline
+
+        async def send() -> TxnResult:
+            return await self._connection.txn(
                 [Compare.value_is(coordinator, member_name(lease))],
                 [Delete(coordinator)],
                 what=f"resign the coordination of round {number}",
+                deadline=limit,
             )
+
+        # Deleting twice is harmless: a lost answer is sent again; if etcd never says, the key
+        # goes with our lease.
+        with contextlib.suppress(RendezvousOutcomeUnknownError):
+            await settle(send, answered=answer_itself, deadline=limit)
 
     def _closed_error(self) -> RendezvousClosedError:
         return RendezvousClosedError(
@@ -724,31 +774,30 @@ class AsyncRendezvous:
         not be closed, `RendezvousConnectionError` if nothing was written.
         """
         layout = self._layout
-        deadline = self._connection.deadline()
+        deadline = read_deadline(self._connection)
         number = self._latest  # a guess of the latest round; the transaction checks it
-        unknown: RendezvousOutcomeUnknownError | None = None
-        while True:
-            try:
-                result = await self._connection.txn(
-                    # No round completes after `closed` (completing compares it), so the open
-                    # round is the one after `latest`.
-                    [latest_is(layout, number)],
-                    [Put(layout.closed, b"closed"), Put(layout.closed_in(number + 1), b"closed")],
-                    [Get(layout.latest)],
-                    what=f"close {self._run_id!r}",
-                    deadline=deadline,
-                )
-            except RendezvousOutcomeUnknownError as error:
-                unknown = error
-                continue  # closing twice is harmless: send it again, within the deadline
-            except RendezvousConnectionError as error:
-                if unknown is not None:
-                    raise unknown from error  # an earlier attempt may have landed
-                raise
+
+        async def send() -> TxnResult:
+            return await self._connection.txn(
+                # No round completes after `closed` (completing compares it), so the open round
+                # is the one after `latest`.
+                [latest_is(layout, number)],
+                [Put(layout.closed, b"closed"), Put(layout.closed_in(number + 1), b"closed")],
+                [Get(layout.latest)],
+                what=f"close {self._run_id!r}",
+                deadline=deadline,
+            )
+
+        async def answered(result: TxnResult, _: bool) -> Again | None:
+            nonlocal number
             if result.succeeded:
-                break
+                return None
             [latest] = result.ranges
             number = round_number(latest[0].value if latest else None, key=layout.latest)
+            return AGAIN
+
+        # Closing twice is harmless: a lost answer is sent again, all within one deadline.
+        await settle(send, answered=answered, deadline=deadline)
         logger.info("closed the rendezvous %r", self._run_id)
 
     async def is_closed(self) -> bool:
@@ -765,7 +814,7 @@ class AsyncRendezvous:
         self._left = True
         if self._join_scope is not None:
             self._join_scope.cancel()
-        deadline = self._connection.deadline()
+        deadline = read_deadline(self._connection)
         await _stop(list(self._coordinating.values()), deadline - time.monotonic())
         keeper, self._keeper, self._keys = self._keeper, None, []
         leases = [keeper.lease_id] if keeper is not None else []
