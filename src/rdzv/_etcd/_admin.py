@@ -12,15 +12,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import anyio
-import grpc
 from aetcd import rpc
 
 from rdzv._errors import RendezvousAuthError, RendezvousError
 from rdzv._etcd import _calls
-from rdzv._etcd._attempts import Refused, drive
-from rdzv._etcd._classify import is_auth_refusal, synthetic
+from rdzv._etcd._attempts import drive
 from rdzv._etcd._connection import Connection, _finish, read_deadline
+from rdzv._etcd._connection import open_watch as open_stream
 from rdzv._etcd._links import Link, Links
 
 __all__ = [
@@ -145,22 +143,7 @@ async def open_watch(connection: Connection, key: bytes) -> None:
     links = _links(connection)
 
     async def send(link: Link, timeout: float) -> None:
-        call = link.watch.Watch(metadata=links.metadata(require_leader=True))
-        try:
-            create = rpc.WatchCreateRequest(key=key)
-            await _calls.write(call, rpc.WatchRequest(create_request=create))
-            try:
-                with anyio.fail_after(timeout):  # not wait_for: see _keepalive._open_stream
-                    response = await _calls.read(call)
-            except TimeoutError:
-                raise synthetic(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer to a watch") from None
-            if response is grpc.aio.EOF:
-                raise synthetic(grpc.StatusCode.UNAVAILABLE, "the watch stream ended")
-            links.verify(link, response.header)
-            if response.canceled:
-                reason = str(response.cancel_reason)
-                raise Refused(reason, auth=is_auth_refusal(reason))
-        finally:
-            await _finish(call)
+        stream = await open_stream(links, link, timeout, key=key)
+        await _finish(stream.call)
 
     await drive(links, send, what=f"watch {key!r}", deadline=read_deadline(connection))

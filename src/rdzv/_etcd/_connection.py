@@ -122,6 +122,39 @@ def _compacted(key: bytes, start_revision: int, response: Any) -> RendezvousWatc
     )
 
 
+async def open_watch(
+    links: Links,
+    link: Link,
+    timeout: float,
+    *,
+    key: bytes,
+    range_end: bytes = b"",
+    start_revision: int = 0,
+) -> _WatchStream:
+    """Create a watch on `link` and wait for etcd to confirm it (the caller ends its call)."""
+    call = link.watch.Watch(metadata=links.metadata(require_leader=True))
+    try:
+        create = rpc.WatchCreateRequest(key=key, range_end=range_end, start_revision=start_revision)
+        await _calls.write(call, rpc.WatchRequest(create_request=create))
+        try:
+            with anyio.fail_after(timeout):  # not wait_for: see _keepalive._open_stream
+                response = await _calls.read(call)
+        except TimeoutError:
+            raise synthetic(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer to a watch") from None
+        if response is grpc.aio.EOF:
+            raise synthetic(grpc.StatusCode.UNAVAILABLE, "the watch stream ended")
+        links.verify(link, response.header)
+        if response.compact_revision:
+            raise _compacted(key, start_revision, response)
+        if response.canceled:
+            reason = str(response.cancel_reason)
+            raise Refused(reason, auth=is_auth_refusal(reason))
+    except BaseException:
+        await _finish(call)
+        raise
+    return _WatchStream(call=call, link=link, first=_events(response))
+
+
 class Connection:
     """A connection to an etcd cluster, shared by any number of backends and stores.
 
@@ -423,7 +456,11 @@ class Connection:
         broken: Endpoint | None = None
         while True:
             open_stream = functools.partial(
-                self._open_watch, key=key, range_end=range_end, start_revision=next_revision
+                open_watch,
+                self._links,
+                key=key,
+                range_end=range_end,
+                start_revision=next_revision,
             )
             stream = await drive(
                 self._links, open_stream, what=f"watch {key!r}", deadline=read_deadline(self)
@@ -452,34 +489,6 @@ class Connection:
             finally:
                 await _finish(stream.call)
                 del stream  # its channel may be retired: let it go (see Links.suspend)
-
-    async def _open_watch(
-        self, link: Link, timeout: float, *, key: bytes, range_end: bytes, start_revision: int
-    ) -> _WatchStream:
-        """Create a watch on `link` and wait for etcd to confirm it."""
-        call = link.watch.Watch(metadata=self._links.metadata(require_leader=True))
-        try:
-            create = rpc.WatchCreateRequest(
-                key=key, range_end=range_end, start_revision=start_revision
-            )
-            await _calls.write(call, rpc.WatchRequest(create_request=create))
-            try:
-                with anyio.fail_after(timeout):  # not wait_for: see _keepalive._open_stream
-                    response = await _calls.read(call)
-            except TimeoutError:
-                raise synthetic(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer to a watch") from None
-            if response is grpc.aio.EOF:
-                raise synthetic(grpc.StatusCode.UNAVAILABLE, "the watch stream ended")
-            self._links.verify(link, response.header)
-            if response.compact_revision:
-                raise _compacted(key, start_revision, response)
-            if response.canceled:
-                reason = str(response.cancel_reason)
-                raise Refused(reason, auth=is_auth_refusal(reason))
-        except BaseException:
-            await _finish(call)
-            raise
-        return _WatchStream(call=call, link=link, first=_events(response))
 
     async def _follow(
         self, stream: _WatchStream, key: bytes, next_revision: int
