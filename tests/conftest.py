@@ -54,6 +54,19 @@ def proxy(etcd_endpoints: str) -> Iterator[FaultProxy]:
 
 
 @pytest.fixture
+def proxied_read_timeout() -> float:
+    """The read timeout of `proxied`; a test module overrides this fixture to change it."""
+    return 2.0
+
+
+@pytest.fixture
+async def proxied(proxy: FaultProxy, proxied_read_timeout: float) -> AsyncIterator[rdzv.Connection]:
+    """A connection to the session's etcd through `proxy` alone."""
+    async with rdzv.connect(proxy.endpoint, read_timeout=proxied_read_timeout) as connection:
+        yield connection
+
+
+@pytest.fixture
 def store_prefix(etcd_key_prefix: str) -> str:
     """A store prefix of this test's own."""
     return f"{etcd_key_prefix}/store/"

@@ -383,3 +383,15 @@ class RdzvProcess:
         self.popen.wait(timeout=10)
         for lines in (self.stdout, self.stderr):
             lines.close()
+
+
+async def remaining_until(
+    connection: rdzv.Connection, lease_id: int, done: Callable[[int], bool], *, wait: float = 5.0
+) -> int:
+    """Read the lease's remaining seconds until `done(remaining)`; fail after `wait` seconds."""
+    with anyio.fail_after(wait):
+        while True:
+            remaining = await connection.lease_time_to_live(lease_id)
+            if done(remaining):
+                return remaining
+            await anyio.sleep(0.02)

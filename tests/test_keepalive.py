@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
 
 import aetcd
 import anyio
@@ -13,6 +12,7 @@ import pytest
 import rdzv
 from rdzv._etcd import LeaseKeeper, keep_alive, refresh_lease, resume, suspend
 from rdzv.testing import FaultProxy
+from support import remaining_until
 
 pytestmark = pytest.mark.anyio
 
@@ -41,28 +41,9 @@ async def _until_answered(keeper: LeaseKeeper) -> None:
             await anyio.sleep(0.01)
 
 
-async def _remaining_until(
-    connection: rdzv.Connection, lease_id: int, done: Callable[[int], bool]
-) -> int:
-    """Read the lease's remaining seconds until `done(remaining)`; fail after WAIT seconds."""
-    with anyio.fail_after(WAIT):
-        while True:
-            remaining = await connection.lease_time_to_live(lease_id)
-            if done(remaining):
-                return remaining
-            await anyio.sleep(0.05)
-
-
 async def _alive(connection: rdzv.Connection, lease_id: int) -> bool:
     """Whether etcd still has the lease."""
     return await connection.lease_time_to_live(lease_id) > 0
-
-
-@pytest.fixture
-async def proxied(proxy: FaultProxy) -> AsyncIterator[rdzv.Connection]:
-    """A connection to the session's etcd through the proxy."""
-    async with rdzv.connect(proxy.endpoint, read_timeout=2) as connection:
-        yield connection
 
 
 async def test_kept_lease_outlives_its_ttl(connection: rdzv.Connection) -> None:
@@ -86,7 +67,7 @@ async def test_released_lease_expires(connection: rdzv.Connection) -> None:
     released_at = time.monotonic()
     with anyio.fail_after(TTL + SLACK):
         await keeper.wait_expired()
-    await _remaining_until(connection, lease_id, lambda remaining: remaining == -1)
+    await remaining_until(connection, lease_id, lambda remaining: remaining == -1)
     assert time.monotonic() - released_at >= TTL - 1
 
 
@@ -122,10 +103,10 @@ async def test_refresh_lease_restores_the_full_ttl(connection: rdzv.Connection) 
     """One refresh_lease brings a lease's remaining time back to its full ttl, never beyond."""
     ttl = 3
     lease_id = await connection.grant_lease(ttl)
-    await _remaining_until(connection, lease_id, lambda remaining: remaining <= ttl - 2)
+    await remaining_until(connection, lease_id, lambda remaining: remaining <= ttl - 2)
     await refresh_lease(connection, lease_id)
     # etcd reports whole seconds, rounded down: a full ttl reads as ttl - 1 a moment later.
-    remaining = await _remaining_until(connection, lease_id, lambda remaining: remaining >= ttl - 1)
+    remaining = await remaining_until(connection, lease_id, lambda remaining: remaining >= ttl - 1)
     assert remaining <= ttl
 
 

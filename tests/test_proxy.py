@@ -36,10 +36,15 @@ SETTLE = 0.2
 
 
 @pytest.fixture
-async def proxied(proxy: FaultProxy, etcd_key_prefix: str) -> AsyncIterator[rdzv.AsyncEtcdBackend]:
+def proxied_read_timeout() -> float:
+    """The read timeout of `proxied` (conftest), which these tests wait out."""
+    return READ_TIMEOUT
+
+
+@pytest.fixture
+def through_proxy(proxied: rdzv.Connection, etcd_key_prefix: str) -> rdzv.AsyncEtcdBackend:
     """A backend for run id "job" whose connection goes through the proxy."""
-    async with rdzv.connect(proxy.endpoint, read_timeout=READ_TIMEOUT) as connection:
-        yield rdzv.AsyncEtcdBackend(connection, "job", key_prefix=etcd_key_prefix)
+    return rdzv.AsyncEtcdBackend(proxied, "job", key_prefix=etcd_key_prefix)
 
 
 @pytest.fixture
@@ -77,11 +82,11 @@ async def _until_stored(direct: rdzv.AsyncEtcdBackend, state: bytes) -> None:
 
 
 async def test_traffic_passes_unchanged_without_faults(
-    proxy: FaultProxy, proxied: rdzv.AsyncEtcdBackend, direct: rdzv.AsyncEtcdBackend
+    proxy: FaultProxy, through_proxy: rdzv.AsyncEtcdBackend, direct: rdzv.AsyncEtcdBackend
 ) -> None:
     """With no fault, calls through the proxy work and every byte is forwarded."""
-    token = await _token(proxied, b"one")
-    assert await proxied.get_state() == (b"one", token)
+    token = await _token(through_proxy, b"one")
+    assert await through_proxy.get_state() == (b"one", token)
     assert await _stored(direct) == b"one"
     assert proxy.forwarded("requests") > 0
     assert proxy.forwarded("responses") > 0
@@ -93,30 +98,30 @@ async def test_traffic_passes_unchanged_without_faults(
 
 @pytest.mark.slow
 async def test_held_responses_fail_the_call_while_the_write_lands(
-    proxy: FaultProxy, proxied: rdzv.AsyncEtcdBackend, direct: rdzv.AsyncEtcdBackend
+    proxy: FaultProxy, through_proxy: rdzv.AsyncEtcdBackend, direct: rdzv.AsyncEtcdBackend
 ) -> None:
     """With responses held, a write fails within its read timeout, yet etcd applied it."""
-    token = await _token(proxied, b"one")
+    token = await _token(through_proxy, b"one")
     proxy.hold("responses")
     started = time.monotonic()
     with pytest.raises(rdzv.RendezvousConnectionError):
-        await proxied.set_state(b"two", token)
+        await through_proxy.set_state(b"two", token)
     assert time.monotonic() - started < READ_TIMEOUT + SLACK
     assert await _stored(direct) == b"two"
     assert proxy.held("responses") > 0
 
 
 async def test_answer_held_then_cut_is_lost_although_the_write_landed(
-    proxy: FaultProxy, proxied: rdzv.AsyncEtcdBackend, direct: rdzv.AsyncEtcdBackend
+    proxy: FaultProxy, through_proxy: rdzv.AsyncEtcdBackend, direct: rdzv.AsyncEtcdBackend
 ) -> None:
     """Holding the answer of an applied write, then cutting, discards only the answer."""
-    token = await _token(proxied, b"one")
+    token = await _token(through_proxy, b"one")
     proxy.hold("responses")
     sent = proxy.forwarded("requests")
     results = []
 
     async def write() -> None:
-        results.append(await proxied.set_state(b"two", token))
+        results.append(await through_proxy.set_state(b"two", token))
 
     async with anyio.create_task_group() as group:
         group.start_soon(write)
@@ -136,16 +141,16 @@ async def test_answer_held_then_cut_is_lost_although_the_write_landed(
 
 @pytest.mark.slow
 async def test_held_requests_released_later_land_late(
-    proxy: FaultProxy, proxied: rdzv.AsyncEtcdBackend, direct: rdzv.AsyncEtcdBackend
+    proxy: FaultProxy, through_proxy: rdzv.AsyncEtcdBackend, direct: rdzv.AsyncEtcdBackend
 ) -> None:
     """A request held until its call has failed lands when released, with nothing after it."""
-    token = await _token(proxied, b"one")
+    token = await _token(through_proxy, b"one")
     proxy.hold("requests")
     async with anyio.create_task_group() as group:
 
         async def write() -> None:
             with pytest.raises(rdzv.RendezvousConnectionError):
-                await proxied.set_state(b"late", token)
+                await through_proxy.set_state(b"late", token)
 
         group.start_soon(write)
         await proxy.wait_for_async(lambda: proxy.held("requests") > 0, timeout=WAIT)
@@ -182,14 +187,14 @@ async def test_release_forwards_held_requests_in_time_for_the_call(
 
 @pytest.mark.slow
 async def test_dropped_requests_vanish_while_the_connection_stays_open(
-    proxy: FaultProxy, proxied: rdzv.AsyncEtcdBackend, direct: rdzv.AsyncEtcdBackend
+    proxy: FaultProxy, through_proxy: rdzv.AsyncEtcdBackend, direct: rdzv.AsyncEtcdBackend
 ) -> None:
     """Dropping is a black hole: calls time out, nothing reaches etcd, the connection stays."""
-    token = await _token(proxied, b"one")
+    token = await _token(through_proxy, b"one")
     proxy.drop("requests")
     forwarded = proxy.forwarded("requests")
     with pytest.raises(rdzv.RendezvousConnectionError):
-        await proxied.set_state(b"two", token)
+        await through_proxy.set_state(b"two", token)
     assert proxy.forwarded("requests") == forwarded
     assert proxy.dropped("requests") > 0
     assert (proxy.connections_accepted, proxy.connections_open) == (1, 1)
@@ -198,16 +203,16 @@ async def test_dropped_requests_vanish_while_the_connection_stays_open(
 
 @pytest.mark.slow
 async def test_drop_discards_what_was_held(
-    proxy: FaultProxy, proxied: rdzv.AsyncEtcdBackend, direct: rdzv.AsyncEtcdBackend
+    proxy: FaultProxy, through_proxy: rdzv.AsyncEtcdBackend, direct: rdzv.AsyncEtcdBackend
 ) -> None:
     """Switching a holding direction to drop discards its held bytes: they never arrive."""
-    token = await _token(proxied, b"one")
+    token = await _token(through_proxy, b"one")
     proxy.hold("requests")
     async with anyio.create_task_group() as group:
 
         async def write() -> None:
             with pytest.raises(rdzv.RendezvousConnectionError):
-                await proxied.set_state(b"two", token)
+                await through_proxy.set_state(b"two", token)
 
         group.start_soon(write)
         await proxy.wait_for_async(lambda: proxy.held("requests") > 0, timeout=WAIT)
@@ -221,55 +226,57 @@ async def test_drop_discards_what_was_held(
 
 @pytest.mark.slow
 async def test_connections_that_lost_bytes_are_reset_when_the_drop_ends(
-    proxy: FaultProxy, proxied: rdzv.AsyncEtcdBackend
+    proxy: FaultProxy, through_proxy: rdzv.AsyncEtcdBackend
 ) -> None:
     """Ending a drop resets the connections that lost bytes: no stream goes on after a gap."""
-    token = await _token(proxied, b"one")
+    token = await _token(through_proxy, b"one")
     proxy.drop("requests")
     with pytest.raises(rdzv.RendezvousConnectionError):
-        await proxied.get_state()
+        await through_proxy.get_state()
     assert proxy.dropped("requests") > 0
     proxy.restore()
     assert proxy.connections_open == 0
-    assert await proxied.get_state() == (b"one", token)
+    assert await through_proxy.get_state() == (b"one", token)
     assert proxy.connections_open == 1
 
 
-async def test_delay_postpones_each_byte(proxy: FaultProxy, proxied: rdzv.AsyncEtcdBackend) -> None:
+async def test_delay_postpones_each_byte(
+    proxy: FaultProxy, through_proxy: rdzv.AsyncEtcdBackend
+) -> None:
     """A delay on both directions makes a round trip last at least twice the delay."""
-    token = await _token(proxied, b"one")
+    token = await _token(through_proxy, b"one")
     proxy.delay(0.2)
     started = time.monotonic()
-    assert await proxied.get_state() == (b"one", token)
+    assert await through_proxy.get_state() == (b"one", token)
     assert time.monotonic() - started >= 0.4
     proxy.restore()
     started = time.monotonic()
-    assert await proxied.get_state() == (b"one", token)
+    assert await through_proxy.get_state() == (b"one", token)
     assert time.monotonic() - started < 0.4
 
 
 async def test_cut_resets_every_connection_and_the_client_reconnects(
-    proxy: FaultProxy, proxied: rdzv.AsyncEtcdBackend
+    proxy: FaultProxy, through_proxy: rdzv.AsyncEtcdBackend
 ) -> None:
     """cut() closes the open connections at once; rdzv's next call opens a new one."""
-    token = await _token(proxied, b"one")
+    token = await _token(through_proxy, b"one")
     assert proxy.connections_open == 1
     proxy.cut()
     assert proxy.connections_open == 0
-    assert await proxied.get_state() == (b"one", token)
+    assert await through_proxy.get_state() == (b"one", token)
     assert (proxy.connections_accepted, proxy.connections_open) == (2, 1)
 
 
 @pytest.mark.slow
 async def test_refused_connections_fail_calls_until_allowed_again(
-    proxy: FaultProxy, proxied: rdzv.AsyncEtcdBackend, etcd_key_prefix: str
+    proxy: FaultProxy, through_proxy: rdzv.AsyncEtcdBackend, etcd_key_prefix: str
 ) -> None:
     """With new connections refused, a cut client cannot reconnect until refusing ends."""
-    token = await _token(proxied, b"one")
+    token = await _token(through_proxy, b"one")
     proxy.refuse_new()
     proxy.cut()
     with pytest.raises(rdzv.RendezvousConnectionError):
-        await proxied.get_state()
+        await through_proxy.get_state()
     assert proxy.connections_refused > 0
     assert (proxy.connections_accepted, proxy.connections_open) == (1, 0)
     proxy.refuse_new(False)

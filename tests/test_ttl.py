@@ -13,7 +13,7 @@ import rdzv
 import rdzv._etcd
 from rdzv import _lease
 from rdzv._lease import REFRESH_INTERVAL
-from support import present
+from support import present, remaining_until
 
 pytestmark = pytest.mark.anyio
 
@@ -31,16 +31,6 @@ async def _lease_of(raw_etcd: aetcd.Client, key: str) -> int:
     assert stored is not None
     assert stored.lease != 0
     return int(stored.lease)
-
-
-async def _remaining_until(connection: rdzv.Connection, lease_id: int, at_least: int) -> int:
-    """Read the lease's remaining seconds until they are `at_least`; fail after WAIT seconds."""
-    with anyio.fail_after(WAIT):
-        while True:
-            remaining = await connection.lease_time_to_live(lease_id)
-            if remaining >= at_least:
-                return remaining
-            await anyio.sleep(0.02)
 
 
 async def _deleted_at(backend: rdzv.AsyncEtcdBackend, token: int) -> float:
@@ -103,7 +93,9 @@ async def test_each_write_restores_the_full_ttl(
     assert await connection.lease_time_to_live(lease_id) <= ttl - 2
     await backend.set_state(b"two", token)
     assert await _lease_of(raw_etcd, backend.key) == lease_id
-    assert await _remaining_until(connection, lease_id, at_least=ttl - 1) <= ttl
+    assert (
+        await remaining_until(connection, lease_id, lambda remaining: remaining >= ttl - 1) <= ttl
+    )
 
 
 async def test_a_burst_of_writes_sends_a_keep_alive_after_its_last_write(
