@@ -14,6 +14,11 @@
   in this one process, join by compare-and-swap and wait with etcd's watch. Its time includes
   opening the N connections, which the handlers do before the clock starts.
 
+Then, in the same run (`processes.py`): the four handlers in the process shape, one new process
+and one handler per node as torchrun runs its agents, a job's first round (cold) and a second
+one in the same processes (warm); and the recovery after a completed round, every node joining
+again and one node killed.
+
 torch's handler waits a random 0-0.3 s before a node's first attempt and polls the state every
 second while it waits for the others (`_DistributedRendezvousOpExecutor`, `cache_duration=1`),
 so at small N its times are mostly torch's own sleeps, the same for every backend. The requests
@@ -185,15 +190,24 @@ class NodeFactory(abc.ABC):
         self.etcd_endpoint = etcd_endpoint
         self.c10d_endpoint = c10d_endpoint
 
-    def parameters(self, run_id: str, nodes: int) -> RendezvousParameters:
+    def parameters(
+        self,
+        run_id: str,
+        nodes: int,
+        *,
+        min_nodes: int | None = None,
+        settings: dict[str, str] = HANDLER_SETTINGS,
+    ) -> RendezvousParameters:
+        """torchrun's parameters for a node of a job of `nodes` nodes (`--nnodes=min_nodes:
+        nodes`, `min_nodes` N unless given) with `settings` as its `--rdzv-conf`."""
         return RendezvousParameters(
             backend=self.name,
             endpoint=self.endpoint(),
             run_id=run_id,
-            min_nodes=nodes,
+            min_nodes=nodes if min_nodes is None else min_nodes,
             max_nodes=nodes,
             local_addr="127.0.0.1",
-            **HANDLER_SETTINGS,
+            **settings,
             **self.options(),
         )
 
@@ -284,7 +298,7 @@ NODE_FACTORIES: Final[tuple[type[NodeFactory], ...]] = (
 
 
 @contextlib.contextmanager
-def _quiet_torch() -> Iterator[None]:
+def quiet_torch() -> Iterator[None]:
     """torch's rendezvous logs a line per node and step (rdzv's a line per join); keep the
     run's output readable."""
     loggers = [logging.getLogger(name) for name in ("torch.distributed.elastic", "rdzv")]
@@ -310,7 +324,7 @@ def _quiet_torch() -> Iterator[None]:
 def _host(connection: Connection, go: EventType, etcd_endpoint: str, c10d_endpoint: str) -> None:
     """A host process: runs its share of each rendezvous when told to, until told to exit."""
     factories = {cls.name: cls(etcd_endpoint, c10d_endpoint) for cls in NODE_FACTORIES}
-    with _quiet_torch():
+    with quiet_torch():
         while True:
             message = connection.recv()
             if message[0] == "exit":
@@ -506,9 +520,17 @@ async def _demo_rendezvous(servers: Servers, nodes: int, run_id: str, namespace:
     }
 
 
-async def run(servers: Servers, *, quick: bool, names: Sequence[str] = ALL) -> dict[str, Any]:
+async def run(
+    servers: Servers,
+    *,
+    quick: bool,
+    names: Sequence[str] = ALL,
+    nodes: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """The threads shape at each N of `nodes` (`NODES`, or `QUICK_NODES` if `quick`); the suite
+    runner (`run.py`) adds the process shape and the recovery (`processes.run`)."""
     namespace = f"/rdzv-bench/{uuid.uuid4().hex[:8]}"
-    node_counts = QUICK_NODES if quick else NODES
+    node_counts = tuple(nodes) if nodes is not None else QUICK_NODES if quick else NODES
     results: dict[str, Any] = {
         "contenders": list(names),
         "code": code_version(),

@@ -10,6 +10,7 @@ from typing import Any
 
 import contention
 import latency
+import processes
 import rendezvous
 import scale
 from contenders import ASYNC, C10D, SYNC, V2
@@ -281,6 +282,8 @@ def summary(results: dict[str, dict[str, Any]], *, quick: bool) -> str:
             parts.append(rendezvous.table(data))
             parts.append("Ratios of medians:")
             parts.append(rendezvous.ratio_table(data))
+            if "processes" in data:
+                parts.append(processes.report(data))
         elif suite == "scale":
             parts.append(
                 "Seconds until every node has its rank (median of the rounds that completed "

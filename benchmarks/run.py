@@ -7,7 +7,8 @@
 Suites: `latency` (get_state, successful and conflicting set_state, 1 KiB to 1 MiB),
 `overhead` (rdzv's core over raw aetcd, the sync facade over the core), `contention` (K
 concurrent writers), `rendezvous` (N nodes through torchrun's handlers: torch's over etcd-v2,
-etcd-v3 and c10d, rdzv's etcd-v3-rounds; and rdzv's demo), `scale`
+etcd-v3 and c10d, rdzv's etcd-v3-rounds; and rdzv's demo; the nodes as threads of a few
+processes, then as one process each, cold and warm, and the recovery after a round), `scale`
 (`rdzv.AsyncRendezvous` and the single-blob compare-and-swap from 8 to 10,000 nodes, on one etcd
 and on a 3-member cluster).
 
@@ -32,6 +33,7 @@ from typing import Any
 import contention
 import latency
 import plots
+import processes
 import rendezvous
 import report
 import scale
@@ -63,7 +65,11 @@ async def _contention(servers: Servers, quick: bool) -> dict[str, Any]:
 
 
 async def _rendezvous(servers: Servers, quick: bool) -> dict[str, Any]:
-    return await rendezvous.run(servers, quick=quick)
+    """The threads shape, then the process shape and the recovery, under "processes"."""
+    results = await rendezvous.run(servers, quick=quick)
+    print("  process shape", flush=True)
+    results["processes"] = await processes.run(servers, quick=quick)
+    return results
 
 
 async def _scale(servers: Servers, quick: bool) -> dict[str, Any]:
@@ -82,7 +88,11 @@ TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "latency": lambda data: latency.table(data) + "\n\n" + latency.ratio_table(data),
     "overhead": lambda data: latency.table(data) + "\n\n" + latency.ratio_table(data),
     "contention": contention.table,
-    "rendezvous": lambda data: rendezvous.table(data) + "\n\n" + rendezvous.ratio_table(data),
+    "rendezvous": lambda data: "\n\n".join(
+        part
+        for part in (rendezvous.table(data), rendezvous.ratio_table(data), processes.report(data))
+        if part
+    ),
     "scale": lambda data: "\n\n".join(
         [scale.table(data), scale.ratio_table(data), scale.methods_table(data)]
     ),
