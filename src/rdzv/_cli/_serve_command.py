@@ -6,7 +6,7 @@ import contextlib
 import signal
 import socket
 import sys
-import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
@@ -28,22 +28,34 @@ Exit codes:
 
 
 class _StopRequested:
-    """Set by SIGINT, SIGTERM or SIGHUP while `serve` runs."""
+    """Set by SIGINT, SIGTERM or SIGHUP while `serve` runs.
+
+    The handler only sets a flag. It runs in the main thread between two bytecodes, perhaps
+    while that thread holds a lock: setting a `threading.Event` there could wait for the very
+    lock its own thread holds (`Event.wait` holds the event's lock around its checks), and
+    `serve` would then never stop.
+    """
 
     def __init__(self) -> None:
-        self.event = threading.Event()
+        self.requested = False
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
-        self.event.set()
+        self.requested = True
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to `seconds` (a signal cuts it short); whether a stop was requested."""
+        if not self.requested:
+            time.sleep(seconds)
+        return self.requested
 
 
 @contextlib.contextmanager
-def _stop_on_signals() -> Iterator[threading.Event]:
+def _stop_on_signals() -> Iterator[_StopRequested]:
     handler = _StopRequested()
     caught = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {signum: signal.signal(signum, handler) for signum in caught}
     try:
-        yield handler.event
+        yield handler
     finally:
         for signum, action in previous.items():
             signal.signal(signum, action)
