@@ -118,8 +118,11 @@ def _shown(inspection: Inspection) -> list[str]:
     ]
 
 
-def _examined(payload: bytes, *, seconds: float = 1.0, mib: int | None = 64) -> Inspection:
+def _examined(payload: bytes, *, seconds: float = 10.0, mib: int | None = 64) -> Inspection:
     """`examine` and every output of `payload`, checked: in time, in memory, one printable line.
+
+    The time bound only says "does not hang": it is loose (several times what an idle machine
+    takes), because CI runs these under coverage on a loaded 2-core box.
 
     With `mib=None`, memory is not traced (tracemalloc makes allocations several times slower).
     """
@@ -183,7 +186,7 @@ def test_a_real_state_of_10000_nodes_reads() -> None:
         node = _NodeDesc(f"node-{i:05d}.cluster.example.com", 100_000 + i, 0)
         state.participants[node] = i
         state.last_heartbeats[node] = now
-    inspection = _examined(pickle.dumps(state), seconds=5, mib=None)
+    inspection = _examined(pickle.dumps(state), seconds=30, mib=None)
     assert inspection.torch is not None
     assert len(inspection.torch.participants) == 10_000
 
@@ -297,7 +300,7 @@ def test_long_strings_bytes_and_integers_are_refused_before_they_are_read(
 )
 def test_a_container_of_more_than_100000_elements_is_refused(value: object, reason: str) -> None:
     """Dicts, sets, lists and tuples hold at most 100,000 elements."""
-    _refused_as_unsafe(pickle.dumps(value), reason, seconds=5, mib=None)
+    _refused_as_unsafe(pickle.dumps(value), reason, seconds=30, mib=None)
 
 
 def test_nesting_of_16_is_read_and_of_17_refused() -> None:
@@ -307,7 +310,7 @@ def test_nesting_of_16_is_read_and_of_17_refused() -> None:
         nested = (nested,)
     assert "not a safe" not in str(_examined(pickle.dumps(nested)).error)
     _refused_as_unsafe(pickle.dumps((nested,)), "it nests objects more than 16 deep")
-    _refused_as_unsafe(PROTO4 + b"N" + b"\x85" * 1_000_000 + b".", "more than 16 deep", seconds=5)
+    _refused_as_unsafe(PROTO4 + b"N" + b"\x85" * 1_000_000 + b".", "more than 16 deep", seconds=30)
     _refused_as_unsafe(PROTO4 + b"(" * 17, "it nests MARKs more than 16 deep")
 
 
@@ -320,12 +323,12 @@ def test_a_container_cannot_grow_after_it_was_put_into_another() -> None:
 def test_more_than_600000_opcodes_are_refused() -> None:
     """A pickle of 600,001 cheap opcodes is refused: the opcode count bounds the time."""
     payload = PROTO4 + b"N0" * 300_001 + b"N."
-    _refused_as_unsafe(payload, "more than 600,000 opcodes", seconds=5, mib=None)
+    _refused_as_unsafe(payload, "more than 600,000 opcodes", seconds=30, mib=None)
 
 
 def test_a_payload_over_4_mib_is_refused_unread() -> None:
     """A state over 4 MiB is refused by its size alone."""
-    _refused_as_unsafe(PROTO4 + b"N" * (4 * MIB), r"it is 4,194,306 bytes", seconds=5, mib=20)
+    _refused_as_unsafe(PROTO4 + b"N" * (4 * MIB), r"it is 4,194,306 bytes", seconds=30, mib=20)
 
 
 def test_dict_keys_that_a_pickle_could_make_collide_are_refused() -> None:
@@ -400,7 +403,7 @@ def test_the_worst_pickles_stay_under_64_mib(name: str) -> None:
     measured = json.loads(completed.stdout)
     assert measured["error"] is not None
     assert measured["mib"] < 64, measured
-    assert measured["seconds"] < 5, measured
+    assert measured["seconds"] < 30, measured  # "does not hang"; about 1.3 s on an idle box
 
 
 # ------------------------------------------------------------------------------- fuzz
