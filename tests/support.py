@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, TypeVar
@@ -395,3 +396,18 @@ async def remaining_until(
             if done(remaining):
                 return remaining
             await anyio.sleep(0.02)
+
+
+async def etcd_metric(endpoint: str, name: str) -> float:
+    """The value of counter or gauge `name` (without labels) on etcd's /metrics, now."""
+
+    def read() -> str:
+        url = f"{endpoint}/metrics" if "://" in endpoint else f"http://{endpoint}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text: str = response.read().decode()
+        return text
+
+    text = await anyio.to_thread.run_sync(read)
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    assert found is not None, f"etcd at {endpoint} has no metric {name}"
+    return float(found[1])

@@ -14,12 +14,13 @@ import pytest
 
 import rdzv
 from rdzv.testing import FaultProxy
-from support import LoseAnswers, present
+from support import LoseAnswers, etcd_metric, present
 
 pytestmark = pytest.mark.anyio
 
 # With two endpoints an attempt gets a third of this: a lost answer is noticed after ~1.3 s.
 READ_TIMEOUT = 4
+_LEASES_GRANTED = "etcd_debugging_lease_granted_total"
 
 
 @pytest.fixture
@@ -99,6 +100,21 @@ async def test_store_add_whose_answer_is_lost_is_applied_once(
     proxy.hold("responses")
     assert await ours.add("counter", 5) == 15
     assert await theirs.get("counter", timeout=5) == b"15"
+
+
+@pytest.mark.slow
+async def test_lease_grant_whose_answer_is_lost_grants_one_lease(
+    through_proxy: rdzv.Connection, proxy: FaultProxy, etcd_endpoints: str
+) -> None:
+    """A grant whose answer is lost returns the lease that landed; etcd grants no second one."""
+    await through_proxy.status()
+    granted_before = await etcd_metric(etcd_endpoints, _LEASES_GRANTED)
+    proxy.hold("responses")
+    lease_id = await through_proxy.grant_lease(60)
+    assert proxy.held("responses") > 0  # the first grant's answer was lost
+    assert await etcd_metric(etcd_endpoints, _LEASES_GRANTED) == granted_before + 1
+    assert await through_proxy.lease_time_to_live(lease_id) > 0
+    await through_proxy.revoke_lease(lease_id)
 
 
 @pytest.mark.slow

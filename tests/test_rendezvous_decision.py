@@ -8,8 +8,6 @@ members; nobody receives the membership, which `read_members` reads on demand.
 from __future__ import annotations
 
 import asyncio
-import re
-import urllib.request
 
 import aetcd
 import anyio
@@ -19,7 +17,7 @@ import rdzv
 from conftest import Participants
 from rdzv._rendezvous._layout import Decision, decode_decision, encode_decision
 from rdzv.testing import EtcdServer
-from support import LoseAnswers, agreed_members, poll_until, present
+from support import LoseAnswers, agreed_members, etcd_metric, poll_until, present
 
 pytestmark = pytest.mark.anyio
 
@@ -207,16 +205,19 @@ async def test_etcd_sends_a_node_alone_as_many_bytes_in_a_large_round_as_in_a_sm
                 )
                 for connection in connections
             ]
-            before = await _sent_bytes(server.endpoint)
+            before = await etcd_metric(server.endpoint, _SENT)
             with anyio.fail_after(60):
                 got = await asyncio.gather(*(node.join(b"x" * 64) for node in nodes))
-            per_join.append((await _sent_bytes(server.endpoint) - before) / count)
+            per_join.append((await etcd_metric(server.endpoint, _SENT) - before) / count)
             assert sorted(m.rank for m in got) == list(range(count))
             for node, connection in zip(nodes, connections, strict=True):
                 await node.leave()
                 await connection.aclose()
     # Before, each node was sent the membership: 8 times the members, 8 times the bytes.
     assert per_join[1] < 1.5 * per_join[0], per_join
+
+
+_SENT = "etcd_network_client_grpc_sent_bytes_total"
 
 
 async def _version_at_least(raw_etcd: aetcd.Client, key: bytes, version: int) -> bool:
@@ -226,19 +227,3 @@ async def _version_at_least(raw_etcd: aetcd.Client, key: bytes, version: int) ->
 
 async def _waiting(node: rdzv.AsyncRendezvous, count: int) -> bool:
     return await node.num_nodes_waiting() >= count
-
-
-_SENT = re.compile(r"^etcd_network_client_grpc_sent_bytes_total (\S+)$", re.MULTILINE)
-
-
-async def _sent_bytes(endpoint: str) -> float:
-    """The bytes etcd has sent its gRPC clients so far, from its /metrics."""
-
-    def read() -> str:
-        url = f"{endpoint}/metrics" if "://" in endpoint else f"http://{endpoint}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text: str = response.read().decode()
-        return text
-
-    text = await anyio.to_thread.run_sync(read)
-    return float(present(_SENT.search(text))[1])

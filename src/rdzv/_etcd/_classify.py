@@ -65,6 +65,8 @@ TOO_MANY_REQUESTS: Final = "etcdserver: too many requests"
 # A proposal that etcd accepted but did not apply within its request timeout (5 s plus two
 # election timeouts): etcd is overloaded, and the request may yet be applied (UNAVAILABLE).
 TIMED_OUT: Final = "etcdserver: request timed out"
+# A grant named the id of a lease that exists (FAILED_PRECONDITION).
+LEASE_EXISTS: Final = "etcdserver: lease already exists"
 INVALID_TOKEN: Final = "etcdserver: invalid auth token"
 USER_NAME_EMPTY: Final = "etcdserver: user name is empty"
 PERMISSION_DENIED: Final = "etcdserver: permission denied"

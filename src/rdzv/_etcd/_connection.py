@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import secrets
 import time
 from collections.abc import AsyncGenerator, Sequence
 from typing import TYPE_CHECKING, Any, Final
@@ -25,6 +26,7 @@ from rdzv._errors import (
 from rdzv._etcd import _calls
 from rdzv._etcd._attempts import Refused, despite_cancellation, drive, task_cancelling
 from rdzv._etcd._classify import (
+    LEASE_EXISTS,
     Kind,
     classify,
     fields,
@@ -60,6 +62,11 @@ _CLOSE_TIMEOUT: Final = 5.0
 
 logger = logging.getLogger("rdzv.etcd")
 lease_logger = logging.getLogger("rdzv.lease")
+
+
+def _new_lease_id() -> int:
+    """A lease id for a grant: random, so that two clients' picks meet once in 2**62 grants."""
+    return secrets.randbits(63) or 1  # 0 asks etcd to pick
 
 
 def _shown_key(key: bytes) -> str:
@@ -343,20 +350,53 @@ class Connection:
         return int(response.header.revision)
 
     async def grant_lease(self, ttl: int, *, deadline: float | None = None) -> int:
-        """Grant a lease of `ttl` seconds and return its id."""
-        request = rpc.LeaseGrantRequest(TTL=ttl, ID=0)
-        response = await self._unary(
-            "lease", "LeaseGrant", request, what="grant a lease", deadline=deadline
+        """Grant a lease of `ttl` seconds and return its id.
+
+        rdzv picks the id (63 random bits), so that a grant whose answer was lost is sent again
+        with it: etcd then answers that the lease exists, and that is the grant that landed. A
+        grant etcd picked the id of would grant a second lease instead, and the first, which
+        nobody keeps alive, would cost etcd an expiry later: under overload, when etcd times
+        out many grants, thousands of them.
+        """
+        lease_id = _new_lease_id()
+        attempts = 0
+
+        async def send(link: Link, timeout: float) -> int:
+            nonlocal attempts, lease_id
+            attempts += 1
+            while True:
+                request = rpc.LeaseGrantRequest(TTL=ttl, ID=lease_id)
+                try:
+                    response = await _calls.unary(
+                        link.lease.LeaseGrant(
+                            request, timeout=timeout, metadata=self._links.metadata()
+                        )
+                    )
+                except grpc.aio.AioRpcError as error:
+                    if error.details() != LEASE_EXISTS:
+                        raise
+                    if attempts > 1:
+                        return lease_id  # an earlier attempt of this grant landed
+                    lease_id = _new_lease_id()  # another lease has this id: pick another
+                    continue
+                self._links.verify(link, response.header)
+                self._saw(response.header.revision)
+                return int(response.ID)
+
+        granted = await drive(
+            self._links,
+            send,
+            what="grant a lease",
+            deadline=read_deadline(self) if deadline is None else deadline,
         )
-        lease_id = int(response.ID)
         if lease_logger.isEnabledFor(logging.DEBUG):
             lease_logger.debug(
                 "Granted lease %x of %d s",
-                lease_id,
+                granted,
                 ttl,
-                extra={"rdzv_lease": lease_id, "rdzv_ttl": ttl},
+                extra={"rdzv_lease": granted, "rdzv_ttl": ttl},
             )
-        return lease_id
+        return granted
 
     async def lease_time_to_live(self, lease_id: int) -> int:
         """Seconds left before lease `lease_id` expires; -1 if etcd no longer has it."""
