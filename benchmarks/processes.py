@@ -75,14 +75,7 @@ RECOVERY_NODES: Final = 32
 RECOVERY_WAIT: Final = 120
 # torch's defaults (`RendezvousParameters`, `DynamicRendezvousHandler`, `c10d` and `etcd-v2`
 # backends; rdzv's handlers take the same), but `join_timeout` (600 s).
-RECOVERY_SETTINGS: Final = {
-    "read_timeout": "60",
-    "join_timeout": str(RECOVERY_WAIT),
-    "last_call_timeout": "30",
-    "close_timeout": "30",
-    "keep_alive_interval": "5",
-    "keep_alive_max_attempt": "3",
-}
+RECOVERY_SETTINGS: Final = {**HANDLER_SETTINGS, "join_timeout": str(RECOVERY_WAIT)}
 _WORKER: Final = str(Path(__file__).resolve().with_name("processes_worker.py"))
 # Long enough for every node to read its join command before the start.
 START_DELAY: Final = 0.5
