@@ -8,6 +8,9 @@ import functools
 import json
 import logging
 import os
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -31,6 +34,31 @@ _params = functools.partial(
     join_timeout=30,
     keep_alive_interval=1,
     keep_alive_max_attempt=2,
+)
+
+
+# Run in a new process: create the handler (no local_addr: the node's host name is looked up),
+# then its first next_rendezvous, and print the modules that the join imported.
+_FIRST_JOIN = textwrap.dedent(
+    """
+    import json, sys
+
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+
+    import rdzv.torch
+
+    endpoint, prefix = sys.argv[1:]
+    params = RendezvousParameters(
+        "etcd-v3-rounds", endpoint, "job", 1, 1, key_prefix=prefix + "/rdzv",
+        store_prefix=prefix + "/store/", read_timeout="10",
+    )
+    handler = rdzv.torch.create_rounds_handler(params)
+    before = set(sys.modules)
+    info = handler.next_rendezvous()
+    imported = sorted(set(sys.modules) - before)
+    handler.shutdown()
+    print(json.dumps([info.rank, info.world_size, imported]))
+    """
 )
 
 
@@ -76,6 +104,24 @@ def test_two_nodes_get_ranks_a_world_and_one_master_address(
     addresses = {(store.master_addr, store.master_port) for store in stores if store is not None}
     assert len(addresses) == 1
     assert next(iter(addresses))[0] == "127.0.0.1"
+
+
+@pytest.mark.slow
+def test_the_first_join_of_a_new_process_imports_nothing(
+    etcd_endpoints: str, etcd_key_prefix: str
+) -> None:
+    """Creation loads what a join uses (anyio's asyncio backend, the idna codec), not the join."""
+    run = subprocess.run(
+        [sys.executable, "-c", _FIRST_JOIN, etcd_endpoints, etcd_key_prefix],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    rank, world_size, imported = json.loads(run.stdout.splitlines()[-1])
+    assert (rank, world_size) == (0, 1)
+    assert imported == []
 
 
 def test_the_round_store_is_shared_by_the_round(etcd_endpoints: str, etcd_key_prefix: str) -> None:

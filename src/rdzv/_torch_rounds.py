@@ -48,6 +48,9 @@ _WAITING_CACHE: Final = 1.0
 """Seconds a `num_nodes_waiting` answer is reused: the agent asks every monitor interval
 (0.1 s by default), and a new node waits for a round far longer than this."""
 
+_WARM_UP_TIMEOUT: Final = 10.0
+"""A bound for `_warm_up`, which takes well under a millisecond once its imports are done."""
+
 
 def round_store_prefix(store_prefix: str, run_id: str, number: int) -> str:
     """Where the store of round `number` of `run_id` keeps its keys.
@@ -57,18 +60,37 @@ def round_store_prefix(store_prefix: str, run_id: str, number: int) -> str:
     return f"{store_prefix}{run_id}/round-{number:010d}/"
 
 
-def _node_info(local_addr: str | None, limit: int) -> bytes:
+def _node_info(address: str, limit: int) -> bytes:
     """What `rdzv inspect` and `read_members` show of this node: its address and pid.
 
     Informational only (rank 0's address reaches the workers through the round's store, and
     no node is sent the others' info); an address too long for `limit` is left out.
     """
     pid = os.getpid()
-    for info in ({"addr": local_addr or socket.getfqdn(), "pid": pid}, {"pid": pid}):
+    for info in ({"addr": address, "pid": pid}, {"pid": pid}):
         encoded = json.dumps(info, separators=(",", ":")).encode()
         if len(encoded) <= limit:
             return encoded
     return b""
+
+
+async def _warm_up() -> None:
+    """Use once, on the loop thread, the anyio features a join uses, so that they are loaded.
+
+    anyio imports its modules as they are first used, and its asyncio backend (with some 25
+    modules, about 30 ms of CPU) when the first cancel scope is entered: without this, that
+    happens inside the first join. Nothing here talks to etcd.
+    """
+    with anyio.CancelScope(), anyio.fail_after(_WARM_UP_TIMEOUT):
+        async with anyio.create_task_group() as group:
+            event = anyio.Event()
+            group.start_soon(_set, event)
+            with anyio.move_on_after(_WARM_UP_TIMEOUT):
+                await event.wait()
+
+
+async def _set(event: anyio.Event) -> None:
+    event.set()
 
 
 class RoundsRendezvousHandler(torch_api.RendezvousHandler):
@@ -104,6 +126,7 @@ class RoundsRendezvousHandler(torch_api.RendezvousHandler):
         self._store_prefix = store_prefix
         self._store_ttl = store_ttl
         self._local_addr = local_addr
+        self._address = local_addr  # this node's in its node info; resolved when first needed
         self._close_timeout = close_timeout
         self._release = release
         self._closed_hint = closed_hint
@@ -144,7 +167,7 @@ class RoundsRendezvousHandler(torch_api.RendezvousHandler):
         `join_timeout`), `RendezvousConnectionError` or `RendezvousStateError`.
         """
         with as_torch_errors():
-            info = _node_info(self._local_addr, self._rendezvous.max_node_info)
+            info = _node_info(self._node_address(), self._rendezvous.max_node_info)
             try:
                 membership = self._loop.call(self._rendezvous.join, info)
             except RendezvousClosedError as error:
@@ -166,6 +189,24 @@ class RoundsRendezvousHandler(torch_api.RendezvousHandler):
             membership.rank, store, local_addr=self._local_addr
         )
         return torch_api.RendezvousInfo(store, membership.rank, membership.world_size, bootstrap)
+
+    def _node_address(self) -> str:
+        """The address in this node's node info: `local_addr`, else its host name (once)."""
+        if self._address is None:
+            self._address = socket.getfqdn()
+        return self._address
+
+    def _prepare(self) -> None:
+        """Do now, as the handler is created, the one-time work of the first join.
+
+        That is: resolve this node's host name for its node info (the first lookup imports
+        the idna codec), and load the anyio modules that a join uses on the loop thread
+        (`_warm_up`). The first join then costs about what a later first join in the same
+        process costs. No lease is granted and nothing is written: the node's lease is
+        still taken by its join.
+        """
+        self._node_address()
+        self._loop.call(_warm_up)
 
     def _round_store(self, number: int) -> EtcdStore:
         prefix = round_store_prefix(self._store_prefix, self.get_run_id(), number)
@@ -344,7 +385,7 @@ def create_rounds_handler(params: torch_api.RendezvousParameters) -> RoundsRende
 
     with as_torch_errors():
         portal, rendezvous = open_shared(options, make)
-    return RoundsRendezvousHandler(
+    handler = RoundsRendezvousHandler(
         rendezvous,
         portal,
         store_prefix=store_prefix,
@@ -354,3 +395,10 @@ def create_rounds_handler(params: torch_api.RendezvousParameters) -> RoundsRende
         release=portal.close,
         closed_hint=reset_hint(params, "--rounds-prefix"),
     )
+    try:
+        with as_torch_errors():
+            handler._prepare()
+    except BaseException:
+        handler._release_connection()
+        raise
+    return handler
