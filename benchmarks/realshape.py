@@ -2,13 +2,22 @@
 
 Under torchrun every agent is a process with its own connection to etcd. `scale.py`'s
 contenders share one connection (or one per 100) among many participants of one process, which
-shares reads and watches that a real job does not share. Here each participant of
-`rdzv.AsyncRendezvous` has its own `rdzv.connect(...)`, N connections over P worker processes
-(`realshape_worker.py`, P >= 8 by default), all joining one round of
-`min_nodes = max_nodes = N` with 64 bytes of node info, on one fresh etcd per run. Beside it,
-interleaved run by run (`harness.interleave`), the floor: the same processes and connections,
-each doing the least a join can cost etcd, a `LeaseGrant` and one `Put` on that lease (rdzv's
-`Connection.grant_lease` and `Connection.put`).
+shares reads and watches that a real job does not share. Three contenders, interleaved run by
+run (`harness.interleave`), each run on one fresh etcd:
+
+- real shape (`REAL`): each participant of `rdzv.AsyncRendezvous` has its own
+  `rdzv.connect(...)`, N connections over P worker processes (`realshape_worker.py`, P = 8 by
+  default), all joining one round of `min_nodes = max_nodes = N` with 64 bytes of node info;
+- shared shape (`SHARED`): the same N participants in the same P processes with the same
+  round settings, but each process opens one connection that all its participants share (P
+  connections in all): the convenient lab shape that `scale.py` measures;
+- the floor (`FLOOR`): the real shape's processes and connections, each doing the least a join
+  can cost etcd, a `LeaseGrant` and one `Put` on that lease (rdzv's `Connection.grant_lease`
+  and `Connection.put`).
+
+`--contenders` runs a subset (the floor alone, say); the ratio rows (real ÷ floor, real ÷
+shared) need both of their contenders, and recovery runs by default only with the real shape.
+At N <= P each process holds one participant, so the two rendezvous shapes are the same.
 
 The connections are open before the clock starts; the parent gives every worker one start
 time (CLOCK_MONOTONIC, which the processes share), and the clock stops when the last
@@ -17,22 +26,24 @@ and messages received per join (its `/metrics`: `etcd_network_client_grpc_sent_b
 `grpc_server_msg_received_total` summed over every method); its CPU seconds; the workers' CPU
 seconds (every thread) per participant; calls that ended in an error, by gRPC code
 (`grpc_server_handled_total`), and refusals ("too many requests"); the participants' own
-errors. The ranks are checked: exactly 0 .. N-1, once each, one world size, one round.
+errors. The ranks are checked (both rendezvous shapes): exactly 0 .. N-1, once each, one world
+size, one round.
 
-Recovery (`--recovery N`): N participants with `min_nodes = N - 1`, `max_nodes = N`, one of them
-alone in a process of its own. After a first round: (a) everybody joins again, seconds until
-the next round completes; (b) the lone participant's process is SIGKILLed, the survivors wait
-for the departure (`AsyncRendezvous.wait_for_departure`) and join again: seconds from the kill
-until their round completes. (b) is bounded below by the lease TTL (the dead participant's key
-goes when its lease expires: between 2/3 of the TTL and the TTL after its last keep-alive) plus
-`last_call_timeout` (N - 1 joined is `min_nodes`, not `max_nodes`, so the round waits that long
-for a last node).
+Recovery (`--recovery N`, the real shape only): N participants with `min_nodes = N - 1`,
+`max_nodes = N`, one of them alone in a process of its own. After a first round: (a) everybody
+joins again, seconds until the next round completes; (b) the lone participant's process is
+SIGKILLed, the survivors wait for the departure (`AsyncRendezvous.wait_for_departure`) and join
+again: seconds from the kill until their round completes. (b) is bounded below by the lease TTL
+(the dead participant's key goes when its lease expires: between 2/3 of the TTL and the TTL
+after its last keep-alive) plus `last_call_timeout` (N - 1 joined is `min_nodes`, not
+`max_nodes`, so the round waits that long for a last node).
 
 A run that fails (a participant's error, a worker that dies or does not answer in time, ranks
 that do not agree) is reported with its reason, and the sweep goes on.
 
     python benchmarks/realshape.py        # N = 1,000, 2,000 and 10,000, then recovery at 1,000
     python benchmarks/realshape.py --nodes 100 400 --rounds 3 --recovery 0
+    python benchmarks/realshape.py --nodes 10000 --recovery 0 --contenders floor
 """
 
 from __future__ import annotations
@@ -66,9 +77,15 @@ from harness import (
 from servers import counters_between, fresh_etcd, memory_kib, server_counters, server_traffic
 
 REAL: Final = "real shape: rendezvous"
+SHARED: Final = "shared shape: rendezvous"
 FLOOR: Final = "floor: LeaseGrant + Put"
-CONTENDERS: Final = (REAL, FLOOR)
-KINDS: Final = {REAL: "rendezvous", FLOOR: "floor"}
+CONTENDERS: Final = (REAL, SHARED, FLOOR)
+# The settings' "kind" of each contender, in `realshape_worker.py`.
+KINDS: Final = {REAL: "rendezvous", SHARED: "shared", FLOOR: "floor"}
+# `--contenders` names them short.
+SHORT: Final = {"real": REAL, "shared": SHARED, "floor": FLOOR}
+# The ratio rows: (numerator, denominator), of medians from the same sweep.
+RATIOS: Final = {"real ÷ floor": (REAL, FLOOR), "real ÷ shared": (REAL, SHARED)}
 
 SWEEP_NODES: Final = (1_000, 2_000, 10_000)  # this module's command line
 SUITE_NODES: Final = (128, 1_000)  # in `scale.py`'s full run
@@ -124,6 +141,7 @@ class Worker:
     indices: list[int]
     log: Path  # its stderr
     open_seconds: float = 0.0  # how long opening its connections took
+    connections: int = 0  # how many it opened
 
     @classmethod
     async def start(cls, indices: list[int], log: Path) -> Worker:
@@ -200,6 +218,7 @@ async def started_workers(
             ready = await asyncio.gather(*(worker.receive(limit) for worker in workers))
             for worker, message in zip(workers, ready, strict=True):
                 worker.open_seconds = message["open_seconds"]
+                worker.connections = message["connections"]
             yield workers
         finally:
             await _stop(workers)
@@ -281,9 +300,11 @@ def client_figures(replies: list[Message], start: float, expected: int) -> Outco
 
 
 def opened(workers: list[Worker], server: Any) -> Outcome:
-    """Before the clock: the workers, the slowest one's opening, etcd's memory then."""
+    """Before the clock: the workers and their connections, the slowest one's opening, etcd's
+    memory then."""
     return {
         "workers": len(workers),
+        "connections": sum(worker.connections for worker in workers),
         "open_seconds": max(worker.open_seconds for worker in workers),
         "etcd_open_mib": memory_kib(server.pid)["rss"] / 1024,
     }
@@ -367,7 +388,11 @@ async def measure(name: str, nodes: int, config: Config) -> Outcome:
                 outcome.update(opened(workers, server))
                 outcome.update(
                     await clocked_join(
-                        workers, server, nodes, config.timeout(nodes), ranked=name == REAL
+                        workers,
+                        server,
+                        nodes,
+                        config.timeout(nodes),
+                        ranked=KINDS[name] != "floor",
                     )
                 )
                 outcome["etcd_peak_mib"] = etcd_peak_mib(server)
@@ -451,6 +476,7 @@ _MEDIANS: Final = (
     "refused",
     "late_start",
     "open_seconds",
+    "connections",
     "etcd_open_mib",
     "etcd_peak_mib",
     "wall_seconds",
@@ -490,13 +516,17 @@ def _summed(counts: Any) -> dict[str, float]:
     return total
 
 
-def ratios(by_name: dict[str, dict[str, Any]]) -> dict[str, float | None]:
-    """Real shape ÷ floor, of medians from the same sweep."""
-    real, floor = by_name.get(REAL), by_name.get(FLOOR)
-    result: dict[str, float | None] = {}
-    for key in _RATIOS:
-        a, b = (_median(s, key) for s in (real, floor))
-        result[key] = None if a is None or b is None else ratio(a, b)
+def ratios(by_name: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Each of `RATIOS` whose contenders both ran (real ÷ floor, real ÷ shared), of medians from
+    the same sweep."""
+    result: dict[str, dict[str, float | None]] = {}
+    for label, (top, bottom) in RATIOS.items():
+        if top not in by_name or bottom not in by_name:
+            continue
+        result[label] = {}
+        for key in _RATIOS:
+            a, b = _median(by_name[top], key), _median(by_name[bottom], key)
+            result[label][key] = None if a is None or b is None else ratio(a, b)
     return result
 
 
@@ -508,11 +538,16 @@ def _median(summary: dict[str, Any] | None, key: str) -> float | None:
 
 
 async def sweep(
-    node_counts: Sequence[int], config: Config, *, rounds: int, on_each: Any = None
+    node_counts: Sequence[int],
+    config: Config,
+    *,
+    rounds: int,
+    names: Sequence[str] = CONTENDERS,
+    on_each: Any = None,
 ) -> dict[str, Any]:
-    """Both contenders at every N, interleaved; `on_each(results)` after each N."""
+    """The contenders `names` at every N, interleaved; `on_each(results)` after each N."""
     results: dict[str, Any] = {
-        "contenders": list(CONTENDERS),
+        "contenders": list(names),
         "processes": config.processes,
         "rounds": rounds,
         "lease_ttl": config.lease_ttl,
@@ -524,7 +559,7 @@ async def sweep(
     }
     for nodes in node_counts:
         print(f"  real shape, N = {nodes:,}, {config.processes} processes", flush=True)
-        runs = {name: _shown(name, nodes, config) for name in CONTENDERS}
+        runs = {name: _shown(name, nodes, config) for name in names}
         outcomes = await interleave(runs, rounds=rounds)
         by_name = {name: summarize(each) for name, each in outcomes.items()}
         results["nodes"][str(nodes)] = {**by_name, "ratios": ratios(by_name)}
@@ -561,7 +596,7 @@ async def run(*, quick: bool) -> dict[str, Any]:
 
 
 def table(data: dict[str, Any]) -> str:
-    """Medians per N and contender, and the real shape ÷ floor ratios."""
+    """Medians per N and contender, and the ratios (real ÷ floor, real ÷ shared)."""
     rows = []
     for nodes, by_name in data["nodes"].items():
         for name in data["contenders"]:
@@ -581,21 +616,21 @@ def table(data: dict[str, Any]) -> str:
                     _shown_counts(s["errors"]) or "none",
                 ]
             )
-        r = by_name["ratios"]
-        rows.append(
-            [
-                f"{int(nodes):,}",
-                "real ÷ floor",
-                r["seconds"],
-                "",
-                r["sent_bytes_per_join"],
-                r["messages_per_join"],
-                r["etcd_cpu"],
-                r["client_cpu_per_participant"],
-                None,
-                "",
-            ]
-        )
+        for label, r in by_name["ratios"].items():
+            rows.append(
+                [
+                    f"{int(nodes):,}",
+                    label,
+                    r["seconds"],
+                    "",
+                    r["sent_bytes_per_join"],
+                    r["messages_per_join"],
+                    r["etcd_cpu"],
+                    r["client_cpu_per_participant"],
+                    None,
+                    "",
+                ]
+            )
     headers = [
         "N",
         "contender",
@@ -669,17 +704,36 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--join-timeout", type=float, default=None)
     parser.add_argument(
-        "--recovery", type=int, default=RECOVERY_NODES, metavar="N", help="0: no recovery"
+        "--recovery",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"0: no recovery (the default: {RECOVERY_NODES:,} if the real shape runs, else 0)",
     )
     parser.add_argument("--recovery-lease-ttl", type=int, default=RECOVERY_LEASE_TTL)
     parser.add_argument("--last-call-timeout", type=float, default=RECOVERY_LAST_CALL)
+    parser.add_argument(
+        "--contenders",
+        nargs="+",
+        choices=list(SHORT),
+        default=list(SHORT),
+        help="which to run, interleaved: "
+        + ", ".join(f"{short} ({name})" for short, name in SHORT.items())
+        + "; default: all three",
+    )
+    parser.add_argument(
+        "--lease-ttl", type=int, default=rdzv.DEFAULT_LEASE_TTL, help="the rendezvous' lease TTL"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "realshape.json")
     args = parser.parse_args()
+    if args.recovery is None:
+        args.recovery = RECOVERY_NODES if "real" in args.contenders else 0
     if args.processes < 1 or any(nodes < 2 for nodes in [*args.nodes, args.recovery or 2]):
         parser.error("--processes must be at least 1, and every N at least 2")
     config = Config(
         processes=args.processes,
         join_timeout=args.join_timeout,
+        lease_ttl=args.lease_ttl,
         recovery_lease_ttl=args.recovery_lease_ttl,
         last_call_timeout=args.last_call_timeout,
     )
@@ -688,8 +742,13 @@ def main() -> None:
 
 async def _main(args: argparse.Namespace, config: Config) -> None:
     # Written after every N, so that a sweep cut short keeps what it measured.
+    names = [name for name in CONTENDERS if name in {SHORT[c] for c in args.contenders}]
     data = await sweep(
-        args.nodes, config, rounds=args.rounds, on_each=lambda d: write_json(args.output, d)
+        args.nodes,
+        config,
+        rounds=args.rounds,
+        names=names,
+        on_each=lambda d: write_json(args.output, d),
     )
     if args.recovery:
         print(f"  recovery, N = {args.recovery:,}", flush=True)

@@ -1,17 +1,22 @@
 """One worker process of the real-shape benchmark (`realshape.py`): participants, each on a
-connection of its own, as every torchrun agent is a process with its own connection.
+connection of its own, as every torchrun agent is a process with its own connection; or, for
+the shared shape, all on one connection that this process opens.
 
-The parent writes one JSON line to stdin with the worker's settings; the worker opens its
-connections and answers `{"event": "ready"}`. Then each command is one JSON line in and one
-answer out:
+The parent writes one JSON line to stdin with the worker's settings, among them its `kind`:
+`"rendezvous"` (an `rdzv.AsyncRendezvous` per participant, each on a connection of its own),
+`"shared"` (the same participants, all on one connection) or `"floor"` (a connection per
+participant, no rendezvous). The worker opens its connections and answers `{"event": "ready"}`
+with how many it opened. Then each command is one JSON line in and one answer out:
 
 - `{"op": "join", "at": T}`: at `time.monotonic() == T`, every participant joins (the
-  rendezvous) or grants a lease and puts one key on it (the floor). `time.monotonic` reads
-  Linux's CLOCK_MONOTONIC, which every process of the machine shares, so the parent can give
-  all workers one start time and compare the times they report.
+  rendezvous, on its own connection or the shared one) or grants a lease and puts one key on
+  it (the floor). `time.monotonic` reads Linux's CLOCK_MONOTONIC, which every process of the
+  machine shares, so the parent can give all workers one start time and compare the times
+  they report.
 - `{"op": "after_departure"}`: every participant waits until a member of its round is gone
   (`AsyncRendezvous.wait_for_departure`), then joins again.
-- `{"op": "leave"}`: every participant leaves, every connection closes, and the worker exits.
+- `{"op": "leave"}`: every participant leaves, then every connection closes, and the worker
+  exits.
 
 Every wait is bounded (`timeout` in the settings and in every command): a participant that fails or
 runs out of time is reported with its error, never waited for forever. rdzv's log goes to
@@ -42,6 +47,8 @@ SPARE_DESCRIPTORS: Final = 256
 
 Message = dict[str, Any]
 
+KINDS: Final = ("rendezvous", "shared", "floor")
+
 
 @dataclasses.dataclass
 class Participant:
@@ -65,17 +72,31 @@ def raise_descriptor_limit(connections: int) -> None:
 
 
 async def open_participants(settings: Message) -> list[Participant]:
+    """A participant per index: each on a connection of its own, or (`"shared"`) all on one."""
+    if settings["kind"] not in KINDS:
+        raise ValueError(f"unknown kind {settings['kind']!r}")
     gate = asyncio.Semaphore(OPENING_AT_ONCE)
 
-    async def open_one(index: int) -> Participant:
+    async def open_connection() -> rdzv.Connection:
         connection = rdzv.connect(
             settings["endpoints"], connect_timeout=settings["connect_timeout"]
         )
         async with gate:
             await connection.open()
+        return connection
+
+    shared = await open_connection() if settings["kind"] == "shared" else None
+
+    async def open_one(index: int) -> Participant:
+        connection = shared if shared is not None else await open_connection()
         return Participant(index, connection, make_rendezvous(settings, connection))
 
     return list(await asyncio.gather(*(open_one(index) for index in settings["indices"])))
+
+
+def connections(participants: list[Participant]) -> list[rdzv.Connection]:
+    """The participants' connections, each once (one for the shared shape)."""
+    return list({id(p.connection): p.connection for p in participants}.values())
 
 
 def make_rendezvous(settings: Message, connection: rdzv.Connection) -> rdzv.AsyncRendezvous | None:
@@ -164,16 +185,20 @@ async def every(
 
 
 async def leave(participants: list[Participant], timeout: float) -> None:
+    """Every participant leaves, then every connection closes: a shared connection closes only
+    when all its participants are done with it."""
+
     async def one(participant: Participant) -> None:
         try:
             if participant.rendezvous is not None:
                 await asyncio.wait_for(participant.rendezvous.leave(), timeout)
         except Exception:
             pass  # the server is thrown away after the run: what it keeps does not matter
-        finally:
-            await participant.connection.aclose()
 
-    await asyncio.gather(*(one(p) for p in participants))
+    try:
+        await asyncio.gather(*(one(p) for p in participants))
+    finally:
+        await asyncio.gather(*(c.aclose() for c in connections(participants)))
 
 
 # ------------------------------------------------------------------------------ the protocol
@@ -226,7 +251,13 @@ async def main() -> None:
     except Exception as error:
         send({"event": "failed", "reason": f"opening connections: {error_kind(error)}: {error}"})
         return
-    send({"event": "ready", "open_seconds": time.monotonic() - started})
+    send(
+        {
+            "event": "ready",
+            "open_seconds": time.monotonic() - started,
+            "connections": len(connections(participants)),
+        }
+    )
     await serve(settings, participants)
 
 
