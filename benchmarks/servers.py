@@ -135,6 +135,9 @@ def _check_v2(etcd: EtcdServer) -> None:
 # gateway) and our own compactions use them, never during a measurement, and `rdzv.connect`
 # checks each new connection with one Status call.
 _V3_SERVICES: Final = frozenset({"etcdserverpb.KV", "etcdserverpb.Lease", "etcdserverpb.Watch"})
+# etcd serves /metrics on its client port: with 10,000 gRPC connections busy, it answered a
+# scrape in more than 10 s once, and the run was lost.
+METRICS_TIMEOUT: Final = 60.0
 _METRIC: Final = re.compile(r"^(?P<name>[a-z_]+)\{(?P<labels>[^}]*)\} (?P<value>\S+)$")
 _LABEL: Final = re.compile(r'(\w+)="([^"]*)"')
 
@@ -146,7 +149,7 @@ def server_requests(etcd: EtcdServer) -> dict[str, int]:
     LeaseKeepAlive streams; `v3_status`: Status calls (one per new rdzv connection); `v2`: HTTP
     requests to the v2 API (a python-etcd watch is one long GET).
     """
-    with urllib.request.urlopen(f"{etcd.client_url}/metrics", timeout=10) as response:
+    with urllib.request.urlopen(f"{etcd.client_url}/metrics", timeout=METRICS_TIMEOUT) as response:
         text = response.read().decode()
     counts = {"v3": 0, "v3_status": 0, "v2": 0}
     for line in text.splitlines():
@@ -199,7 +202,7 @@ def server_counters(etcd: EtcdServer) -> dict[str, float]:
     `backend_commit_seconds`: time in fsync of the write-ahead log, and in commits of the
     backend database; `cpu_seconds`: the etcd process's CPU time.
     """
-    with urllib.request.urlopen(f"{etcd.client_url}/metrics", timeout=10) as response:
+    with urllib.request.urlopen(f"{etcd.client_url}/metrics", timeout=METRICS_TIMEOUT) as response:
         text = response.read().decode()
     counters: dict[str, float] = {"requests": 0, "refused": 0}
     for line in text.splitlines():
@@ -249,7 +252,7 @@ def server_traffic(etcd: EtcdServer) -> dict[str, float]:
     service, method and type: a unary call is one, a stream counts each of its messages);
     `handled:<code>`: calls and streams that ended, by gRPC code, OK included.
     """
-    with urllib.request.urlopen(f"{etcd.client_url}/metrics", timeout=10) as response:
+    with urllib.request.urlopen(f"{etcd.client_url}/metrics", timeout=METRICS_TIMEOUT) as response:
         text = response.read().decode()
     traffic: dict[str, float] = {"sent_bytes": 0, "received_bytes": 0, "messages": 0}
     for line in text.splitlines():
