@@ -49,13 +49,18 @@ MAX_BACKOFF: Final = 0.5
 # or more; "request timed out": a proposal waited over 5 s), it needs seconds to catch up, and a
 # resend within milliseconds is refused again. The n-th wait is uniform(0, min(cap, base *
 # 2**(n-1))): full jitter spreads the resends of thousands of refused clients over the window
-# instead of sending them back together. The cap stays well below a lease's usual TTL, which a
-# grant's lease must outlive until the write that uses it lands. Measured with 10,000
-# connections each granting a lease and putting a key at once (one etcd, 2 shared cores, load
-# 9-14): etcd answered 56% and 68% as many errors as successes with this backoff, 81% and 295%
-# with rdzv's usual one (25 ms to 0.5 s).
-OVERLOAD_BACKOFF: Final = 1.0
-MAX_OVERLOAD_BACKOFF: Final = 4.0
+# instead of sending them back together. A connection of its own per participant (the shape
+# torchrun runs) gets no help from the connection's budget, so the window alone must spread
+# them. The cap may exceed a lease's TTL: the lease a write of rdzv's uses is kept alive while
+# it waits, or replaced if the write finds it gone (a join's, the rolling lease). Measured with
+# 10,000 connections each granting a lease and putting a key at once (one etcd, 2 shared cores,
+# load 10-19, two interleaved runs each): 2 s doubling to 16 s took 4.16-4.22 etcd messages per
+# connection (18,247-18,516 refusals), half of the keys in 13.7-14.3 s and all in 27.2-28.9 s;
+# 1 s doubling to 4 s took 6.22-8.46 messages (35,137-50,289 refusals), half in 23.3-34.3 s and
+# all in 25.6-37.4 s; rdzv's usual backoff (25 ms to 0.5 s) was worse still (etcd answered
+# 81-295% as many errors as successes).
+OVERLOAD_BACKOFF: Final = 2.0
+MAX_OVERLOAD_BACKOFF: Final = 16.0
 
 
 class ResendBudget:
