@@ -131,18 +131,18 @@ async def test_a_join_that_landed_twice_keeps_its_first_arrival(
     raw_etcd: aetcd.Client,
     etcd_key_prefix: str,
 ) -> None:
-    """A join whose answer was lost and was sent again still ranks by its first copy."""
+    """A join whose answer was lost and that landed again ranks by its first copy, no gap."""
     async with rdzv.connect(etcd_endpoints) as own:
         twice = participants(min_nodes=2, max_nodes=2, connection=own)
         monkeypatch.setattr(own, "txn", LoseAnswers(own, "before"))
         later = participants(min_nodes=2, max_nodes=2)
         with anyio.fail_after(20):
             joining = asyncio.ensure_future(twice.join(b"twice"))
-            counter = f"{etcd_key_prefix}/job/round/1/m".encode()
-            await poll_until(lambda: _version_at_least(raw_etcd, counter, 2))  # sent again
+            members = f"{etcd_key_prefix}/job/round/1/m/".encode()
+            await poll_until(lambda: _put_twice(raw_etcd, members))  # sent again, landed again
             got = [await later.join(b"later"), await joining]
     assert (got[1].rank, got[0].rank) == (0, 1)
-    assert got[0]._decision.gaps == (2,)  # the second copy's arrival
+    assert got[0]._decision.gaps == ()  # the second copy counted no arrival
     await agreed_members(later, got)
 
 
@@ -220,9 +220,8 @@ async def test_etcd_sends_a_node_alone_as_many_bytes_in_a_large_round_as_in_a_sm
 _SENT = "etcd_network_client_grpc_sent_bytes_total"
 
 
-async def _version_at_least(raw_etcd: aetcd.Client, key: bytes, version: int) -> bool:
-    kv = await raw_etcd.get(key)
-    return kv is not None and bool(kv.version >= version)
+async def _put_twice(raw_etcd: aetcd.Client, prefix: bytes) -> bool:
+    return any(kv.version >= 2 for kv in await raw_etcd.get_prefix(prefix))
 
 
 async def _waiting(node: rdzv.AsyncRendezvous, count: int) -> bool:

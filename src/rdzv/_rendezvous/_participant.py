@@ -389,7 +389,10 @@ class AsyncRendezvous:
         counter = layout.arrivals(number)
         success += [
             Put(key, info, lease),
-            Put(counter, b""),  # its version is now our arrival number
+            # Its version is now our arrival number. Only the copy that creates our key counts:
+            # a copy of a lost join that lands again would leave a gap in the arrivals, and
+            # every node of the round is sent the gaps (under overload, thousands of them).
+            Nested((Compare.absent(key),), (Put(counter, b""),)),
             Nested((Compare.absent(coordinator),), (take,)),
             Get(counter),
             Get(key),
