@@ -1,4 +1,4 @@
-"""Overload: when etcd says it has too much to do, resends wait longer and spend a budget.
+"""Overload: when etcd says it has too much to do, resends wait longer, in a growing window.
 
 etcd 3.5 refuses a request it has no room for with code UNKNOWN and "etcdserver: too many
 requests" (see `rdzv._etcd._classify.TOO_MANY_REQUESTS`); making a real etcd do that takes
@@ -24,9 +24,6 @@ from rdzv._etcd import _calls
 from rdzv._etcd._attempts import (
     MAX_OVERLOAD_BACKOFF,
     OVERLOAD_BACKOFF,
-    ResendBudget,
-    _budgets,
-    budget_of,
     drive,
     overload_backoff,
 )
@@ -116,35 +113,6 @@ def test_overload_backoff_grows_to_its_cap() -> None:
     assert longest[1000] <= MAX_OVERLOAD_BACKOFF
 
 
-def test_budget_lets_a_burst_through_then_paces_resends() -> None:
-    """A full budget lets `capacity` resends go at once; each later one waits its turn."""
-    budget = ResendBudget(capacity=3, per_success=0.1, per_second=2)
-    now = time.monotonic()
-    turns = [budget.reserve(now, now + 60) for _ in range(5)]
-    assert turns[:3] == [0.0, 0.0, 0.0]
-    assert turns[3] == pytest.approx(0.5, abs=0.01)
-    assert turns[4] == pytest.approx(1.0, abs=0.01)
-
-
-def test_successes_refill_the_budget() -> None:
-    """Ten successful calls pay for one resend, at a tenth of a token each."""
-    budget = ResendBudget(capacity=1, per_success=0.1, per_second=1e-6)
-    now = time.monotonic()
-    assert budget.reserve(now, now + 60) == 0.0
-    for _ in range(10):
-        budget.succeeded()
-    assert budget.reserve(now, now + 60) == pytest.approx(0.0, abs=1e-3)
-
-
-def test_budget_promises_no_turn_past_the_limit() -> None:
-    """A resend whose turn would come after its call's deadline gets none, and takes nothing."""
-    budget = ResendBudget(capacity=1, per_success=0.1, per_second=1)
-    now = time.monotonic()
-    budget.reserve(now, now + 60)
-    assert budget.reserve(now, now + 0.5) is None
-    assert budget.reserve(now, now + 60) == pytest.approx(1.0, abs=0.01)
-
-
 async def test_a_refused_call_is_sent_again_until_etcd_takes_it(
     connection: rdzv.Connection, etcd_key_prefix: str
 ) -> None:
@@ -156,72 +124,31 @@ async def test_a_refused_call_is_sent_again_until_etcd_takes_it(
     assert revision > 0
 
 
-async def test_resends_on_one_connection_stay_within_its_budget(
+async def test_a_refused_call_ends_at_its_deadline(
     connection: rdzv.Connection, etcd_key_prefix: str
 ) -> None:
-    """Thirty calls that etcd keeps refusing resend at most the budget's burst and its rate."""
-    calls = 30
-    keys = [f"{etcd_key_prefix}/{i}" for i in range(calls)]
-    sends = [Refusing(connection, key, refusals=math.inf) for key in keys]
-    started = time.monotonic()
-    deadline = started + 2.0
-    outcomes = await asyncio.gather(
-        *(_put(connection, send, deadline) for send in sends), return_exceptions=True
-    )
-    elapsed = time.monotonic() - started
-    assert all(isinstance(outcome, rdzv.RendezvousConnectionError) for outcome in outcomes)
-    resends = sum(send.attempts for send in sends) - calls
-    assert resends <= ResendBudget.CAPACITY + ResendBudget.PER_SECOND * elapsed + 1
-
-
-async def test_a_call_whose_turn_is_far_off_ends_at_its_deadline(
-    connection: rdzv.Connection, etcd_key_prefix: str
-) -> None:
-    """With the budget promised for seconds ahead, a refused call fails at its deadline."""
-    budget = budget_of(connection._links)
-    now = time.monotonic()
-    while budget.reserve(now, now + 30) is not None:
-        pass  # every turn of the next 30 s is promised to other resends
-    send = Refusing(connection, f"{etcd_key_prefix}/k", refusals=1)
+    """A call that etcd keeps refusing fails at its deadline, naming the refusal."""
+    send = Refusing(connection, f"{etcd_key_prefix}/k", refusals=math.inf)
     started = time.monotonic()
     with pytest.raises(rdzv.RendezvousConnectionError, match="too many requests"):
         await _put(connection, send, started + 1.0)
     elapsed = time.monotonic() - started
     assert 1.0 - 0.05 <= elapsed < 1.0 + MARGIN
-    assert send.attempts == 1
 
 
-async def test_a_call_waits_for_its_turn_rather_than_failing(
+async def test_many_refused_calls_on_one_connection_resend_within_their_windows(
     connection: rdzv.Connection, etcd_key_prefix: str
 ) -> None:
-    """With the budget just spent, a refused call waits for the next token and then lands."""
-    budget = budget_of(connection._links)
-    now = time.monotonic()
-    while (budget.reserve(now, now + 60) or 0.0) == 0.0:
-        pass  # the last reservation promised the next token away
-    send = Refusing(connection, f"{etcd_key_prefix}/k", refusals=1)
+    """Thirty refused calls sharing a connection each wait a window, none a turn behind others."""
+    sends = [Refusing(connection, f"{etcd_key_prefix}/{i}", refusals=1) for i in range(30)]
     started = time.monotonic()
-    await _put(connection, send, started + 10)
-    assert send.attempts == 2
-    # Its own turn comes a token after the one promised away.
-    assert time.monotonic() - started >= 1 / ResendBudget.PER_SECOND
+    await asyncio.gather(*(_put(connection, send, started + 30) for send in sends))
+    assert all(send.attempts == 2 for send in sends)
+    # A window is OVERLOAD_BACKOFF at first; a pacing of 5 resends a second would take 6 s.
+    assert time.monotonic() - started < OVERLOAD_BACKOFF + 1.5
 
 
-async def test_successful_calls_refill_the_connection_budget(
-    connection: rdzv.Connection, etcd_key_prefix: str
-) -> None:
-    """Each successful call on a connection adds a tenth of a token to its budget."""
-    budget = _budgets[connection._links] = ResendBudget(per_second=1e-6)
-    now = time.monotonic()
-    while budget.reserve(now, now + 1) is not None:
-        pass
-    before = budget.tokens
-    for i in range(10):
-        await connection.put(f"{etcd_key_prefix}/{i}".encode(), b"v")
-    assert budget.tokens == pytest.approx(before + 10 * ResendBudget.PER_SUCCESS, abs=1e-3)
-
-
-async def test_connection_failures_spend_no_budget(
+async def test_connection_failures_keep_the_short_backoff(
     connection: rdzv.Connection, etcd_key_prefix: str
 ) -> None:
     """Resends after a connection failure (nothing reached etcd) keep the short backoff, free."""
@@ -230,6 +157,5 @@ async def test_connection_failures_spend_no_budget(
     started = time.monotonic()
     await _put(connection, send, started + 10)
     assert send.attempts == 4
-    assert connection._links not in _budgets
     # 25 + 50 + 100 ms at most, not the seconds of an overload's backoff.
     assert time.monotonic() - started < OVERLOAD_BACKOFF

@@ -5,12 +5,11 @@ the whole public call (or, until any endpoint has answered, within the connect t
 authenticates (again, once, when etcd rejects the token), waits with jittered exponential
 backoff, fails over to the next endpoint after a transient failure, recognises TLS
 misconfiguration, bounds the requests in flight, and never uses a channel that was closed under
-a waiting call. When etcd says it is overloaded, a call waits longer (full jitter) and its resend
-is paid from the connection's `ResendBudget`, so that resends slow down rather than multiply.
-Each kind of call keeps only what is its own: a request that may be sent twice
-(`may_resend=True`: reads, idempotent writes, opening a watch) is retried; a transaction is
-retried only while it cannot have left, and otherwise ends with `RendezvousOutcomeUnknownError`
-for its caller to resolve.
+a waiting call. When etcd says it is overloaded, a call waits longer, in a window that doubles
+(full jitter), so that resends slow down rather than multiply. Each kind of call keeps only
+what is its own: a request that may be sent twice (`may_resend=True`: reads, idempotent writes,
+opening a watch) is retried; a transaction is retried only while it cannot have left, and
+otherwise ends with `RendezvousOutcomeUnknownError` for its caller to resolve.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import logging
 import math
 import random
 import time
-import weakref
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
 
@@ -49,94 +47,21 @@ MAX_BACKOFF: Final = 0.5
 # or more; "request timed out": a proposal waited over 5 s), it needs seconds to catch up, and a
 # resend within milliseconds is refused again. The n-th wait is uniform(0, min(cap, base *
 # 2**(n-1))): full jitter spreads the resends of thousands of refused clients over the window
-# instead of sending them back together. A connection of its own per participant (the shape
-# torchrun runs) gets no help from the connection's budget, so the window alone must spread
-# them. The cap may exceed a lease's TTL: the lease a write of rdzv's uses is kept alive while
-# it waits, or replaced if the write finds it gone (a join's, the rolling lease). Measured with
-# 10,000 connections each granting a lease and putting a key at once (one etcd, 2 shared cores,
-# load 10-19, two interleaved runs each): 2 s doubling to 16 s took 4.16-4.22 etcd messages per
-# connection (18,247-18,516 refusals), half of the keys in 13.7-14.3 s and all in 27.2-28.9 s;
-# 1 s doubling to 4 s took 6.22-8.46 messages (35,137-50,289 refusals), half in 23.3-34.3 s and
-# all in 25.6-37.4 s; rdzv's usual backoff (25 ms to 0.5 s) was worse still (etcd answered
-# 81-295% as many errors as successes).
+# instead of sending them back together. No budget paces a connection's resends on top of
+# that: one that did (gRPC's retry throttling, refilled with time, the resend waiting for its
+# turn) made 1,250 participants sharing a connection wait minutes for their turns, and 10,000
+# of them in 8 processes did not complete a round in 180 s (28.6 s without it); a participant
+# alone on its connection, as under torchrun, never met it. The cap may exceed a lease's TTL:
+# the lease a write of rdzv's uses is kept alive while it waits, or replaced if the write finds
+# it gone (a join's, the rolling lease). Measured with 10,000 connections each granting a lease
+# and putting a key at once (one etcd, 2 shared cores, load 10-19, two interleaved runs each):
+# 2 s doubling to 16 s took 4.16-4.22 etcd messages per connection (18,247-18,516 refusals),
+# half of the keys in 13.7-14.3 s and all in 27.2-28.9 s; 1 s doubling to 4 s took 6.22-8.46
+# messages (35,137-50,289 refusals), half in 23.3-34.3 s and all in 25.6-37.4 s; rdzv's usual
+# backoff (25 ms to 0.5 s) was worse still (etcd answered 81-295% as many errors as
+# successes).
 OVERLOAD_BACKOFF: Final = 2.0
 MAX_OVERLOAD_BACKOFF: Final = 16.0
-
-
-class ResendBudget:
-    """The resends after overload that one connection may still make: a token bucket.
-
-    As in gRPC's retry throttling, every resend costs a token and every successful call adds a
-    tenth of one, so that resends stay near a tenth of the calls that succeed; the bucket holds
-    `capacity` tokens, for a burst. Unlike gRPC's, which fails a call outright once the bucket is
-    half empty, the bucket also refills with time (`per_second`, Finagle's minimum rate), and a
-    resend without a token waits for its turn: a failure that its deadline would not have caused
-    would turn a slow etcd into lost rendezvous, and a wait without end into a hang. A call
-    whose turn would come after its deadline ends at the deadline with the usual timeout error.
-    Only resends after etcd said it is overloaded pay: after a connection failure nothing
-    reached etcd, and gRPC's reconnection backoff already paces the connection attempts.
-    """
-
-    CAPACITY: Final = 10.0
-    PER_SUCCESS: Final = 0.1
-    PER_SECOND: Final = 5.0
-
-    def __init__(
-        self,
-        *,
-        capacity: float = CAPACITY,
-        per_success: float = PER_SUCCESS,
-        per_second: float = PER_SECOND,
-    ) -> None:
-        self._capacity = capacity
-        self._per_success = per_success
-        self._per_second = per_second
-        self._tokens = capacity  # below zero: the turns already promised to waiting resends
-        self._when = time.monotonic()
-
-    @property
-    def tokens(self) -> float:
-        """The tokens left now (negative while resends wait for their turn)."""
-        self._refill(time.monotonic())
-        return self._tokens
-
-    def succeeded(self) -> None:
-        """A call on the connection succeeded: add a fraction of a token."""
-        self._tokens = min(self._capacity, self._tokens + self._per_success)
-
-    def reserve(self, now: float, limit: float) -> float | None:
-        """Take a token: the seconds until it may be used, or None if not before `limit`."""
-        self._refill(now)
-        wait = max(0.0, (1.0 - self._tokens) / self._per_second)
-        if now + wait > limit:
-            return None
-        self._tokens -= 1.0
-        return wait
-
-    async def spend(self, limit: float) -> None:
-        """Wait for a token, until `limit` at most (a successful call may add one meanwhile)."""
-        while (now := time.monotonic()) < limit:
-            wait = self.reserve(now, limit)
-            if wait is not None:
-                await asyncio.sleep(wait)
-                return
-            await asyncio.sleep(min(limit - now, 1.0 / self._per_second))
-
-    def _refill(self, now: float) -> None:
-        gained = (now - self._when) * self._per_second
-        self._tokens, self._when = min(self._capacity, self._tokens + gained), now
-
-
-# A connection's budget, made at its first overload (until then, it would be full).
-_budgets: weakref.WeakKeyDictionary[Links, ResendBudget] = weakref.WeakKeyDictionary()
-
-
-def budget_of(links: Links) -> ResendBudget:
-    """The resend budget of the connection that owns `links`."""
-    budget = _budgets.get(links)
-    if budget is None:
-        budget = _budgets[links] = ResendBudget()
-    return budget
 
 
 def overload_backoff(overloads: int) -> float:
@@ -389,25 +314,17 @@ class _Attempts:
         self._last_error = error.with_traceback(None)
 
     async def back_off(self) -> None:
-        """Sleep a jittered, growing delay, never past the deadline.
-
-        After an overload, the delay is longer, and the resend then waits for a token of the
-        connection's budget.
-        """
+        """Sleep a jittered, growing delay, never past the deadline; longer after an overload."""
         if not self._overloaded:
             self._delay = await backoff(self._delay, self.limit())
             return
         self._overloads += 1
         delay = overload_backoff(self._overloads)
         await asyncio.sleep(min(delay, max(0.0, self.limit() - time.monotonic())))
-        await budget_of(self._links).spend(self.limit())
 
     def succeeded(self, link: Link) -> None:
-        """The call succeeded on `link`: etcd answered, and the budget gains a little."""
+        """The call succeeded on `link`: etcd answered."""
         self._links.answered(link)
-        budget = _budgets.get(self._links)
-        if budget is not None:
-            budget.succeeded()
 
     @property
     def last_error(self) -> BaseException | None:
