@@ -54,7 +54,7 @@ MAX_BACKOFF: Final = 0.5
 # alone on its connection, as under torchrun, never met it. The cap may exceed a lease's TTL:
 # the lease a write of rdzv's uses is kept alive while it waits, or replaced if the write finds
 # it gone (a join's, the rolling lease). Measured with 10,000 connections each granting a lease
-# and putting a key at once (one etcd, 2 shared cores, load 10-19, two interleaved runs each):
+# and putting a key at once (one etcd, 2 shared cores, load 10-23, two interleaved runs each):
 # 2 s doubling to 16 s took 4.16-4.22 etcd messages per connection (18,247-18,516 refusals),
 # half of the keys in 13.7-14.3 s and all in 27.2-28.9 s; 1 s doubling to 4 s took 6.22-8.46
 # messages (35,137-50,289 refusals), half in 23.3-34.3 s and all in 25.6-37.4 s; rdzv's usual
