@@ -34,9 +34,9 @@ Recovery (`--recovery N`, the real shape only): N participants with `min_nodes =
 joins again, seconds until the next round completes; (b) the lone participant's process is
 SIGKILLed, the survivors wait for the departure (`AsyncRendezvous.wait_for_departure`) and join
 again: seconds from the kill until their round completes. (b) is bounded below by the lease TTL
-(the dead participant's key goes when its lease expires: between 2/3 of the TTL and the TTL
-after its last keep-alive) plus `last_call_timeout` (N - 1 joined is `min_nodes`, not
-`max_nodes`, so the round waits that long for a last node).
+(the dead participant's key goes when its lease expires: up to the TTL after its last
+keep-alive, plus etcd's check for expired leases and the revoke) plus `last_call_timeout`
+(N - 1 joined is `min_nodes`, not `max_nodes`, so the round waits that long for a last node).
 
 A run that fails (a participant's error, a worker that dies or does not answer in time, ranks
 that do not agree) is reported with its reason, and the sweep goes on.

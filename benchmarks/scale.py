@@ -36,8 +36,9 @@ Measured per run, for the time on the clock:
 Contenders take turns, run by run in a new random order (`harness.interleave`).
 
 Then the real shape (`realshape.py`, in `real_shape` of the results): one connection per
-participant, spread over 8 processes, beside its floor (a `LeaseGrant` and a `Put` per
-connection), interleaved; N = 8 and 64 in the quick run, 128 and 1,000 (and recovery at 1,000)
+participant, spread over 8 processes, beside the shared shape (the same participants, one
+connection per process) and its floor (a `LeaseGrant` and a `Put` per connection),
+interleaved; N = 8 and 64 in the quick run, 128 and 1,000 (and recovery at 1,000)
 in the full one. `python benchmarks/realshape.py` runs it alone, up to 10,000.
 
     python benchmarks/scale.py --profile 10000     # cProfile of one run's clock (1 connection)
